@@ -1,0 +1,34 @@
+"""jaxpref: preference optimization (Diffusion-DPO, Diffusion-DRO, SmPO) for text-to-image diffusion in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxpref",
+    version="0.1.0",
+    description="JAX/Flax trainer aligning text-to-image diffusion models with human preferences",
+    packages=find_packages(include=["jaxpref", "jaxpref.*"]),
+    package_data={"jaxpref": ["assets/**/*", "assets/*/*/*", "assets/*/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "absl-py",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "tensorflow-datasets",
+        "grain",
+        "array-record",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "pyarrow",
+        "tensorboardX",
+    ],
+    extras_require={
+        # torch==2.13.0 is the CPU wheel the CI machines carry; an unpinned torch pulls GBs of CUDA.
+        "test": ["pytest", "torch==2.13.0", "nbclient", "nbformat", "ipykernel"],
+    },
+)
