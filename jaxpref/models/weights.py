@@ -67,7 +67,8 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
     offset = 0
     arrays = []
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(np.asarray(tensors[name]))
+        arr = np.asarray(tensors[name])
+        arr = np.ascontiguousarray(arr).reshape(arr.shape)  # ascontiguousarray makes 0-d arrays 1-d
         if arr.dtype not in _NP_TO_ST:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {arr.dtype}")
         header[name] = {"dtype": _NP_TO_ST[arr.dtype], "shape": list(arr.shape),
@@ -222,5 +223,5 @@ def convert_flax_to_torch(params: Any, dtype=None) -> dict[str, np.ndarray]:
         arr = flax_to_torch_array(names[-1], np.asarray(jax.device_get(leaf)))
         if dtype is not None:
             arr = arr.astype(dtype)
-        out[torch_key(names)] = np.ascontiguousarray(arr)
+        out[torch_key(names)] = np.ascontiguousarray(arr).reshape(arr.shape)  # keep 0-d (logit_scale) 0-d
     return out
