@@ -10,14 +10,17 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
 
-def attention(q, k, v, num_heads: int, dtype: Dtype = jnp.float32):
+def attention(q, k, v, num_heads: int, dtype: Dtype = jnp.float32, implementation: Optional[str] = None):
     """Multi-head scaled dot-product attention; q: [B, T, D], k/v: [B, S, D] -> [B, T, D].
 
-    Goes through ``jax.nn.dot_product_attention`` so GPUs get cuDNN flash attention.
+    Goes through ``jax.nn.dot_product_attention``: its XLA path takes the logits and the softmax in
+    fp32 whatever ``dtype`` is (diffusers' ``upcast_attention`` always on); ``implementation='cudnn'``
+    asks for cuDNN flash attention on GPU (bf16/fp16 only).
     """
     b, t, d = q.shape
     s = k.shape[1]
@@ -25,13 +28,22 @@ def attention(q, k, v, num_heads: int, dtype: Dtype = jnp.float32):
     q = q.reshape(b, t, num_heads, head_dim).astype(dtype)
     k = k.reshape(b, s, num_heads, head_dim).astype(dtype)
     v = v.reshape(b, s, num_heads, v.shape[-1] // num_heads).astype(dtype)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     return out.reshape(b, t, -1)
 
 
 def group_norm(num_groups: int, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str):
-    """An ``nn.GroupNorm`` whose params land directly under ``name`` (weight/bias in torch)."""
+    """An ``nn.GroupNorm`` whose params land directly under ``name`` (weight/bias in torch).
+
+    Two-pass variance (as torch): the one-pass E[x^2] - E[x]^2 loses digits when |mean| >> std.
+    """
     return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                        use_fast_variance=False, name=name)
+
+
+def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str):
+    """An ``nn.LayerNorm`` with torch's two-pass variance."""
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
                         name=name)
 
 
@@ -88,14 +100,52 @@ class Downsample2D(nn.Module):
                     param_dtype=self.param_dtype)(x)
 
 
+def _nearest_index(size_in: int, size_out: int) -> np.ndarray:
+    """torch's ``interpolate(mode='nearest', size=...)`` source index: floor(i * in/out) in fp32."""
+    scale = np.float32(size_in) / np.float32(size_out)
+    idx = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int32)
+    return np.minimum(idx, size_in - 1)
+
+
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling then a 3x3 conv."""
+    """Nearest-neighbour upsampling then a 3x3 conv; x: [B, H, W, C] -> [B, 2H, 2W, C].
+
+    ``output_size=(H', W')`` resizes to that size instead (the UNet asks for it when the input side
+    is not a multiple of its total downsampling, so the skips line up).
+    """
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, output_size: Optional[tuple[int, int]] = None):
         b, h, w, c = x.shape
-        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+            x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        else:
+            x = x[:, _nearest_index(h, output_size[0])][:, :, _nearest_index(w, output_size[1])]
         return conv(self.out_channels, 3, "conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class Attention(nn.Module):
+    """diffusers ``Attention`` (to_q, to_k, to_v, to_out.0): self-attention, or cross-attention on ``context``.
+
+    x: [B, T, C], context: [B, S, C_ctx] (None: x) -> [B, T, C].
+    """
+    heads: int
+    dim_head: int
+    qkv_bias: bool = False
+    implementation: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        inner = self.heads * self.dim_head
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = nn.Dense(inner, use_bias=self.qkv_bias, name="to_q", **kw)(x)
+        k = nn.Dense(inner, use_bias=self.qkv_bias, name="to_k", **kw)(context)
+        v = nn.Dense(inner, use_bias=self.qkv_bias, name="to_v", **kw)(context)
+        out = attention(q, k, v, self.heads, self.dtype, self.implementation)
+        return nn.Dense(x.shape[-1], name="to_out_0", **kw)(out)
