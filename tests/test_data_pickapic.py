@@ -1,0 +1,113 @@
+"""The pickapic_v2 builder on a small parquet made here: kept rows, winner order, skipped bad input."""
+import io
+import json
+import pathlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+
+def _jpg(color, size=(40, 30)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+ROWS = [  # caption, jpg_0 colour, jpg_1 colour, label_0
+    dict(caption="a cat", jpg_0=_jpg((250, 0, 0)), jpg_1=_jpg((0, 250, 0)), label_0=1.0, label_1=0.0,
+         image_0_uid="u0", image_1_uid="u1"),
+    dict(caption="a dog", jpg_0=_jpg((250, 0, 0)), jpg_1=_jpg((0, 0, 250)), label_0=0.0, label_1=1.0,
+         image_0_uid="u2", image_1_uid="u3"),
+    dict(caption="a tie", jpg_0=_jpg((9, 9, 9)), jpg_1=_jpg((99, 99, 99)), label_0=0.5, label_1=0.5,
+         image_0_uid="u4", image_1_uid="u5"),
+    dict(caption="corrupt", jpg_0=_jpg((9, 9, 9))[:60], jpg_1=_jpg((99, 99, 99)), label_0=1.0, label_1=0.0,
+         image_0_uid="u6", image_1_uid="u7"),
+    dict(caption="", jpg_0=_jpg((9, 9, 9)), jpg_1=_jpg((99, 99, 99)), label_0=1.0, label_1=0.0,
+         image_0_uid="u8", image_1_uid="u9"),
+    dict(caption="a bird", jpg_0=_jpg((0, 0, 250)), jpg_1=_jpg((250, 250, 250)), label_0=0.0, label_1=1.0,
+         image_0_uid="u10", image_1_uid="u11"),
+]
+
+
+@pytest.fixture(scope="module")
+def parquet_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pickapic_parquet")
+    pq.write_table(pa.Table.from_pylist(ROWS), d / "train-00000-of-00003-abc.parquet")
+    no_jpg1 = [{k: v for k, v in ROWS[0].items() if k != "jpg_1"}]
+    pq.write_table(pa.Table.from_pylist(no_jpg1), d / "train-00001-of-00003-abc.parquet")
+    (d / "train-00002-of-00003-abc.parquet").write_bytes(b"this is not parquet")
+    sub = d / "data"
+    sub.mkdir()
+    pq.write_table(pa.Table.from_pylist(ROWS[:2]), sub / "test_unique-00000-of-00001-x.parquet")
+    (d / "README.md").write_text("not a shard")
+    return d
+
+
+@pytest.fixture(scope="module")
+def built(parquet_dir, tmp_path_factory):
+    from jaxpref.data import build_pickapic
+
+    return build_pickapic(parquet_dir, tmp_path_factory.mktemp("tfds"), resolution=16)
+
+
+def _decode(b):
+    return np.asarray(Image.open(io.BytesIO(b)))
+
+
+def test_builder_keeps_exactly_the_good_rows_winner_first(built, capsys):
+    from jaxpref.data import open_source
+
+    assert built.builder_config.name == "resolution16"
+    src = open_source("pickapic_v2/resolution16", "train", pathlib.Path(built.data_dir).parents[2])
+    got = sorted((src[i] for i in range(len(src))), key=lambda e: e["caption"])
+    assert [e["caption"] for e in got] == [b"a bird", b"a cat", b"a dog"]
+    expect = {b"a cat": ("u0", "u1", 0, (250, 0, 0)), b"a dog": ("u3", "u2", 1, (0, 0, 250)),
+              b"a bird": ("u11", "u10", 1, (250, 250, 250))}
+    for e in got:
+        uid0, uid1, swapped, winner_rgb = expect[e["caption"]]
+        assert (e["image_0_uid"].decode(), e["image_1_uid"].decode(), e["swapped"]) == (uid0, uid1, swapped)
+        assert (e["label_0"], e["label_1"]) == (1.0, 0.0)
+        assert np.isnan(e["reward_0"]) and np.isnan(e["reward_1"])
+        im = _decode(e["jpg_0"])
+        assert im.shape == (16, 16, 3)  # resized shorter side + center crop
+        np.testing.assert_allclose(im.reshape(-1, 3).mean(0), winner_rgb, atol=6)
+    assert src.kind == "pairs"
+    test = open_source("pickapic_v2/resolution16", "test_unique", pathlib.Path(built.data_dir).parents[2])
+    assert len(test) == 2
+
+
+def test_builder_reports_skips_and_ties(built):
+    report = json.loads((pathlib.Path(built.data_dir) / "build_report_train.json").read_text())
+    assert report["kept"] == 3
+    assert report["dropped"] == {"ties": 1}
+    skipped = {(s["file"], s["row"], s["reason"].split(":")[0]) for s in report["skipped"]}
+    assert skipped == {
+        ("train-00000-of-00003-abc.parquet", 3, "corrupt image"),
+        ("train-00000-of-00003-abc.parquet", 4, "empty caption"),
+        ("train-00001-of-00003-abc.parquet", None, "missing column"),
+        ("train-00002-of-00003-abc.parquet", None, "unreadable parquet"),
+    }
+    assert report["summary"].startswith("pickapic_v2/resolution16[train]: kept 3; dropped 1 ties; skipped 2 rows and 2 files")
+
+
+def test_keep_ties_and_original_order(parquet_dir, tmp_path):
+    from jaxpref.data import build_pickapic, open_source
+
+    b = build_pickapic(parquet_dir, tmp_path, resolution=None, drop_ties=False, winner_first=False, splits=["train"])
+    src = open_source(f"pickapic_v2/{b.builder_config.name}", "train", tmp_path)
+    by_cap = {src[i]["caption"]: src[i] for i in range(len(src))}
+    assert set(by_cap) == {b"a cat", b"a dog", b"a tie", b"a bird"}
+    assert by_cap[b"a tie"]["label_0"] == 0.5 and by_cap[b"a dog"]["label_0"] == 0.0
+    assert by_cap[b"a dog"]["jpg_0"] == ROWS[1]["jpg_0"]  # original bytes kept without resolution
+
+
+def test_no_parquet_files_is_a_clear_error(tmp_path):
+    from jaxpref.data import build_pickapic
+
+    with pytest.raises(ValueError, match="no parquet shards under"):
+        build_pickapic(tmp_path, tmp_path / "out")
+    with pytest.raises(ValueError, match="is not a folder"):
+        build_pickapic(tmp_path / "missing", tmp_path / "out")

@@ -1,0 +1,39 @@
+"""pickscore_fn on a tiny random CLIPModel folder (the real PickScore checkpoint is a user download)."""
+import numpy as np
+import pytest
+
+from jaxpref.data import shapes
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from jaxpref.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def test_pickscore_fn_scores_a_batch(clip_folder):
+    from jaxpref.data import get_scorer, pickscore_fn
+
+    caps = shapes.all_captions()[:5]
+    rng = np.random.default_rng(0)
+    images = np.stack([shapes.render(c, rng) for c in caps])
+    cos = pickscore_fn(clip_folder, batch_size=2)(images, caps)
+    assert cos.shape == (5,) and np.isfinite(cos).all() and np.abs(cos).max() <= 1 + 1e-5
+    scaled = get_scorer(f"pickscore_scaled:{clip_folder}")(images, caps)
+    np.testing.assert_allclose(scaled / cos, scaled[0] / cos[0], rtol=1e-4)  # one logit_scale factor
+    np.testing.assert_allclose(pickscore_fn(clip_folder)(images[:1], caps[:1]), cos[:1], rtol=1e-5)
