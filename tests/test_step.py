@@ -8,7 +8,7 @@ import torch
 
 from jaxpref import config_lib, objectives, step as step_lib, trainer
 from jaxpref.models import load_pipeline
-from tests.tiny_sd import build_tiny_sd
+from tiny_sd import build_tiny_sd
 
 jax.config.update("jax_threefry_partitionable", True)
 

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from jaxpref.models import weights
-from jaxpref.models.unet import _to_checkpoint_key
 from jaxpref.models.unet import (SD15_UNET_CONFIG, SD21_UNET_CONFIG, SDXL_UNET_CONFIG, UNet2DConditionModel,
                                  count_params, load_unet, save_unet, timestep_embedding, unet_from_config,
                                  unet_param_shapes)
@@ -177,7 +176,7 @@ def _torch_layout_shapes(tree):
     for path, s in jax.tree_util.tree_flatten_with_path(tree)[0]:
         names = tuple(k.key for k in path)
         torch_view = weights.flax_to_torch_array(names[-1], np.broadcast_to(zero, s.shape))
-        out[_to_checkpoint_key(weights.torch_key(names))] = torch_view.shape
+        out[weights.torch_key(names)] = torch_view.shape
     return out
 
 

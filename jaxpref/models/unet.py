@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any, Mapping, Optional, Union
 
 import flax.linen as nn
@@ -586,20 +585,6 @@ def unet_from_config(config: Mapping[str, Any], *, source: str = "unet config",
 
 _WEIGHTS_STEM = "diffusion_pytorch_model"
 
-# weights.py reads a trailing "_<digit>" as a list index (down_blocks_0 -> down_blocks.0), but
-# diffusers' TimestepEmbedding names its layers literally linear_1 / linear_2.
-_LITERAL_IN_CHECKPOINT = re.compile(r"(time_embedding|add_embedding)\.linear_(\d)\.")
-_LITERAL_BY_RULE = re.compile(r"(time_embedding|add_embedding)\.linear\.(\d)\.")
-
-
-def _from_checkpoint_key(key: str) -> str:
-    return _LITERAL_IN_CHECKPOINT.sub(r"\1.linear.\2.", key)
-
-
-def _to_checkpoint_key(key: str) -> str:
-    return _LITERAL_BY_RULE.sub(r"\1.linear_\2.", key)
-
-
 def unet_param_shapes(module_or_config: Union[UNet2DConditionModel, Mapping[str, Any]]):
     """The param tree as ShapeDtypeStructs, by ``jax.eval_shape`` of the init: nothing is allocated."""
     module = module_or_config if isinstance(module_or_config, nn.Module) else unet_from_config(module_or_config)
@@ -622,14 +607,13 @@ def load_unet(folder: str, dtype: Dtype = jnp.float32, variant: Optional[str] = 
     config_path = os.path.join(folder, "config.json")
     module = unet_from_config(weights.read_config(folder), source=config_path, dtype=dtype)
     tensors, source = weights.read_checkpoint_folder(folder, _WEIGHTS_STEM, variant)
-    params = weights.convert_torch_to_flax(tensors, unet_param_shapes(module), source, dtype=np.float32,
-                                           rename=_from_checkpoint_key)
+    params = weights.convert_torch_to_flax(tensors, unet_param_shapes(module), source, dtype=np.float32)
     return module, jax.tree_util.tree_map(jnp.asarray, params)
 
 
 def _torch_shapes(tree) -> dict[str, tuple[int, ...]]:
     """{torch key: Flax shape} of a param tree."""
-    return {_to_checkpoint_key(weights.torch_key(tuple(k.key for k in path))): tuple(x.shape)
+    return {weights.torch_key(tuple(k.key for k in path)): tuple(x.shape)
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -646,5 +630,5 @@ def save_unet(folder: str, module: UNet2DConditionModel, params) -> None:
         raise ValueError(f"{folder}: params do not match the module config:\n  " + "\n  ".join(errors[:20]))
     os.makedirs(folder, exist_ok=True)
     weights.write_config(folder, module.config)
-    tensors = {_to_checkpoint_key(k): v for k, v in weights.convert_flax_to_torch(params).items()}
+    tensors = weights.convert_flax_to_torch(params)
     weights.write_safetensors(os.path.join(folder, f"{_WEIGHTS_STEM}.safetensors"), tensors)

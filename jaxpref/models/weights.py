@@ -128,14 +128,20 @@ def write_config(folder: str, config: Mapping[str, Any], filename: str = "config
 # Name and layout rules.
 
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
+# Checkpoint names that end in _<digit> but are module names, not list items (diffusers'
+# TimestepEmbedding.linear_1 / linear_2). Every other trailing _<digit> is a list index.
+LITERAL_NAMES = frozenset({"linear_1", "linear_2"})
 
 
 def torch_key(flax_path: Iterable[str]) -> str:
-    """('down_blocks_0', 'resnets_1', 'conv1', 'kernel') -> 'down_blocks.0.resnets.1.conv1.weight'."""
+    """('down_blocks_0', 'resnets_1', 'conv1', 'kernel') -> 'down_blocks.0.resnets.1.conv1.weight'.
+
+    A trailing ``_<digits>`` joins a list's name and index, except for ``LITERAL_NAMES``.
+    """
     *modules, leaf = list(flax_path)
     parts = []
     for m in modules:
-        match = _INDEXED.match(m)
+        match = None if m in LITERAL_NAMES else _INDEXED.match(m)
         parts.extend([match.group(1), match.group(2)] if match else [m])
     parts.append("weight" if leaf in ("kernel", "scale", "embedding") else leaf)
     return ".".join(parts)
