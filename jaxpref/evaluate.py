@@ -1,0 +1,493 @@
+"""Generate for a prompt set with the papers' protocol, score with reward models, report (METHODS §5).
+
+    python -m jaxpref.evaluate --model_path=/models/sd15 --checkpoint=/runs/dro \\
+        --prompts=parti:/data/PartiPrompts.tsv --reward=pickscore=/ckpt/PickScore_v1,hpsv2=/ckpt/hps \\
+        --out=/evals/dro_parti --num_images_per_prompt=5 --sampler=ddpm --num_steps=50 --guidance_scale=7.5
+    # win rate against an earlier evaluation (same prompts, same seeds):
+    python -m jaxpref.evaluate ... --out=/evals/dro_parti --baseline=/evals/sd15_parti
+
+Protocol (Diffusion-DRO's): image k of prompt i starts from x_T drawn with seed ``seed + i + k * n_prompts``
+(and, for DDPM, its per-step noise from the same seed), so every image is a pure function of (model,
+prompt, seed): results do not depend on the batch size or on the number of devices (up to float
+summation order: measured 5e-5 on latents between batch sizes). Batches are split over all devices
+on the batch axis (``generation_mesh``). Classifier-free guidance uses the empty prompt (or
+``negative_prompt``) as the unconditional input, as diffusers' pipelines do.
+
+Outputs in ``--out``: images/<prompt>_<k>.png, grid.png, scores.npz (per image, [n_prompts, k] per reward),
+metrics.json and metrics.md (mean / median / std per reward, per category when the set has them, and
+per-prompt win rates against --baseline). Python API: ``generate``, ``score``, ``summarize``, ``compare``,
+``evaluate`` (what the train loop calls; returns a flat dict of floats), ``log_to_tensorboard``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxpref import diffusion
+from jaxpref.models import pipeline as pipeline_lib
+from jaxpref.prompts import PromptSet
+from jaxpref.rewards.scorer import Scorer, as_prompts
+
+PipelineLike = Union[pipeline_lib.SDPipeline, str]
+PromptsLike = Union[PromptSet, Sequence[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What ``generate`` made. images uint8 [N, K, H, W, 3]; latents float32 [N, K, h, w, c] (the sampler's
+    output, before the VAE); seeds int64 [N, K]; seconds: wall time of sampling + decoding (including the
+    compilation of the first call for a new model/settings/batch shape)."""
+    images: np.ndarray
+    latents: np.ndarray
+    seeds: np.ndarray
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images.shape[0] * self.images.shape[1] / max(self.seconds, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds and noise (pure functions of the seed).
+
+def image_seeds(num_prompts: int, num_images_per_prompt: int, seed: int) -> np.ndarray:
+    """[N, K] int64: seed + i + k * N for image k of prompt i (DRO's evaluation protocol)."""
+    i = np.arange(num_prompts, dtype=np.int64)[:, None]
+    k = np.arange(num_images_per_prompt, dtype=np.int64)[None, :]
+    return seed + i + k * num_prompts
+
+
+def _keys(seeds: jax.Array) -> jax.Array:
+    return jax.vmap(jax.random.key)(seeds.astype(jnp.uint32))
+
+
+def initial_noise(seeds, latent_shape: tuple) -> jax.Array:
+    """x_T [B, h, w, c] float32: N(0, 1) from fold_in(key(seed), 0), one seed per image."""
+    keys = _keys(jnp.asarray(seeds))
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), latent_shape, jnp.float32))(keys)
+
+
+def sampler_rngs(seeds) -> jax.Array:
+    """The per-image key DDPM (or DDIM with eta > 0) draws its step noise from: fold_in(key(seed), 1)."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, 1))(_keys(jnp.asarray(seeds)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled pieces (one program per model/settings; params are arguments).
+
+def latent_shape(pipe: pipeline_lib.SDPipeline, height: Optional[int], width: Optional[int]) -> tuple:
+    """(h, w, c) of the latents for an image size; default: the UNet's sample_size, as diffusers."""
+    factor = 2 ** (len(pipe.vae.block_out_channels) - 1)
+    default = (pipe.unet.sample_size or 64) * factor
+    height, width = height or default, width or default
+    if height % factor or width % factor:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the VAE factor {factor}")
+    return (height // factor, width // factor, pipe.unet.in_channels)
+
+
+@functools.lru_cache(maxsize=16)
+def _text_encoder_fn(text_encoder):
+    return jax.jit(lambda params, ids: text_encoder.apply({"params": params}, ids))
+
+
+def tokenize(pipe: pipeline_lib.SDPipeline, prompts: Sequence[str]) -> np.ndarray:
+    """prompts -> [B, L] int32, padded/truncated to the tokenizer's model_max_length (as SD pipelines)."""
+    tok = pipe.tokenizer
+    out = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="np")
+    return np.asarray(out["input_ids"], np.int32)
+
+
+def encode_prompts(pipe: pipeline_lib.SDPipeline, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """prompts -> text embeddings [B, L, D] float32 (last hidden state; what SD1.x/2.x condition on)."""
+    ids = tokenize(pipe, prompts)
+    run = _text_encoder_fn(pipe.text_encoder)
+    out = []
+    for s in range(0, len(ids), batch_size):
+        chunk = ids[s:s + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), axis=0)])
+        out.append(np.asarray(run(pipe.text_encoder_params, padded), np.float32)[:len(chunk)])
+    return np.concatenate(out)
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """VAE output in [-1, 1] -> uint8 as diffusers' numpy/PIL conversion: round(255 · clip(x/2 + 0.5, 0, 1))."""
+    return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+@functools.lru_cache(maxsize=16)
+def _generate_fn(unet, vae, schedule, sampler: str, num_steps: int, guidance_scale: float, eta: float,
+                 shape: tuple):
+    """jit(unet_params, vae_params, seeds [B], cond [B, L, D], uncond [B, L, D]) -> (latents [B, h, w, c],
+    uint8 images [B, H, W, 3]).
+
+    ``sample`` is vmapped over images so each one draws its noise from its own seed (a batch-of-one
+    trajectory per image); XLA batches the vmapped UNet as one [2B, ...] call per step.
+    """
+    def one(unet_params, x_T, rng, cond, uncond):
+        eps_fn = lambda x, t, c: unet.apply({"params": unet_params}, x, t, c)
+        return diffusion.sample(eps_fn, x_T[None], schedule, sampler=sampler, num_steps=num_steps,
+                                guidance_scale=guidance_scale, rng=rng, cond=cond[None], uncond=uncond[None],
+                                eta=eta)[0]
+
+    def run(unet_params, vae_params, seeds, cond, uncond):
+        x_T = initial_noise(seeds, shape)
+        latents = jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(unet_params, x_T, sampler_rngs(seeds), cond, uncond)
+        decoded = vae.apply({"params": vae_params}, latents / vae.scaling_factor, method="decode")
+        return latents, to_uint8(decoded)
+
+    return jax.jit(run)
+
+
+def decode_latents(pipe: pipeline_lib.SDPipeline, latents) -> np.ndarray:
+    """latents [B, h, w, c] -> float32 images [B, H, W, 3] in [0, 1] (diffusers' output_type="np")."""
+    decoded = pipe.vae.apply({"params": pipe.vae_params}, jnp.asarray(latents) / pipe.vae.scaling_factor,
+                             method="decode")
+    return np.asarray(jnp.clip(decoded / 2 + 0.5, 0.0, 1.0), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices.
+
+def generation_mesh(devices=None) -> Mesh:
+    """A 1-D "batch" mesh over ``devices`` (default: all) with an Auto axis.
+
+    Not the train mesh (``jaxpref.sharding``, Explicit axes): the vmapped sampler merges the image axis
+    with CFG's [uncond; cond] axis in reshapes that explicit-mode sharding cannot type. Params are
+    replicated onto this mesh for the duration of an evaluation.
+    """
+    devices = np.asarray(list(jax.devices() if devices is None else devices))
+    return Mesh(devices, ("batch",), axis_types=(AxisType.Auto,))
+
+
+def _on_mesh(tree, sharding_):
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding_), tree)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+def _as_pipeline(pipeline_or_parts: PipelineLike) -> pipeline_lib.SDPipeline:
+    if isinstance(pipeline_or_parts, pipeline_lib.SDPipeline):
+        return pipeline_or_parts
+    return pipeline_lib.load_pipeline(os.fspath(pipeline_or_parts))
+
+
+def _prompt_list(prompts: PromptsLike) -> list[str]:
+    items = list(prompts.prompts) if isinstance(prompts, PromptSet) else as_prompts(prompts)
+    if not items:
+        raise ValueError("generate: no prompts")
+    return items
+
+
+def generate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, *, unet_params=None,
+             num_images_per_prompt: int = 1, sampler: str = "ddpm", num_steps: int = 50,
+             guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 8, height: Optional[int] = None,
+             width: Optional[int] = None, negative_prompt: str = "", eta: float = 0.0, devices=None) -> Generation:
+    """K images for each of N prompts, image k of prompt i from seed ``seed + i + k·N`` (module docstring).
+
+    pipeline_or_parts: an ``SDPipeline`` or a diffusers folder; unet_params replace its UNet params (the
+    policy being trained or evaluated). batch_size: images per compiled call, rounded up to a multiple
+    of the device count (the last batch is padded, so one program serves the whole run); devices: where
+    to generate (default all), the batch split across them.
+    Returns ``Generation`` (images uint8 [N, K, H, W, 3], latents, seeds, seconds).
+    """
+    pipe = _as_pipeline(pipeline_or_parts)
+    texts = _prompt_list(prompts)
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt={num_images_per_prompt}; expected >= 1")
+    schedule = diffusion.NoiseSchedule.from_config(pipe.scheduler_config)
+    shape = latent_shape(pipe, height, width)
+    mesh = generation_mesh(devices)
+    batch = _round_up(max(1, batch_size), mesh.size)
+    rows, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+    run = _generate_fn(pipe.unet, pipe.vae, schedule, sampler, int(num_steps), float(guidance_scale), float(eta), shape)
+
+    n, k = len(texts), num_images_per_prompt
+    seeds = image_seeds(n, k, seed)                      # [N, K]
+    flat_seeds = seeds.T.reshape(-1)                     # job j = k·N + i, seed + j
+    flat_prompt = np.tile(np.arange(n), k)
+    cond_table = encode_prompts(pipe, texts)             # [N, L, D]
+    uncond = encode_prompts(pipe, [negative_prompt])[0]  # [L, D]
+    params = _on_mesh((pipe.unet_params if unet_params is None else unet_params, pipe.vae_params), replicated)
+    uncond_batch = jax.device_put(np.broadcast_to(uncond, (batch, *uncond.shape)), rows)
+
+    latents, images, pending = [], [], None
+
+    def collect(done):  # host copies of a finished batch, padding dropped
+        (out_latents, out_images), keep = done
+        latents.append(np.asarray(out_latents)[:keep])
+        images.append(np.asarray(out_images)[:keep])
+
+    start = time.perf_counter()
+    for s in range(0, len(flat_seeds), batch):
+        idx = np.arange(s, min(s + batch, len(flat_seeds)))
+        keep = len(idx)
+        idx = np.concatenate([idx, np.full(batch - keep, idx[-1])])  # pad: repeat the last job
+        out = run(params[0], params[1], jax.device_put(flat_seeds[idx], rows),
+                  jax.device_put(cond_table[flat_prompt[idx]], rows), uncond_batch)
+        if pending is not None:  # copy the previous batch while this one runs (async dispatch)
+            collect(pending)
+        pending = (out, keep)
+    collect(pending)
+    seconds = time.perf_counter() - start
+    to_grid = lambda a: np.concatenate(a).reshape(k, n, *a[0].shape[1:]).swapaxes(0, 1)  # -> [N, K, ...]
+    return Generation(to_grid(images), to_grid(latents).astype(np.float32), seeds, seconds)
+
+
+def score(images: np.ndarray, prompts: PromptsLike, scorers: Mapping[str, Scorer]) -> dict[str, np.ndarray]:
+    """images uint8 [N, K, H, W, 3] (or [N, H, W, 3]), N prompts -> {reward: scores float32 [N, K]}."""
+    texts = _prompt_list(prompts)
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images[:, None]
+    n, k = images.shape[:2]
+    if n != len(texts):
+        raise ValueError(f"score: {n} prompts' images but {len(texts)} prompts")
+    flat, flat_texts = images.reshape(n * k, *images.shape[2:]), [t for t in texts for _ in range(k)]
+    return {name: np.asarray(s(flat, flat_texts), np.float32).reshape(n, k) for name, s in scorers.items()}
+
+
+def _stats(x: np.ndarray) -> dict:
+    x = np.asarray(x, np.float64).reshape(-1)
+    return {"mean": float(x.mean()), "median": float(np.median(x)), "std": float(x.std()), "n": int(x.size)}
+
+
+def summarize(scores: Mapping[str, np.ndarray], categories: Optional[Sequence[str]] = None) -> dict:
+    """{reward: {"mean", "median", "std", "n", ["by_category": {cat: stats}]}} over all images."""
+    out = {}
+    for name, s in scores.items():
+        out[name] = _stats(s)
+        if categories is not None and len(set(categories)) > 1:
+            cats = np.asarray(categories)
+            out[name]["by_category"] = {c: _stats(np.asarray(s)[cats == c]) for c in dict.fromkeys(categories)}
+    return out
+
+
+def compare(scores_a: np.ndarray, scores_b: np.ndarray) -> dict:
+    """Per-prompt win rate of A over B: each prompt's mean score over its K images, win 1, tie 1/2, loss 0.
+
+    scores_*: [N] or [N, K] for the same N prompts in the same order.
+    """
+    a, b = (np.asarray(s, np.float64) for s in (scores_a, scores_b))
+    a, b = (s.reshape(s.shape[0], -1).mean(axis=1) for s in (a, b))
+    if a.shape != b.shape:
+        raise ValueError(f"compare: {a.shape[0]} prompts vs {b.shape[0]}; evaluate both on the same prompt set")
+    wins, ties = float(np.mean(a > b)), float(np.mean(a == b))
+    return {"win_rate": wins + 0.5 * ties, "wins": wins, "ties": ties, "n_prompts": int(a.shape[0])}
+
+
+def flat_metrics(summary: Mapping[str, Any], win_rates: Optional[Mapping[str, dict]] = None) -> dict[str, float]:
+    """{"pickscore/mean": ..., "pickscore/win_rate": ...}: the dict a train loop logs."""
+    out = {}
+    for name, stats in summary.items():
+        out.update({f"{name}/{key}": float(stats[key]) for key in ("mean", "median", "std")})
+        for cat, cstats in stats.get("by_category", {}).items():
+            out[f"{name}/{cat}/mean"] = float(cstats["mean"])
+    for name, w in (win_rates or {}).items():
+        out[f"{name}/win_rate"] = float(w["win_rate"])
+    return out
+
+
+def markdown_table(summary: Mapping[str, Any], win_rates: Optional[Mapping[str, dict]] = None) -> str:
+    """The metrics as Markdown: one row per reward (then one per reward and category)."""
+    head = "| reward | mean | median | std | n |" + (" win rate vs baseline |" if win_rates else "")
+    rule = "|---|---:|---:|---:|---:|" + ("---:|" if win_rates else "")
+    lines = [head, rule]
+    for name, s in summary.items():
+        row = f"| {name} | {s['mean']:.4f} | {s['median']:.4f} | {s['std']:.4f} | {s['n']} |"
+        if win_rates:
+            row += f" {win_rates[name]['win_rate']:.3f} |" if name in win_rates else " |"
+        lines.append(row)
+    cats = [(name, c, cs) for name, s in summary.items() for c, cs in s.get("by_category", {}).items()]
+    if cats:
+        lines += ["", "| reward | category | mean | median | std | n |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {c} | {cs['mean']:.4f} | {cs['median']:.4f} | {cs['std']:.4f} | {cs['n']} |"
+                  for name, c, cs in cats]
+    return "\n".join(lines) + "\n"
+
+
+def make_grid(images: np.ndarray, max_prompts: int = 16) -> np.ndarray:
+    """uint8 [N, K, H, W, 3] -> one uint8 image [rows·H, K·W, 3]: a row per prompt (first max_prompts)."""
+    rows = images[:max_prompts]
+    n, k, h, w, c = rows.shape
+    return rows.transpose(0, 2, 1, 3, 4).reshape(n * h, k * w, c)
+
+
+def save_images(out_dir: str, images: np.ndarray, max_grid_prompts: int = 16) -> None:
+    """images/<i:05d>_<k:02d>.png for every image, and grid.png."""
+    from PIL import Image
+
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    for i in range(images.shape[0]):
+        for k in range(images.shape[1]):
+            Image.fromarray(images[i, k]).save(os.path.join(out_dir, "images", f"{i:05d}_{k:02d}.png"))
+    Image.fromarray(make_grid(images, max_grid_prompts)).save(os.path.join(out_dir, "grid.png"))
+
+
+def load_scores(eval_dir: str) -> dict[str, np.ndarray]:
+    """{reward: [N, K]} from an earlier evaluation's scores.npz (for --baseline)."""
+    path = os.path.join(eval_dir, "scores.npz")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: missing; --baseline must be the --out folder of an earlier jaxpref.evaluate run")
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files if k != "__seeds__"}
+
+
+def evaluate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, scorers: Mapping[str, Scorer], *,
+             unet_params=None, out_dir: Optional[str] = None,
+             baseline_scores: Optional[Mapping[str, np.ndarray]] = None, save_pngs: bool = True,
+             **generate_kwargs) -> dict[str, float]:
+    """Generate, score, summarize; write the report to ``out_dir`` (if given); return flat float metrics.
+
+    generate_kwargs: ``generate``'s settings (num_images_per_prompt, sampler, num_steps, guidance_scale,
+    seed, batch_size, ...). baseline_scores: {reward: [N, K]} of another model on the same prompts
+    (e.g. ``load_scores(dir)``); adds "<reward>/win_rate". The train loop logs the returned dict.
+    """
+    prompt_set = prompts if isinstance(prompts, PromptSet) else None
+    texts = _prompt_list(prompts)
+    gen = generate(pipeline_or_parts, texts, unet_params=unet_params, **generate_kwargs)
+    start = time.perf_counter()
+    scores = score(gen.images, texts, scorers)
+    score_seconds = time.perf_counter() - start
+    categories = list(prompt_set.categories) if prompt_set is not None else None
+    summary = summarize(scores, categories)
+    win_rates = {name: compare(scores[name], baseline_scores[name])
+                 for name in scores if baseline_scores is not None and name in baseline_scores}
+    metrics = flat_metrics(summary, win_rates)
+    n_images = gen.images.shape[0] * gen.images.shape[1]
+    metrics["generate/images_per_s"] = gen.images_per_second
+    metrics["score/images_per_s"] = n_images * len(scorers) / max(score_seconds, 1e-9) if scorers else 0.0
+    if out_dir:
+        write_report(out_dir, gen, texts, scores, summary, win_rates, metrics, generate_kwargs, save_pngs)
+    return metrics
+
+
+def write_report(out_dir: str, gen: Generation, prompts: Sequence[str], scores: Mapping[str, np.ndarray],
+                 summary: Mapping, win_rates: Mapping, metrics: Mapping, settings: Mapping, save_pngs: bool = True):
+    """scores.npz, metrics.json, metrics.md, prompts.json, images/ and grid.png under out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    if save_pngs:
+        save_images(out_dir, gen.images)
+    np.savez(os.path.join(out_dir, "scores.npz"), __seeds__=gen.seeds, **scores)
+    with open(os.path.join(out_dir, "prompts.json"), "w") as f:
+        json.dump(list(prompts), f, indent=0)
+    report = {"summary": summary, "win_rates": win_rates, "metrics": metrics,
+              "settings": {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))},
+              "num_prompts": gen.images.shape[0], "num_images_per_prompt": gen.images.shape[1]}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out_dir, "metrics.md"), "w") as f:
+        f.write(markdown_table(summary, win_rates))
+
+
+def log_to_tensorboard(writer, metrics: Mapping[str, float], step: int, prefix: str = "eval/") -> None:
+    """Writes flat metrics with any common writer: tensorboardX/torch ``add_scalar``, clu ``write_scalars``,
+    flax's ``scalar``."""
+    tagged = {f"{prefix}{k}": float(v) for k, v in metrics.items()}
+    if hasattr(writer, "write_scalars"):
+        writer.write_scalars(step, tagged)
+        return
+    add = getattr(writer, "add_scalar", None) or getattr(writer, "scalar", None)
+    if add is None:
+        raise ValueError(f"log_to_tensorboard: {type(writer).__name__} has no add_scalar / scalar / write_scalars")
+    for tag, value in tagged.items():
+        add(tag, value, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+_SETTINGS = ("sampler", "num_steps", "guidance_scale", "num_images_per_prompt", "seed", "batch_size")
+
+
+def _defaults_from_config(config) -> dict:
+    """Flag defaults a training config supplies (its model and its eval section)."""
+    if config is None:
+        return {}
+    ev = config.eval
+    return {"model_path": config.model_path, "sampler": ev.sampler, "num_steps": ev.num_steps,
+            "guidance_scale": ev.guidance_scale, "num_images_per_prompt": ev.images_per_prompt,
+            "seed": config.seed, "num_prompts": ev.num_prompts}
+
+
+def _resolve_flags(f) -> dict:
+    """Explicit flags win; then the --config's values; then the flags' defaults (the paper protocol)."""
+    from_config = _defaults_from_config(f.config)
+    names = _SETTINGS + ("model_path", "num_prompts")
+    return {name: getattr(f, name) if f[name].present or name not in from_config else from_config[name]
+            for name in names}
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags
+
+    from jaxpref import export, prompts as prompts_lib, rewards
+
+    f = flags.FLAGS
+    s = _resolve_flags(f)
+    model_path = s["model_path"]
+    if model_path == "embedded:tiny":
+        from jaxpref import trainer
+
+        model_path = trainer.resolve_model_path(model_path)
+    # Everything that can fail on a path fails before any generation.
+    prompt_set = prompts_lib.load_prompts(f.prompts, s["num_prompts"] or None)
+    scorers = rewards.load_scorers(f.reward, batch_size=f.score_batch_size) if f.reward else {}
+    baseline = load_scores(f.baseline) if f.baseline else None
+    mismatched = {k: v.shape[0] for k, v in (baseline or {}).items() if v.shape[0] != len(prompt_set)}
+    if mismatched:
+        raise ValueError(f"{f.baseline}: baseline scores cover {mismatched} prompts but --prompts gives "
+                         f"{len(prompt_set)}; a win rate needs the same prompt set (and --num_prompts)")
+    pipe, unet_params = export.load_trained(f.checkpoint, model_path, use_ema=f.use_ema)
+    settings = {k: s[k] for k in _SETTINGS}
+    print(f"evaluating {len(prompt_set)} prompts x {settings['num_images_per_prompt']} images on "
+          f"{jax.device_count()} device(s)", flush=True)
+    metrics = evaluate(pipe, prompt_set, scorers, unet_params=unet_params, out_dir=f.out, baseline_scores=baseline,
+                       **settings)
+    with open(os.path.join(f.out, "metrics.md")) as fh:
+        print(fh.read(), flush=True)
+    print(json.dumps(metrics, indent=2), flush=True)
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "optional training config: supplies model_path and config.eval")
+    flags.DEFINE_string("model_path", None, "base diffusers SD folder (or embedded:tiny)")
+    flags.DEFINE_string("checkpoint", None, "policy: pipeline folder, UNet folder or training workdir (None: the base)")
+    flags.DEFINE_string("prompts", "shapes", "prompt set spec (see jaxpref.prompts)")
+    flags.DEFINE_integer("num_prompts", 0, "keep the first n prompts (0: all)")
+    flags.DEFINE_string("reward", "", "comma list of name or name=PATH (see jaxpref.rewards)")
+    flags.DEFINE_string("out", None, "output folder", required=True)
+    flags.DEFINE_string("baseline", None, "an earlier --out folder: per-prompt win rates against it")
+    flags.DEFINE_integer("num_images_per_prompt", 5, "K images per prompt")
+    flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim", "dpm++"], "sampler")
+    flags.DEFINE_integer("num_steps", 50, "sampling steps")
+    flags.DEFINE_float("guidance_scale", 7.5, "classifier-free guidance scale")
+    flags.DEFINE_integer("seed", 0, "image k of prompt i uses seed + i + k * n_prompts")
+    flags.DEFINE_integer("batch_size", 8, "images per generation call (all devices)")
+    flags.DEFINE_integer("score_batch_size", 32, "images per reward-model call")
+    flags.DEFINE_bool("use_ema", True, "training workdirs: evaluate the EMA params")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,140 @@
+"""Export a trained policy as a diffusers StableDiffusionPipeline folder (trained UNet + the base's parts).
+
+    python -m jaxpref.export --checkpoint=WORKDIR_OR_FOLDER --out=/models/dro-sd15 --base=/models/sd15
+
+The exported folder loads with ``diffusers.StableDiffusionPipeline.from_pretrained(out)`` in PyTorch,
+so results leave this repo in the format everyone else evaluates. ``--checkpoint`` is any of:
+
+- a diffusers pipeline folder (model_index.json; e.g. an earlier export): its unet/ is the policy,
+  and it is its own base unless --base is given;
+- a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors); needs --base;
+- a training workdir (has checkpoints/): the policy params come from
+  ``jaxpref.checkpoint.load_policy_params(workdir, unet_shapes, use_ema=True)`` (EMA weights by default,
+  as DRO's checkpoints hold); needs --base (the model the run started from).
+
+A fine-tune never changes the UNet's shapes, so a policy whose params do not match the base UNet's
+(another architecture, e.g. an SDXL UNet against an SD1.5 base) fails before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxpref.models import pipeline as pipeline_lib, weights
+
+KINDS = ("pipeline", "unet", "workdir")
+
+
+def checkpoint_kind(path: str) -> str:
+    """'pipeline' | 'unet' | 'workdir' for a --checkpoint path; ValueError naming what was expected."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such checkpoint folder; expected a diffusers pipeline folder (model_index.json), "
+                         "a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors) or a training "
+                         "workdir (checkpoints/)")
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return "pipeline"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        config = weights.read_config(path)
+        if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+            raise ValueError(f"{path}/config.json: _class_name={config.get('_class_name')!r}; expected a diffusers "
+                             "UNet2DConditionModel folder")
+        return "unet"
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return "workdir"
+    raise ValueError(f"{path}: not a checkpoint; expected model_index.json (diffusers pipeline), config.json + "
+                     f"diffusion_pytorch_model.safetensors (diffusers UNet) or checkpoints/ (training workdir); "
+                     f"found {sorted(os.listdir(path))}")
+
+
+def _shape_table(tree) -> dict[str, tuple]:
+    return {"/".join(getattr(k, "key", str(k)) for k in path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_same_architecture(params, expected_shapes, source: str, base: str) -> None:
+    """Raises ValueError (naming both paths and the first differences) unless the trees match in shape."""
+    got, want = _shape_table(params), _shape_table(expected_shapes)
+    diffs = [f"{k}: checkpoint {got.get(k)}, base {want.get(k)}" for k in sorted(set(got) | set(want))
+             if got.get(k) != want.get(k)]
+    if diffs:
+        raise ValueError(f"{source}: UNet params do not fit the base model's UNet ({base}/unet): another architecture? "
+                         f"{len(diffs)} differences, e.g.\n  " + "\n  ".join(diffs[:10]))
+
+
+def _policy_from_workdir(workdir: str, unet_shapes: Any, use_ema: bool):
+    from jaxpref import checkpoint as checkpoint_lib
+
+    load = getattr(checkpoint_lib, "load_policy_params", None)
+    if load is None:
+        raise ValueError(f"{workdir}: a training workdir needs jaxpref.checkpoint.load_policy_params(workdir, "
+                         "unet_shapes, use_ema) to read its policy params, and this checkout has none; export the UNet "
+                         "from the run (config.checkpoint.export_unet) and pass that folder instead")
+    return load(workdir, unet_shapes, use_ema=use_ema)
+
+
+def load_trained(checkpoint: Optional[str], base: Optional[str], *, dtype=jnp.float32,
+                 use_ema: bool = True) -> tuple[pipeline_lib.SDPipeline, Any]:
+    """(pipeline with the policy's UNet module, policy UNet params) for a --checkpoint (module docstring).
+
+    ``checkpoint`` None evaluates/exports the base itself. ``dtype`` is the compute dtype; params fp32.
+    """
+    from jaxpref.models import unet as unet_lib
+
+    kind = checkpoint_kind(checkpoint) if checkpoint else None
+    base = base or (checkpoint if kind == "pipeline" else None)
+    if base is None:
+        raise ValueError(f"{checkpoint}: a {kind} checkpoint holds only the UNet; pass the base model folder (--base / "
+                         "--model_path) for the VAE, text encoder, tokenizer and scheduler")
+    pipe = pipeline_lib.load_pipeline(base, dtype)
+    if kind is None:
+        return pipe, pipe.unet_params
+    if kind == "workdir":
+        params = _policy_from_workdir(checkpoint, unet_lib.unet_param_shapes(pipe.unet), use_ema)
+        check_same_architecture(params, pipe.unet_params, checkpoint, base)
+        return pipe, params
+    unet_dir = os.path.join(checkpoint, "unet") if kind == "pipeline" else checkpoint
+    if os.path.abspath(unet_dir) == os.path.abspath(os.path.join(base, "unet")):
+        return pipe, pipe.unet_params
+    module, params = unet_lib.load_unet(unet_dir, dtype)
+    check_same_architecture(params, pipe.unet_params, unet_dir, base)
+    return dataclasses.replace(pipe, unet=module), params
+
+
+def export(checkpoint: Optional[str], out: str, base: Optional[str] = None, *, use_ema: bool = True,
+           overwrite: bool = False) -> str:
+    """Writes the diffusers pipeline folder ``out`` (fp32 safetensors) and returns it."""
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(f"{out}: exists and is not empty; choose a new --out or pass --overwrite")
+    pipe, params = load_trained(checkpoint, base, use_ema=use_ema)
+    pipeline_lib.save_pipeline(out, pipe, unet_params=params)
+    return out
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    path = export(f.checkpoint, f.out, f.base, use_ema=f.use_ema, overwrite=f.overwrite)
+    print(f"exported {f.checkpoint} -> {path} (diffusers StableDiffusionPipeline)", flush=True)
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("checkpoint", None, "pipeline folder, UNet folder or training workdir", required=True)
+    flags.DEFINE_string("out", None, "output diffusers pipeline folder", required=True)
+    flags.DEFINE_string("base", None, "base diffusers SD folder (VAE, text encoder, tokenizer, scheduler)")
+    flags.DEFINE_bool("use_ema", True, "training workdirs: export the EMA params (False: the raw params)")
+    flags.DEFINE_bool("overwrite", False, "write into a non-empty --out")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
