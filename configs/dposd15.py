@@ -28,7 +28,7 @@ def get_config():
     c.optimizer.update(name="adamw", lr=2.048e-5, weight_decay=1e-2, warmup_steps=500, schedule="constant",
                        grad_clip=1.0, decay_steps=2000)
     c.dpo.beta = 5000.0
-    c.data.update(name="pickapic_v2", resolution=512, latent_cache=True)
+    c.data.update(name="pickapic_v2", resolution=512)
     c.checkpoint.update(every=200, keep=3)
     c.eval.update(every=500, num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=7.5)
     return c

@@ -30,7 +30,7 @@ def get_config():
     c.optimizer.update(name="adamw", lr=1.024e-5, weight_decay=1e-2, warmup_steps=100, schedule="constant",
                        grad_clip=1.0, decay_steps=200)
     c.smpo.update(beta=2000.0, gamma=10.0, inversion="code", inversion_steps=5)
-    c.data.update(name="pickapic_v2", resolution=512, latent_cache=True)
+    c.data.update(name="pickapic_v2", resolution=512)
     c.checkpoint.update(every=50, keep=3)
     c.eval.update(every=100, num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=7.5)
     return c

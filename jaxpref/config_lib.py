@@ -57,14 +57,52 @@ def base_config() -> ml_collections.ConfigDict:
         source_dir="",               # pickapic_v2: the folder of downloaded parquet shards
         split="train",
         resolution=32,
-        latent_cache=True,           # encode once with the VAE; the step runs no VAE
+        cache_dir="",                # a latent cache folder (python -m jaxpref.data.cache): the step runs no VAE
+        scores_dir="",               # SmPO on pickapic_v2: reward scores folder (python -m jaxpref.data.scores)
+        experts_dir="",              # DRO on pickapic_v2: expert set folder (python -m jaxpref.data.experts)
+        experts_k=500,               # DRO on shapes: size of the expert set built on first use
         worker_count=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, export_unet=True))
     c.log = ml_collections.ConfigDict(dict(every=10, sample_every=0, sample_prompts=4))
     c.eval = ml_collections.ConfigDict(dict(
-        every=0, num_prompts=32, images_per_prompt=1, sampler="ddim", num_steps=25, guidance_scale=3.0,
+        every=0,                     # updates between evaluations (0: only the final base-vs-trained one)
+        prompts="shapes",            # a prompt-set spec (jaxpref.prompts.load_prompts): parti:/x.tsv, hpdv2:/dir, ...
+        rewards="shapes",            # reward specs (jaxpref.rewards.load_scorers): pickscore=/dir,hpsv2=/file, ...
+        num_prompts=32, images_per_prompt=1, sampler="ddim", num_steps=25, guidance_scale=3.0, batch_size=32,
         final=True))
+    return c
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """The embedded default: DRO on the shapes world with the shipped tiny model, on a laptop CPU.
+
+    What it trains: the tiny SD-shaped UNet (jaxpref/assets/tiny_sd, trained by
+    ``python -m jaxpref.tiny.train_base``) on the top-K renders of the shapes world as experts against its
+    own DPM-Solver++ negatives; ``--config.objective=dpo`` / ``smpo`` train on the shapes preference pairs
+    (SmPO's reward is the world's analytic reward). Ends by printing the base vs trained mean reward on
+    held-out prompts and writing before_after.png into the workdir. Cost: minutes on 2 CPU cores.
+
+      python -m jaxpref.train --workdir=/tmp/tiny
+    """
+    c = base_config()
+    c.objective = "dro"
+    c.model_path = "embedded:tiny"
+    c.dtype = c.reference_dtype = "float32"   # CPU: bf16 is emulated and slower
+    c.batch_size, c.grad_accum = 16, 1
+    c.total_steps = 150
+    c.prompt_dropout = 0.1
+    c.optimizer.update(name="adamw", lr=3e-4, weight_decay=0.0, warmup_steps=10, schedule="constant",
+                       grad_clip=1.0, decay_steps=150)
+    c.ema.update(enabled=False)
+    c.dpo.beta = 500.0
+    c.smpo.update(beta=500.0, gamma=10.0, reward_min=0.0, reward_max=1.0, inversion="code", inversion_steps=5)
+    c.dro.update(num_inference_steps=10, buffer_size=16, steps_per_trajectory=1)
+    c.data.update(name="shapes", resolution=32, experts_k=500)
+    c.checkpoint.update(every=50, keep=2)
+    c.log.update(every=10)
+    c.eval.update(prompts="shapes", rewards="shapes", num_prompts=32, images_per_prompt=2, sampler="ddim",
+                  num_steps=25, guidance_scale=3.0, batch_size=64)
     return c
 
 
@@ -72,7 +110,7 @@ def _fail(key, value, why):
     raise ValueError(f"config.{key}={value!r}: {why}")
 
 
-def validate(config, num_devices: int | None = None):
+def validate(config, num_devices: int | None = None, check_paths: bool = True):
     """Checks a config before anything compiles; raises ValueError naming the key and the fix."""
     ref = base_config()
     unknown = sorted(set(_flat_keys(config)) - set(_flat_keys(ref)))
@@ -116,15 +154,25 @@ def validate(config, num_devices: int | None = None):
             _fail("smpo.inversion", config.smpo.inversion, "supported ('code', 'paper')")
         if config.smpo.reward_max <= config.smpo.reward_min:
             _fail("smpo.reward_max", config.smpo.reward_max, "must exceed smpo.reward_min")
+    if config.data.name not in ("shapes", "pickapic_v2"):
+        _fail("data.name", config.data.name, "supported ('shapes', 'pickapic_v2')")
+    if check_paths:
+        _check_paths(config)
+    if config.mesh.data == 0 or config.mesh.fsdp == 0 or (config.mesh.data < 0 and config.mesh.fsdp < 0):
+        _fail("mesh", dict(config.mesh), "each axis a positive size or -1 (fill), at most one -1")
+    return config
+
+
+def _check_paths(config):
     if config.model_path != "embedded:tiny" and not os.path.isdir(config.model_path):
         _fail("model_path", config.model_path,
               "not a folder; point it at a local diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, "
               "tokenizer/, scheduler/) or use 'embedded:tiny'")
     if config.reference_path and not os.path.isdir(config.reference_path):
         _fail("reference_path", config.reference_path, "not a folder (leave empty to use model_path)")
-    if config.mesh.data == 0 or config.mesh.fsdp == 0 or (config.mesh.data < 0 and config.mesh.fsdp < 0):
-        _fail("mesh", dict(config.mesh), "each axis a positive size or -1 (fill), at most one -1")
-    return config
+    for key in ("cache_dir", "scores_dir", "experts_dir"):
+        if config.data[key] and not os.path.isdir(os.path.expanduser(config.data[key])):
+            _fail(f"data.{key}", config.data[key], "not a folder")
 
 
 def _flat_keys(cfg, prefix=""):

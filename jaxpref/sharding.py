@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2 ** 14  # tensors smaller than this (norms, biases) replicate
@@ -26,9 +26,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
         fsdp = n // data
     if data * fsdp != n:
         raise ValueError(f"config.mesh: data={data} x fsdp={fsdp} != {n} devices; set one axis to -1 to fill")
-    if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
-        return jax.make_mesh((data, fsdp), BATCH_AXES, devices=devices)
-    return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+    # Auto axes: XLA propagates shardings through the step (jax.make_mesh defaults to Explicit axes).
+    auto = (AxisType.Auto, AxisType.Auto)
+    if devices == list(jax.devices()):
+        return jax.make_mesh((data, fsdp), BATCH_AXES, devices=devices, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES, axis_types=auto)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -42,6 +42,7 @@ class Run:
     optimizer: Any
     learning_rate: Any
     null_ids: np.ndarray
+    reference_params: Any = None  # config.reference_path's UNet; None: the policy's starting weights
 
     @property
     def latent_shape(self):
@@ -77,13 +78,32 @@ def build_run(config, pipeline: pipeline_lib.SDPipeline | None = None) -> Run:
                                    scaling_factor=pipeline.vae.scaling_factor)
     return Run(config=config, pipeline=pipeline, schedule=schedule, objective=objective,
                optimizer=optim.make_optimizer(config.optimizer),
-               learning_rate=optim.learning_rate_schedule(config.optimizer), null_ids=null_ids)
+               learning_rate=optim.learning_rate_schedule(config.optimizer), null_ids=null_ids,
+               reference_params=_load_reference(config, pipeline))
 
 
-def frozen_params(run: Run, reference_params=None) -> dict:
+def _load_reference(config, pipeline):
+    """The frozen reference UNet of ``config.reference_path`` (a pipeline or UNet folder), shape-checked."""
+    if not config.reference_path:
+        return None
+    from jaxpref.models import load_unet
+
+    folder = config.reference_path
+    if os.path.isdir(os.path.join(folder, "unet")):
+        folder = os.path.join(folder, "unet")
+    _, params = load_unet(folder)
+    mismatch = [a.shape for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(pipeline.unet_params))
+                if a.shape != b.shape]
+    if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(pipeline.unet_params) or mismatch:
+        raise ValueError(f"config.reference_path={config.reference_path!r}: its UNet does not match model_path's "
+                         "architecture; the reference must be the same model as the policy")
+    return params
+
+
+def frozen_params(run: Run) -> dict:
     """What the step reads but never trains: the reference UNet (in config.reference_dtype) and the
     text encoder. The reference defaults to the policy's starting weights."""
-    ref = run.pipeline.unet_params if reference_params is None else reference_params
+    ref = run.pipeline.unet_params if run.reference_params is None else run.reference_params
     ref_dtype = DTYPES[run.config.reference_dtype]
     return {"ref": jax.tree_util.tree_map(lambda p: jnp.asarray(p, ref_dtype), ref),
             "text": run.pipeline.text_encoder_params}

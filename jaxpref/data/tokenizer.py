@@ -87,13 +87,15 @@ def write_clip_tokenizer(words: Sequence[str], out_dir: str | os.PathLike, model
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(path: str | os.PathLike | None = None):
-    """A transformers.CLIPTokenizer from a folder (vocab.json + merges.txt); default: the shapes tokenizer."""
+    """A transformers.CLIPTokenizer from a folder (vocab.json + merges.txt, or the tokenizer.json that
+    transformers 5 writes); default: the shapes tokenizer."""
     from transformers import CLIPTokenizer
 
     folder = pathlib.Path(path) if path is not None else SHAPES_TOKENIZER_DIR
-    if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
+    bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if not bpe_files and not (folder / "tokenizer.json").is_file():
         raise ValueError(f"tokenizer folder {folder}: expected vocab.json and merges.txt (a CLIP BPE tokenizer, "
-                         "e.g. an SD checkpoint's tokenizer/ folder)")
+                         "e.g. an SD checkpoint's tokenizer/ folder) or tokenizer.json")
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
