@@ -52,6 +52,40 @@ class CheckpointManager:
         self._manager.close()
 
 
+def load_policy_params(workdir: str, unet_shapes: Any = None, use_ema: bool = True, step: int | None = None):
+    """The policy UNet params of a training workdir's latest (or given) checkpoint, on one device.
+
+    EMA weights when the run kept them and ``use_ema`` (DRO's checkpoints hold EMA), else φ.
+    ``unet_shapes`` (a param tree of ShapeDtypeStructs), when given, must match: a checkpoint of another
+    architecture fails with the path and both shapes. Restores the whole state to read it (host memory:
+    params + optimizer state).
+    """
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{workdir}: no checkpoints/ folder (expected a jaxpref training workdir)")
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    manager = ocp.CheckpointManager(directory, handler_registry=registry)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"{directory}: no finished checkpoint in it")
+    tree = manager.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    manager.close()
+    params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
+    if unet_shapes is not None:
+        want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(unet_shapes)[0]}
+        got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        if bad:
+            raise ValueError(f"{directory} step {step}: the checkpoint's UNet does not match the expected architecture; "
+                             f"e.g. {bad[0]}: checkpoint {got.get(bad[0])} vs model {want.get(bad[0])}")
+    return params
+
+
 class PreemptionGuard:
     """Turns SIGTERM into a flag the train loop polls: finish the step, save, exit 0."""
 
