@@ -2,7 +2,8 @@
 import os
 import pathlib
 
-_CACHE = pathlib.Path(os.environ.get("JAX_COMPILATION_CACHE_DIR", pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"))
+# Outside the checkout, so fresh clones on the same machine (CI) reuse earlier compiles.
+_CACHE = pathlib.Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or pathlib.Path.home() / ".cache" / "jaxpref" / "jax_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 
 import jax  # noqa: E402
