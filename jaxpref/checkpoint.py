@@ -40,8 +40,16 @@ class CheckpointManager:
         """Restores ``step`` onto the given shardings (any mesh): returns (state, meta)."""
         abstract = jax.tree_util.tree_map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target_shapes, target_shardings)
-        out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                  meta=ocp.args.JsonRestore()))
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                      meta=ocp.args.JsonRestore()))
+        except ValueError:  # orbax names neither the tensor nor the likely cause: a different model
+            bad = _params_mismatch(getattr(target_shapes, "params", None), _saved_state(self.directory, step)["params"])
+            if bad:
+                raise ValueError(f"{self.directory} step {step}: the checkpoint's UNet does not match this run's model "
+                                 f"(config.model_path); {bad}. Resume with the model it was trained from, or use a "
+                                 "new workdir") from None
+            raise
         return out["state"], dict(out["meta"])
 
     def wait(self):
@@ -63,27 +71,47 @@ def load_policy_params(workdir: str, unet_shapes: Any = None, use_ema: bool = Tr
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise ValueError(f"{workdir}: no checkpoints/ folder (expected a jaxpref training workdir)")
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
-    manager = ocp.CheckpointManager(directory, handler_registry=registry)
+    manager = _reader(directory)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ValueError(f"{directory}: no finished checkpoint in it")
-    tree = manager.item_metadata(step)["state"]
-    tree = getattr(tree, "tree", tree)
+    tree = _saved_state(directory, step, manager)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     manager.close()
     params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
-    if unet_shapes is not None:
-        want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(unet_shapes)[0]}
-        got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-        if bad:
-            raise ValueError(f"{directory} step {step}: the checkpoint's UNet does not match the expected architecture; "
-                             f"e.g. {bad[0]}: checkpoint {got.get(bad[0])} vs model {want.get(bad[0])}")
+    bad = _params_mismatch(unet_shapes, params)
+    if bad:
+        raise ValueError(f"{directory} step {step}: the checkpoint's UNet does not match the expected architecture; "
+                         f"{bad}")
     return params
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+    """A read-only manager that knows the state item's handler (so its metadata can be read)."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    return ocp.CheckpointManager(directory, handler_registry=registry)
+
+
+def _saved_state(directory: str, step: int, manager: ocp.CheckpointManager | None = None) -> Any:
+    """The saved state's tree of array metadata (shape, dtype) as nested dicts."""
+    reader = manager or _reader(directory)
+    tree = reader.item_metadata(step)["state"]
+    if manager is None:
+        reader.close()
+    return getattr(tree, "tree", tree)
+
+
+def _params_mismatch(want: Any, got: Any) -> str:
+    """'' when the two param trees have the same paths and shapes, else the first difference."""
+    if want is None:
+        return ""
+    shapes = lambda t: {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+    want, got = shapes(want), shapes(got)
+    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    return f"e.g. {bad[0]}: checkpoint {got.get(bad[0])} vs model {want.get(bad[0])}" if bad else ""
 
 
 class PreemptionGuard:

@@ -2,7 +2,8 @@
 
 Everything that can fail on bad input (config, paths, data) fails before the first compile. State is
 born sharded; the step is compiled once with explicit shardings and a donated state; a checkpoint
-holds the state and the loader's position, so a resumed run continues with exactly the next batch.
+holds the state and every process's loader position, so a resumed run continues with exactly the next
+batch.
 """
 from __future__ import annotations
 
@@ -78,6 +79,36 @@ def _encode_loader_state(state: bytes) -> str:
     return base64.b64encode(state).decode()
 
 
+def _all_loader_states(state: bytes) -> list[str]:
+    """Every process's loader position (each reads its own shard of the data), for the checkpoint's meta."""
+    if jax.process_count() == 1:
+        return [_encode_loader_state(state)]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(state, np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([raw.size], np.int32))[:, 0]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    everyone = multihost_utils.process_allgather(padded)
+    return [_encode_loader_state(everyone[p, :int(n)].tobytes()) for p, n in enumerate(sizes)]
+
+
+def _own_loader_state(meta: dict, where: str) -> bytes:
+    loaders = meta["loaders"] if "loaders" in meta else [meta["loader"]]  # "loader": one process, older runs
+    if len(loaders) != jax.process_count():
+        raise ValueError(f"{where}: written by {len(loaders)} process(es), resumed by {jax.process_count()}; each "
+                         "process reads its own shard of the data, so the loader positions do not carry over. Resume "
+                         f"with {len(loaders)} process(es) (any number of devices each)")
+    return base64.b64decode(loaders[jax.process_index()])
+
+
+def _sync_processes(name: str):
+    if jax.process_count() > 1:
+        import orbax.checkpoint as ocp
+
+        ocp.multihost.sync_global_processes(name, timeout=1800)
+
+
 def _frozen_shardings(mesh, frozen):
     return sharding.params_sharding(mesh, frozen)
 
@@ -113,7 +144,7 @@ def train(config, workdir: str, *, pipeline=None, max_steps: int | None = None) 
     start = manager.latest_step()
     if start is not None:
         state, meta = manager.restore(start, state_shapes, state_shardings)
-        feed.set_state(base64.b64decode(meta["loader"]))
+        feed.set_state(_own_loader_state(meta, f"{manager.directory}/{start}"))
         logging.info("resumed from %s at step %d", manager.directory, start)
     start = int(start or 0)
 
@@ -121,8 +152,12 @@ def train(config, workdir: str, *, pipeline=None, max_steps: int | None = None) 
     train_step = sharding.jit_train_step(
         step_lib.make_train_step(config, run.objective, run.optimizer, run.learning_rate), mesh, state_shardings,
         frozen_sh, jax.eval_shape(lambda b: b, batch))
-    writer = MetricWriter(workdir, config.total_steps)
     base_rng = jax.random.PRNGKey(config.seed)
+    # Compiled before the loop, then all processes meet: CPU (gloo) collectives give up after 30 s, and
+    # hosts can finish compiling further apart than that.
+    train_step = train_step.lower(state, batch, jax.random.fold_in(base_rng, start), frozen).compile()
+    _sync_processes(f"jaxpref_step_compiled_{start}")
+    writer = MetricWriter(workdir, config.total_steps)
     last = config.total_steps if max_steps is None else min(config.total_steps, start + max_steps)
     history, preempted, step = [], False, start
     with checkpoint_lib.PreemptionGuard() as guard:
@@ -139,7 +174,7 @@ def train(config, workdir: str, *, pipeline=None, max_steps: int | None = None) 
                 writer.progress(step, metrics)
             preempted = _agreed(guard.requested)
             if manager.should_save(step) or preempted or step == last:
-                manager.save(step, state, {"loader": _encode_loader_state(loader_state), "seed": config.seed},
+                manager.save(step, state, {"loaders": _all_loader_states(loader_state), "seed": config.seed},
                              force=True)
             if preempted:
                 break
@@ -171,6 +206,11 @@ def _policy(state):
 
 
 def _host_params(params):
+    """Params as host numpy; across processes a gather (every process must call it)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(params, tiled=True)
     return jax.device_get(params)
 
 
