@@ -1,0 +1,426 @@
+"""Shared pieces of the training tests: the test config, a CLI config file, subprocess drivers, hooks.
+
+Also a script: ``python tests/train_helpers.py mesh|multiproc ARGS_JSON`` runs ``loop.train`` in a fresh
+process (a simulated device count, or one of several ``jax.distributed`` processes) and prints one
+``RESULT {json}`` line for the test to read.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+PAUSE_ENV = "JAXPREF_TEST_PAUSE_AT"
+_MEMO: dict = {}
+
+
+def shared_world(tmp_path_factory) -> tuple[str, str]:
+    """(tiny SD folder, data dir with the shapes dataset built), once per session for every test file."""
+    if "world" not in _MEMO:
+        from tiny_sd import build_tiny_sd
+
+        root = tmp_path_factory.mktemp("train_world")
+        model = build_tiny_sd(str(root / "tiny_sd"))
+        data_dir = str(root / "data")
+        from jaxpref import data
+
+        data.open_source("shapes", "train", data_dir)  # builds the shapes pairs once (~20 s)
+        _MEMO["world"] = (model, data_dir)
+    return _MEMO["world"]
+
+
+def memo(key, fn):
+    """fn() once per session (reference runs shared by test files)."""
+    if key not in _MEMO:
+        _MEMO[key] = fn()
+    return _MEMO[key]
+
+
+def tiny_dpo_config(model_path: str, data_dir: str, **overrides):
+    """DPO on the shapes world with the tiny random pipeline: 8 pairs, 6 steps, fp32, a loss every step."""
+    from jaxpref import config_lib
+
+    c = config_lib.tiny_config()
+    c.model_path = model_path
+    c.objective = "dpo"
+    c.batch_size = 8
+    c.total_steps = 6
+    c.prompt_dropout = 0.25
+    c.optimizer.warmup_steps = 0      # every step moves the params (a warmup from 0 makes step 1 a no-op)
+    c.log.every = 1
+    c.checkpoint.update(every=3, keep=10, export_unet=True)
+    c.data.update(data_dir=data_dir, experts_k=64)
+    c.eval.update(final=False, num_prompts=4, num_steps=4, images_per_prompt=1, batch_size=4)
+    for key, value in overrides.items():
+        node = c
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def write_config_file(path: str, model_path: str, data_dir: str, **overrides) -> str:
+    """A ``--config`` file for ``python -m jaxpref.train`` whose get_config() is ``tiny_dpo_config``."""
+    with open(path, "w") as f:
+        f.write(f"""import sys
+sys.path.insert(0, {TESTS!r})
+import train_helpers
+
+
+def get_config():
+    train_helpers.install_pause_hook()  # test-only, driven by ${PAUSE_ENV}; no-op when unset
+    return train_helpers.tiny_dpo_config({model_path!r}, {data_dir!r}, **{overrides!r})
+""")
+    return path
+
+
+def install_pause_hook():
+    """With $JAXPREF_TEST_PAUSE_AT=N: once checkpoint N is on disk, write <workdir>/paused_at_N and
+    block until SIGTERM (or 300 s), so a test can SIGKILL or SIGTERM the run at a known step."""
+    pause = os.environ.get(PAUSE_ENV)
+    if not pause:
+        return
+    pause = int(pause)
+    from jaxpref import checkpoint as checkpoint_lib
+
+    guards = []
+    enter, save = checkpoint_lib.PreemptionGuard.__enter__, checkpoint_lib.CheckpointManager.save
+
+    def guarded_enter(self):
+        guards.append(self)
+        return enter(self)
+
+    def paused_save(self, step, *args, **kwargs):
+        out = save(self, step, *args, **kwargs)
+        if step == pause:
+            self.wait()
+            open(os.path.join(os.path.dirname(self.directory), f"paused_at_{step}"), "w").close()
+            deadline = time.time() + 300
+            while not (guards and guards[-1].requested) and time.time() < deadline:
+                time.sleep(0.05)
+        return out
+
+    checkpoint_lib.PreemptionGuard.__enter__ = guarded_enter
+    checkpoint_lib.CheckpointManager.save = paused_save
+
+
+def subprocess_env(num_devices: int | None = None) -> dict:
+    """Environment of a child JAX process: CPU, the persistent compile cache, the tests on sys.path."""
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jaxpref/jax_cache"))  # as conftest
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join([TESTS, REPO, env.get("PYTHONPATH", "")])
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    if num_devices:
+        flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
+def train_cli(config_file: str, workdir: str, *extra, env=None) -> subprocess.Popen:
+    """``python -m jaxpref.train --config=... --workdir=...`` as a child process (stdout+stderr to a log)."""
+    return _popen([sys.executable, "-m", "jaxpref.train", f"--config={config_file}", f"--workdir={workdir}", *extra],
+                  f"{workdir}.cli.{time.time_ns()}.log", env or subprocess_env())
+
+
+def _popen(cmd, log_path, env) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = log_path
+    return proc
+
+
+def log_of(proc: subprocess.Popen, tail: int = 4000) -> str:
+    with open(proc.log_path) as f:
+        return f.read()[-tail:]
+
+
+def wait_for_file(path: str, proc: subprocess.Popen, timeout: float = 400):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before {path} appeared:\n{log_of(proc)}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout}s:\n{log_of(proc)}")
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"process did not finish in {timeout}s:\n{log_of(proc)}")
+
+
+def metrics_losses(workdir: str) -> dict[int, float]:
+    """{step: train/loss} from a workdir's metrics.jsonl (every run appends to it)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "train/loss" in rec:
+                assert rec["step"] not in out, f"step {rec['step']} logged twice in {workdir}/metrics.jsonl"
+                out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(mode: str, args: dict, num_devices: int) -> subprocess.Popen:
+    """Starts ``python tests/train_helpers.py MODE ARGS`` (read the result with ``script_result``)."""
+    log = f"{args['workdir']}.{mode}.{args.get('process_id', 0)}.{time.time_ns()}.log"
+    return _popen([sys.executable, os.path.join(TESTS, "train_helpers.py"), mode, json.dumps(args)], log,
+                  subprocess_env(num_devices))
+
+
+def script_result(proc: subprocess.Popen, timeout: float = 500) -> dict:
+    return script_results([proc], timeout)[0]
+
+
+def script_results(procs: list[subprocess.Popen], timeout: float = 500) -> list[dict]:
+    """Waits for all; the first failure kills the rest (peers of a dead jax.distributed process hang)."""
+    deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = [p for p in procs if p.poll() not in (None, 0)]
+        if failed or time.time() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            culprit = failed[0] if failed else procs[0]
+            raise AssertionError(f"{'rc=%s' % culprit.returncode if failed else f'timeout {timeout}s'}:\n"
+                                 f"{log_of(culprit, 6000)}")
+        time.sleep(0.2)
+    out = []
+    for p in procs:
+        text = log_of(p, tail=10 ** 9)
+        lines = [l for l in text.splitlines() if l.startswith("RESULT ")]
+        assert p.returncode == 0 and lines, f"rc={p.returncode}:\n{text[-6000:]}"
+        out.append(json.loads(lines[-1][len("RESULT "):]))
+    return out
+
+
+def checkpoint_meta(workdir: str, step: int) -> dict:
+    with open(os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")) as f:
+        return json.load(f)
+
+
+def tree_max_abs_diff(a, b) -> float:
+    import jax
+    import numpy as np
+
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(la, lb))
+
+
+# Losses of differently sharded runs agree to ~2e-5 relative, not 1e-7: DPO's loss is -log σ(-β/2 (Δθ - Δref))
+# with β/2 = 250, which multiplies the fp32 rounding of the denoising errors (reductions split over other
+# devices and in another order) by 250. The reference's error gap ref_gap is not amplified; it agrees to
+# ~1e-7 and would be off by O(0.1) if a device got other pairs or other noise.
+LOSS_RTOL, GRAD_NORM_RTOL, REF_GAP_ATOL = 1e-4, 1e-4, 1e-5
+
+
+def check_close(got_history, want_history, steps, what):
+    diff = compare_histories(got_history, want_history, steps)
+    print(f"{what}: max relative loss difference {diff['loss']:.1e}, grad_norm {diff['grad_norm']:.1e}; "
+          f"max |ref_gap difference| {diff['ref_gap']:.1e}")
+    assert diff["loss"] < LOSS_RTOL and diff["grad_norm"] < GRAD_NORM_RTOL and diff["ref_gap"] < REF_GAP_ATOL, diff
+
+
+def compare_histories(got: list, want: list, steps) -> dict:
+    """Max differences between two runs' logged metrics over ``steps``: relative for the loss and the
+    gradient norm, absolute for ref_gap (the frozen reference's error gap: it depends only on the batch and
+    the per-pair noise and timesteps, so it checks that both runs saw the same pairs with the same noise)."""
+    got = {h["step"]: h for h in got}
+    want = {h["step"]: h for h in want}
+    assert sorted(got) == sorted(steps), (sorted(got), sorted(steps))
+    rel = lambda k: max(abs(got[s][k] - want[s][k]) / abs(want[s][k]) for s in steps)
+    return {"loss": rel("loss"), "grad_norm": rel("grad_norm"),
+            "ref_gap": max(abs(got[s]["ref_gap"] - want[s]["ref_gap"]) for s in steps)}
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process pieces.
+
+def lower_fsdp_threshold(min_size: int):
+    """Test-only: the fsdp rule shards tensors of >= min_size elements (the tiny UNet is all < 2**14)."""
+    from jaxpref import sharding
+
+    original = getattr(sharding.params_sharding, "func", sharding.params_sharding)
+    sharding.params_sharding = functools.partial(original, min_size=min_size)
+
+
+def spy_on_saves(record: list):
+    """Appends a description of the state's params sharding to ``record`` at every checkpoint save."""
+    import jax
+    import numpy as np
+    from jaxpref import checkpoint as checkpoint_lib
+
+    save = checkpoint_lib.CheckpointManager.save
+
+    def spying_save(self, step, state, *args, **kwargs):
+        leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+        path, big = max(leaves, key=lambda kv: kv[1].size)
+        sharded = sum(1 for _, x in leaves if any(a is not None for a in x.sharding.spec))
+        record.append({"step": int(step), "path": jax.tree_util.keystr(path), "shape": list(big.shape),
+                       "spec": [a if a is None or isinstance(a, str) else list(a) for a in big.sharding.spec],
+                       "shard_shape": list(big.addressable_shards[0].data.shape),
+                       "num_devices": len(big.sharding.device_set), "sharded_leaves": sharded,
+                       "leaves": len(leaves), "mesh": dict(big.sharding.mesh.shape),
+                       "opt_sharded": sum(1 for x in jax.tree_util.tree_leaves(state.opt_state)
+                                          if np.ndim(x) and any(a is not None for a in x.sharding.spec))})
+        return save(self, step, state, *args, **kwargs)
+
+    checkpoint_lib.CheckpointManager.save = spying_save
+
+
+class TwoShardLoader:
+    """What two processes' loaders feed together, in one process: rows of process 0 then process 1.
+
+    A stand-in for ``jaxpref.data.make_loader`` so a single-process run sees the global batches of a
+    two-process run (each process reads its own contiguous half of the records).
+    """
+
+    def __init__(self, source, global_batch_size, **kwargs):
+        from jaxpref.data import loader
+
+        kwargs.pop("process_index", None), kwargs.pop("process_count", None)
+        self.loaders = [loader.make_loader(source, global_batch_size, process_index=p, process_count=2, **kwargs)
+                        for p in range(2)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import numpy as np
+
+        parts = [next(l) for l in self.loaders]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> bytes:
+        return json.dumps([l.get_state().decode() for l in self.loaders]).encode()
+
+    def set_state(self, state: bytes):
+        for l, s in zip(self.loaders, json.loads(state)):
+            l.set_state(s.encode())
+
+
+def losses(history, key: str = "loss") -> dict[int, float]:
+    return {h["step"]: h[key] for h in history}
+
+
+def reference_run(world, tmp_path_factory):
+    """The uninterrupted 1-device run 0 -> 6 in this process (a loss every step, checkpoints 3 and 6, the
+    UNet exported): (workdir, summary), once per session."""
+    def run():
+        from jaxpref import loop
+
+        workdir = str(tmp_path_factory.mktemp("reference") / "run")
+        return workdir, loop.train(tiny_dpo_config(*world), workdir)
+    return memo("reference", run)
+
+
+def two_shard_reference(world, tmp_path_factory):
+    """Like ``reference_run`` but fed what two processes read together (each its own half of the records)."""
+    def run():
+        from jaxpref import data, loop
+
+        workdir = str(tmp_path_factory.mktemp("two_shard_reference") / "run")
+        original = data.make_loader
+        data.make_loader = TwoShardLoader
+        try:
+            return workdir, loop.train(tiny_dpo_config(*world), workdir)
+        finally:
+            data.make_loader = original
+    return memo("two_shard_reference", run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Child-process drivers.
+
+def _mesh_main(args: dict) -> dict:
+    """One process, the simulated devices of XLA_FLAGS, mesh (data, fsdp): train, report shardings."""
+    import jax
+    from jaxpref import loop
+
+    lower_fsdp_threshold(args["min_size"])
+    saves = []
+    spy_on_saves(saves)
+    config = tiny_dpo_config(args["model_path"], args["data_dir"], **args.get("overrides", {}))
+    config.mesh.update(data=args["data"], fsdp=args["fsdp"])
+    summary = loop.train(config, args["workdir"], max_steps=args.get("max_steps"))
+    return {"devices": jax.device_count(), "history": summary["history"], "saves": saves, "step": summary["step"]}
+
+
+def _every_process_writes_the_compile_cache():
+    """Test-only speed-up: jax writes persistent-cache entries from process 0 only, and another process's
+    keys differ (its compile options hold its process index), so process 1 would compile the step afresh in
+    every run and every train() call. Best effort: jax internals; without them the test is only slower."""
+    try:
+        from jax._src import compilation_cache, compiler, distributed
+        original, put = compiler._cache_write, compilation_cache.put_executable_and_time
+    except (ImportError, AttributeError):
+        return
+
+    def cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+        if distributed.global_state.process_id == 0 or host_callbacks:
+            return original(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks)
+        import jax
+
+        if compile_time_secs >= jax.config.jax_persistent_cache_min_compile_time_secs:
+            put(cache_key, module_name, executable, backend, int(compile_time_secs))
+
+    compiler._cache_write = cache_write
+
+
+def _multiproc_main(args: dict) -> dict:
+    """One of ``num_processes`` jax.distributed processes: train to ``first`` steps, then resume to the end."""
+    from jaxpref import train as train_cli_lib
+
+    _every_process_writes_the_compile_cache()
+    train_cli_lib.initialize_distributed(f"127.0.0.1:{args['port']}", args["num_processes"], args["process_id"],
+                                         cpu_collectives=True)
+    import jax
+    from jaxpref import loop
+
+    lower_fsdp_threshold(args["min_size"])
+    saves = []
+    spy_on_saves(saves)
+    config = tiny_dpo_config(args["model_path"], args["data_dir"], **args.get("overrides", {}))
+    config.mesh.update(data=args["data"], fsdp=args["fsdp"])
+    first = loop.train(config, args["workdir"], max_steps=args["first"])
+    second = loop.train(config, args["workdir"])
+    return {"process_index": jax.process_index(), "process_count": jax.process_count(),
+            "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+            "history": first["history"] + second["history"], "saves": saves,
+            "exported": second.get("exported_unet")}
+
+
+if __name__ == "__main__":
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    mode, raw = sys.argv[1], json.loads(sys.argv[2])
+    result = {"mesh": _mesh_main, "multiproc": _multiproc_main}[mode](raw)
+    print("RESULT " + json.dumps(result), flush=True)
