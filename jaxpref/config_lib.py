@@ -81,7 +81,9 @@ def tiny_config() -> ml_collections.ConfigDict:
     ``python -m jaxpref.tiny.train_base``) on the top-K renders of the shapes world as experts against its
     own DPM-Solver++ negatives; ``--config.objective=dpo`` / ``smpo`` train on the shapes preference pairs
     (SmPO's reward is the world's analytic reward). Ends by printing the base vs trained mean reward on
-    held-out prompts and writing before_after.png into the workdir. Cost: minutes on 2 CPU cores.
+    held-out prompts and writing before_after.png into the workdir. Cost: ~4 minutes on 2 CPU cores
+    (150 steps of 16 pairs at ~2.2 steps/s, data build, compile, two evaluations). Expected (measured,
+    seed 0, 32 prompts x 4 images): held-out mean reward 0.572 -> ~0.59 (DRO), ~0.60 (DPO), ~0.58 (SmPO).
 
       python -m jaxpref.train --workdir=/tmp/tiny
     """
@@ -92,16 +94,18 @@ def tiny_config() -> ml_collections.ConfigDict:
     c.batch_size, c.grad_accum = 16, 1
     c.total_steps = 150
     c.prompt_dropout = 0.1
-    c.optimizer.update(name="adamw", lr=3e-4, weight_decay=0.0, warmup_steps=10, schedule="constant",
+    # One lr for all three objectives (measured on the shipped model, 150 steps: 3e-4 and up made DPO and
+    # SmPO worse than the base model; 1e-4 and 3e-5 improved all three); EMA as DRO's reference code keeps.
+    c.optimizer.update(name="adamw", lr=1e-4, weight_decay=0.0, warmup_steps=10, schedule="constant",
                        grad_clip=1.0, decay_steps=150)
-    c.ema.update(enabled=False)
+    c.ema.update(enabled=True)
     c.dpo.beta = 500.0
     c.smpo.update(beta=500.0, gamma=10.0, reward_min=0.0, reward_max=1.0, inversion="code", inversion_steps=5)
     c.dro.update(num_inference_steps=10, buffer_size=16, steps_per_trajectory=1)
     c.data.update(name="shapes", resolution=32, experts_k=500)
     c.checkpoint.update(every=50, keep=2)
     c.log.update(every=10)
-    c.eval.update(prompts="shapes", rewards="shapes", num_prompts=32, images_per_prompt=2, sampler="ddim",
+    c.eval.update(prompts="shapes", rewards="shapes", num_prompts=32, images_per_prompt=4, sampler="ddim",
                   num_steps=25, guidance_scale=3.0, batch_size=64)
     return c
 

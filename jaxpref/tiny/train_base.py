@@ -51,7 +51,8 @@ from jaxpref import diffusion
 from jaxpref.models import clip, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
 from jaxpref.tiny import configs
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny_sd")
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_OUT = os.path.join(_REPO, "jaxpref", "assets", "tiny_sd")
 MANIFEST = "MANIFEST.json"
 
 
@@ -59,8 +60,8 @@ MANIFEST = "MANIFEST.json"
 class HParams:
     """Training settings. Step counts are multiplied by --steps-scale (at least 1 step each)."""
     # Phase 1: VAE.
-    vae_steps: int = 1200
-    vae_batch: int = 16
+    vae_steps: int = 3200
+    vae_batch: int = 32
     vae_lr: float = 6e-3
     vae_warmup: int = 50
     vae_l1: float = 1.0            # loss = MSE + vae_l1 * L1 + vae_kl * KL (per value, as SD's sums)
@@ -79,6 +80,8 @@ class HParams:
     unet_ema: float = 0.999        # EMA of text encoder + UNet weights, decay min(ema, (1+s)/(10+s)); 0: off
     unet_b2: float = 0.99
     unet_zero_init: bool = True    # residual branches' last layers and conv_out start at zero (as ADM does)
+    text_token_init: float = 0.5   # std of the initial token embeddings (Flax's default gives 0.04, 6x below
+                                   # the position embeddings': words would start as noise on position codes)
     # Measurement.
     eval_images_per_prompt: int = 4
     eval_steps: int = 25
@@ -247,12 +250,16 @@ def zero_init(unet_params):
     return jax.tree_util.tree_map_with_path(f, unet_params)
 
 
-def build_text_and_unet(seed: int):
+def build_text_and_unet(seed: int, token_init: float = 0.0):
+    """Fresh modules and params; ``token_init`` > 0 redraws the token embeddings with that std."""
     text_encoder = clip.text_encoder_from_config(configs.TEXT_ENCODER_CONFIG)
     unet = unet_lib.unet_from_config(configs.UNET_CONFIG)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 3)
     ids = jnp.zeros((1, text_encoder.config.max_position_embeddings), jnp.int32)
     text_params = jax.jit(text_encoder.init)(jax.random.fold_in(key, 0), ids)["params"]
+    if token_init > 0:
+        emb = text_params["text_model"]["embeddings"]["token_embedding"]
+        emb["embedding"] = token_init * jax.random.normal(jax.random.fold_in(key, 2), emb["embedding"].shape)
     latents, t, context, _ = unet.dummy_inputs(side=configs.UNET_CONFIG["sample_size"])
     unet_params = jax.jit(unet.init)(jax.random.fold_in(key, 1), latents, t, context)["params"]
     return text_encoder, text_params, unet, unet_params
@@ -261,7 +268,7 @@ def build_text_and_unet(seed: int):
 def train_denoiser(lat_mean: np.ndarray, lat_std: np.ndarray, caption_ids: np.ndarray, empty_ids: np.ndarray,
                    scaling: float, schedule: diffusion.NoiseSchedule, hp: HParams, steps: int, seed: int, log=print):
     """-> (text_encoder, text_params, unet, unet_params), the EMA weights. caption_ids: int32 [N, L] per image."""
-    text_encoder, text_params, unet, unet_params = build_text_and_unet(seed)
+    text_encoder, text_params, unet, unet_params = build_text_and_unet(seed, hp.text_token_init)
     if hp.unet_zero_init:
         unet_params = zero_init(unet_params)
     trainable = {"unet": unet_params, **({"text": text_params} if hp.train_text_encoder else {})}
@@ -403,6 +410,7 @@ def write_folder(out: str, pipe: pipeline_lib.SDPipeline) -> None:
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny_sd-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would follow the folder into the package
     try:
         pipeline_lib.save_pipeline(tmp, pipe)
         shutil.rmtree(os.path.join(tmp, "tokenizer"))
@@ -415,6 +423,12 @@ def write_folder(out: str, pipe: pipeline_lib.SDPipeline) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _shown(path: str) -> str:
+    """A path as MANIFEST.json records it: relative to the repository when inside it."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, _REPO) if path.startswith(_REPO + os.sep) else path
 
 
 def _versions() -> dict:
@@ -488,7 +502,7 @@ def run(out: str = DEFAULT_OUT, steps_scale: float = 1.0, seed: int = 0, data_di
     seconds["total"] = round(time.perf_counter() - t_start, 1)
     manifest = {
         "generator": "python -m jaxpref.tiny.train_base",
-        "args": {"out": os.path.abspath(out), "steps_scale": steps_scale, "seed": seed,
+        "args": {"out": _shown(out), "steps_scale": steps_scale, "seed": seed,
                  "evaluate": evaluate, "max_images": max_images},
         "hparams": dataclasses.asdict(hp),
         "steps": {"vae": vae_steps, "unet": unet_steps},
