@@ -154,8 +154,10 @@ def test_clip_model_roundtrip(torch_clip, tmp_path):
         assert torch.equal(value, ref_state[key]), key
     pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert np.array_equal(_features(reloaded.get_image_features(pixels)),
-                              _features(torch_clip.get_image_features(pixels)))
+        # Bit-equal weights; torch may still pick a different CPU kernel for a freshly loaded model (1 ulp
+        # differences seen), so the outputs are compared to float32 rounding, not bit for bit.
+        np.testing.assert_allclose(_features(reloaded.get_image_features(pixels)),
+                                   _features(torch_clip.get_image_features(pixels)), rtol=1e-6, atol=1e-7)
 
 
 def test_bad_configs_are_named():

@@ -9,9 +9,8 @@ DPO not at all). Steps and margins come from the runs recorded in MEASURED (this
 that stops learning fails, while eval noise (~0.006 on a seed's paired mean over 32 prompts x 4 images)
 does not.
 
-SmPO is held to a weaker bound: on this world it did not beat the base model at 100 steps (measured
--0.017 and -0.027 for seeds 0 and 1; +0.009 to +0.018 at 150 steps, lr 3e-5 to 1e-4); its test guards
-against collapse only. See the issue 7 notes.
+SmPO has no test here yet: on this world it did not beat the base model at 100 steps (measured -0.017
+and -0.027 for seeds 0 and 1; +0.009 to +0.018 at 150 steps, lr 3e-5 to 1e-4). See the issue 7 notes.
 """
 import numpy as np
 import pytest
@@ -22,10 +21,11 @@ from jaxpref.models import load_pipeline
 STEPS = 100
 # objective -> (seeds, asserted lower bound on the seed-averaged gain in held-out mean reward,
 #               measured gains for those seeds at STEPS)
+# CI runs seed 0 only (each run costs ~100 s on 2 cores, most of it compile and evaluation); the seed-1
+# numbers are the measurement the bounds were chosen against. SmPO is not asserted (see above).
 MEASURED = {
-    "dpo": ((0, 1), 0.012, (0.0304, 0.0213)),
-    "dro": ((0, 1), 0.008, (0.0173, 0.0173)),
-    "smpo": ((0,), -0.05, (-0.0174,)),
+    "dpo": ((0,), 0.012, {0: 0.0304, 1: 0.0213}),
+    "dro": ((0,), 0.008, {0: 0.0173, 1: 0.0173}),
 }
 _GAINS: dict = {}
 

@@ -190,9 +190,11 @@ def test_batch_with_different_grids_equals_each_sample_alone(sampler, eta):
         order = [b] + [i for i in range(3) if i != b]
         batched = np.asarray(run(x_T[order], cond[order], grid[order]))
         alone = np.asarray(run(x_T[b:b + 1], cond[b:b + 1], grid[b:b + 1]))
-        np.testing.assert_allclose(batched[:1], alone, rtol=1e-6, atol=1e-6)
+        # XLA:CPU may vectorise a batch of 3 and of 1 differently: float32 summation order only (seen: 5e-6 abs
+        # on outputs up to ~30); a sample mixed with another's grid or noise would be off by O(1).
+        np.testing.assert_allclose(batched[:1], alone, rtol=1e-5, atol=2e-5)
         if eta == 0.0 and sampler != "ddpm":  # deterministic: b's position in the batch does not matter
-            np.testing.assert_allclose(np.asarray(run(x_T, cond, grid))[b:b + 1], alone, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(run(x_T, cond, grid))[b:b + 1], alone, rtol=1e-5, atol=2e-5)
     # A shared grid [S] is the same as that grid repeated per sample.
     np.testing.assert_array_equal(np.asarray(run(x_T, cond, grid[0])),
                                   np.asarray(run(x_T, cond, np.broadcast_to(grid[0], (3, 20)))))
@@ -203,8 +205,8 @@ def test_noise_of_a_sample_does_not_depend_on_batch_size():
     schedule = NoiseSchedule.from_config(SD15)
     run = jax.jit(lambda x, c: sample(model_jax, x, schedule, sampler="ddpm", num_steps=10, cond=c,
                                       rng=jax.random.key(11)))
-    np.testing.assert_allclose(np.asarray(run(x_T, cond))[:1], np.asarray(run(x_T[:1], cond[:1])), rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(run(x_T, cond))[:1], np.asarray(run(x_T[:1], cond[:1])), rtol=1e-5,
+                               atol=2e-5)  # float32 summation order only (see above)
     noise = sampler_noise(jax.random.key(11), 4, 3, (H, W, C))
     np.testing.assert_array_equal(noise[:, :2], sampler_noise(jax.random.key(11), 2, 3, (H, W, C)))
 

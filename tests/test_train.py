@@ -38,7 +38,8 @@ def test_reference_run_trains_checkpoints_and_exports(reference):
     workdir, summary = reference
     losses = th.losses(summary["history"])
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and summary["step"] == 6 and not summary["preempted"]
-    assert losses[1] == pytest.approx(np.log(2.0), abs=1e-6)  # policy == reference at step 1
+    # policy == reference at step 1: log 2 up to fp32 rounding of the two forwards, times β/2 = 250
+    assert losses[1] == pytest.approx(np.log(2.0), abs=2e-5)
     assert len({round(v, 6) for v in losses.values()}) >= 5    # the params move: later losses differ
     assert th.checkpoint_steps(workdir) == [3, 6]
     assert th.metrics_losses(workdir) == losses

@@ -53,6 +53,7 @@ def tiny_dpo_config(model_path: str, data_dir: str, **overrides):
     c.total_steps = 6
     c.prompt_dropout = 0.25
     c.optimizer.warmup_steps = 0      # every step moves the params (a warmup from 0 makes step 1 a no-op)
+    c.ema.enabled = False             # checkpoints and exports hold φ itself (EMA has its own step tests)
     c.log.every = 1
     c.checkpoint.update(every=3, keep=10, export_unet=True)
     c.data.update(data_dir=data_dir, experts_k=64)
