@@ -107,9 +107,9 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(pipeline):
     # A small β: the scanned micro-steps may round the policy and reference forwards differently (fp32,
     # ~1e-7 on Δθ − Δref), which the default β/2 = 2500 amplifies into a 1e-4 loss difference (seen on one CPU).
     # SGD: Adam's first step is lr·g/(|g| + ε), which turns rounding in near-zero gradients into lr-sized moves.
-    beta = {"dpo.beta": 2.0, "optimizer.name": "sgd"}
-    run1, state1, frozen, step1 = build(pipeline, "dpo", batch_size=8, grad_accum=1, **beta)
-    _, state4, _, step4 = build(pipeline, "dpo", batch_size=8, grad_accum=4, **beta)
+    overrides = {"dpo.beta": 2.0, "optimizer.name": "sgd"}
+    run1, state1, frozen, step1 = build(pipeline, "dpo", batch_size=8, grad_accum=1, **overrides)
+    _, state4, _, step4 = build(pipeline, "dpo", batch_size=8, grad_accum=4, **overrides)
     batch = make_batch(run1, num_pairs=8)
     rng = jax.random.PRNGKey(1)
     out1, m1 = step1(state1, batch, rng, frozen)
