@@ -255,7 +255,7 @@ def _finish(run, state, workdir, writer) -> dict:
     if run.config.eval.final and _is_main() and jax.process_count() == 1:
         from jaxpref import evaluate as evaluate_lib
 
-        base = _evaluate(run, run.pipeline.unet_params, os.path.join(workdir, "eval_base"))
+        base = _evaluate_base(run, os.path.join(workdir, "eval_base"))
         trained = _evaluate(run, policy, os.path.join(workdir, "eval_trained"),
                             baseline=evaluate_lib.load_scores(os.path.join(workdir, "eval_base")))
         writer.write(int(state.step), trained, prefix="eval/")
@@ -263,6 +263,28 @@ def _finish(run, state, workdir, writer) -> dict:
         _before_after_grid(workdir)
         _print_report(base, trained, workdir)
     return out
+
+
+_BASE_EVALS: dict = {"model": None, "runs": {}}  # the last pipeline's base evaluations in this process
+
+
+def _evaluate_base(run, out_dir) -> dict:
+    """The base model's evaluation; runs in the same process on the same pipeline object (same params
+    objects) with the same eval settings and seed (a sweep over objectives or lrs) copy the first one's
+    folder instead of generating the images again."""
+    import shutil
+
+    model = (run.pipeline, run.pipeline.unet_params)
+    if _BASE_EVALS["model"] is None or any(a is not b for a, b in zip(_BASE_EVALS["model"], model)):
+        _BASE_EVALS.update(model=model, runs={})  # one pipeline kept: older ones' params can be freed
+    key = (json.dumps(run.config.eval.to_dict(), sort_keys=True), run.config.seed)
+    done = _BASE_EVALS["runs"].get(key)
+    if done is not None and os.path.isdir(done["dir"]):
+        shutil.copytree(done["dir"], out_dir, dirs_exist_ok=True)
+        return dict(done["metrics"])
+    metrics = _evaluate(run, run.pipeline.unet_params, out_dir)
+    _BASE_EVALS["runs"][key] = {"dir": out_dir, "metrics": dict(metrics)}
+    return metrics
 
 
 def _before_after_grid(workdir):

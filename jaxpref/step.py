@@ -203,9 +203,14 @@ class Objective:
         b = x0.shape[0]
         t = self.timesteps(micro["keys"])
         t2, text2, x0_2 = _pair(t, t), _pair(text, text), _pair(x0[:, 0], x0[:, 1])
-        x_inv, tau = diffusion.smpo_invert(self.eps_fn(params), x0_2, t2, self.schedule, cond=text2,
-                                           mode=cfg.inversion, num_steps=cfg.inversion_steps)
-        x_inv, tau = jax.lax.stop_gradient(x_inv), jax.lax.stop_gradient(tau)
+        if cfg.inversion == "none":  # the ablation: DPO's forward noise, one ε shared by the pair
+            noise = draw(micro["keys"], _NOISE, lambda k: jax.random.normal(k, x0.shape[2:], jnp.float32))
+            tau = _pair(noise, noise)
+            x_inv = self.schedule.q_sample(x0_2, t2, tau)
+        else:
+            x_inv, tau = diffusion.smpo_invert(self.eps_fn(params), x0_2, t2, self.schedule, cond=text2,
+                                               mode=cfg.inversion, num_steps=cfg.inversion_steps)
+            x_inv, tau = jax.lax.stop_gradient(x_inv), jax.lax.stop_gradient(tau)
         err, ref_err = self.errors(params, frozen["ref"], x_inv, t2, text2, tau)
         rewards = micro["rewards"].astype(jnp.float32)
         prob_w = objectives.smpo_preference(rewards[:, 0], rewards[:, 1], cfg.reward_min, cfg.reward_max)

@@ -14,6 +14,9 @@ def test_quickstart_cpu_part_executes(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells = [c for c in nb.cells if not {"accelerator", "install"} & set(c.metadata.get("tags", []))]
     monkeypatch.setenv("JAXPREF_NOTEBOOK_STEPS", "4")
+    # The kernel imports this checkout's jaxpref even where the installed one points elsewhere.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(NOTEBOOK.parents[1]),
+                                                                   os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()

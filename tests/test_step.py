@@ -51,11 +51,20 @@ def make_batch(run, seed=0, num_pairs=4, pairs=True):
     return batch
 
 
+_BUILT = {}
+
+
 def build(pipeline, objective="dpo", **overrides):
-    run = trainer.build_run(make_config(objective, **overrides), pipeline)
-    state = trainer.initial_state(run)
-    frozen = trainer.frozen_params(run)
-    return run, state, frozen, jax.jit(step_lib.make_train_step(run.config, run.objective, run.optimizer))
+    """(run, initial state, frozen, jitted step); tests with the same objective and overrides share one
+    compiled step (the step is pure and the state is not donated)."""
+    key = (id(pipeline), objective, tuple(sorted(overrides.items())))
+    if key not in _BUILT:
+        run = trainer.build_run(make_config(objective, **overrides), pipeline)
+        state = trainer.initial_state(run)
+        frozen = trainer.frozen_params(run)
+        _BUILT[key] = (pipeline, run, state, frozen,
+                       jax.jit(step_lib.make_train_step(run.config, run.objective, run.optimizer)))
+    return _BUILT[key][1:]
 
 
 def _tree_max_abs_diff(a, b):
@@ -66,11 +75,15 @@ def _tree_norm(t):
     return float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(t))))
 
 
+ADAM = {"optimizer.lr": 3e-3}  # AdamW, no clipping: shared by the NaN test and the loss-lowering runs
+# SGD with lr 1: the update is the gradient the step applied (shared by the tests that read it).
+SGD_LR1 = {"optimizer.name": "sgd", "optimizer.lr": 1.0, "sample_posterior": False, "dpo.beta": 500.0}
+
+
 def test_dpo_step_gradient_equals_plain_recomputation(pipeline):
     """SGD lr=1 exposes the gradient the step applied; recompute it by hand from METHODS §0-1 with
     diffusers' own alphas_cumprod (torch) for q_sample."""
-    run, state, frozen, train_step = build(pipeline, "dpo", **{"optimizer.name": "sgd", "optimizer.lr": 1.0,
-                                                               "sample_posterior": False, "dpo.beta": 500.0})
+    run, state, frozen, train_step = build(pipeline, "dpo", **SGD_LR1)
     batch = make_batch(run)
     rng = jax.random.PRNGKey(3)
     new_state, metrics = train_step(state, batch, rng, frozen)
@@ -91,12 +104,11 @@ def test_dpo_step_gradient_equals_plain_recomputation(pipeline):
     def mse(p, x):
         return jnp.mean((unet.apply({"params": p}, x, jnp.asarray(t), text) - eps) ** 2, axis=(1, 2, 3))
 
-    def plain_loss(p):
-        ref = run.pipeline.unet_params
+    def plain_loss(p, ref):  # ref an argument, not a closure constant: the same computation as p's
         inside = -0.5 * 500.0 * ((mse(p, xw) - mse(p, xl)) - (mse(ref, xw) - mse(ref, xl)))
         return -jnp.mean(jax.nn.log_sigmoid(inside))
 
-    loss, grad = jax.value_and_grad(plain_loss)(run.pipeline.unet_params)
+    loss, grad = jax.jit(jax.value_and_grad(plain_loss))(run.pipeline.unet_params, run.pipeline.unet_params)
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
     assert float(metrics["loss"]) == pytest.approx(np.log(2), rel=1e-5)  # policy = reference at init
     rel = _tree_max_abs_diff(applied, grad) / max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(grad))
@@ -119,6 +131,30 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(pipeline):
     assert _tree_max_abs_diff(out1.params, out4.params) <= 1e-5
 
 
+def test_smpo_without_inversion_and_a_certain_label_is_a_dpo_step(pipeline):
+    """METHODS §3: γ(2p − 1) = 1 is DPO. γ = 1 and a reward gap that saturates p to 1.0 (a tiny reward
+    range), with inversion "none" (forward noise from the same per-pair keys): loss and update equal DPO's."""
+    smpo_overrides = {"smpo.beta": 500.0, "smpo.inversion": "none", "smpo.gamma": 1.0, "smpo.reward_min": 0.0,
+                      "smpo.reward_max": 1e-3}
+    run_d, state, frozen, dpo_step = build(pipeline, "dpo", **SGD_LR1)
+    run_s, _, _, smpo_step = build(pipeline, "smpo", **SGD_LR1, **smpo_overrides)
+    batch = make_batch(run_d)
+    rewards = np.tile(np.asarray([[0.9, 0.2]], np.float32), (4, 1))   # r'_w − r'_l = 700: p = 1.0 in float32
+    np.testing.assert_array_equal(np.asarray(objectives.smpo_preference(rewards[:, 0], rewards[:, 1], 0.0, 1e-3)), 1.0)
+    rng = jax.random.PRNGKey(7)
+    after_dpo, m_dpo = dpo_step(state, batch, rng, frozen)
+    after_smpo, m_smpo = smpo_step(state, {**batch, "rewards": rewards}, rng, frozen)
+    assert float(m_smpo["smoothing"]) == 1.0
+    assert float(m_smpo["loss"]) == pytest.approx(float(m_dpo["loss"]), rel=1e-6)
+    assert _tree_max_abs_diff(after_dpo.params, after_smpo.params) <= 1e-6
+    # With a soft label (p < 1) the same pairs give a smaller step: the margin is scaled by γ(2p − 1) < 1.
+    soft = np.tile(np.asarray([[0.0006, 0.0004]], np.float32), (4, 1))  # r' gap 0.2: γ(2p − 1) = tanh(0.1)
+    after_soft, m_soft = smpo_step(state, {**batch, "rewards": soft}, rng, frozen)
+    assert float(m_soft["smoothing"]) == pytest.approx(np.tanh(0.1), rel=1e-3)
+    step_norm = lambda s: _tree_norm(jax.tree_util.tree_map(lambda a, b: a - b, state.params, s.params))
+    assert step_norm(after_soft) == pytest.approx(np.tanh(0.1) * step_norm(after_dpo), rel=1e-3)
+
+
 def test_clipping_bounds_the_update(pipeline):
     # Non-trivial policy != reference so the gradient is large; SGD makes update = lr * clipped grad.
     run, state, frozen, train_step = build(pipeline, "dpo", **{"optimizer.name": "sgd", "optimizer.lr": 1.0,
@@ -131,7 +167,7 @@ def test_clipping_bounds_the_update(pipeline):
 
 
 def test_nan_batch_skips_the_update(pipeline):
-    run, state, frozen, train_step = build(pipeline, "dpo")
+    run, state, frozen, train_step = build(pipeline, "dpo", **ADAM)
     batch = make_batch(run)
     batch["latent_mean"][1, 0, 0, 0, 0] = np.nan
     new_state, metrics = train_step(state, batch, jax.random.PRNGKey(0), frozen)
@@ -166,7 +202,7 @@ def test_dro_step_fills_buffer_and_negatives_are_the_samplers_own_predictions(pi
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dpo", "smpo", "dro"])
 def test_training_lowers_each_loss_on_a_fixed_pair_set(pipeline, objective):
-    overrides = {"optimizer.lr": 3e-3, "dro.num_inference_steps": 4}
+    overrides = dict(ADAM)
     if objective == "dro":
         overrides.update({"dro.refresh_every": 1000})  # stale θ: the negatives' term gets a gradient
     run, state, frozen, train_step = build(pipeline, objective, **overrides)

@@ -230,3 +230,37 @@ def test_cli_rejects_bad_keys_and_missing_model_before_compiling(tmp_path):
     assert rc != 0 and "config.model_path='/path/to/stable-diffusion-v1-5'" in out
     assert "Compiling" not in out and seconds < 60
     assert not os.path.exists(workdir)
+
+
+def test_base_evaluation_is_reused_only_for_the_same_pipeline_settings_and_seed(tmp_path, monkeypatch):
+    """A sweep in one process evaluates the base model once per (pipeline, eval settings, seed)."""
+    import types
+
+    calls = []
+
+    def fake_evaluate(run, params, out_dir, baseline=None):
+        calls.append(out_dir)
+        os.makedirs(out_dir)
+        with open(os.path.join(out_dir, "scores.npz"), "w") as f:
+            f.write(out_dir)
+        return {"shapes/mean": float(len(calls))}
+
+    monkeypatch.setattr(loop, "_evaluate", fake_evaluate)
+    monkeypatch.setattr(loop, "_BASE_EVALS", {"model": None, "runs": {}})
+    pipe_a, pipe_b = (types.SimpleNamespace(unet_params={"w": np.zeros(2)}) for _ in range(2))
+
+    def run(pipe, seed=0, steps=25):
+        c = config_lib.tiny_config()
+        c.seed, c.eval.num_steps = seed, steps
+        return types.SimpleNamespace(config=c, pipeline=pipe)
+
+    first = loop._evaluate_base(run(pipe_a), str(tmp_path / "r1"))
+    again = loop._evaluate_base(run(pipe_a), str(tmp_path / "r2"))          # reused: copied, not generated
+    assert again == first and len(calls) == 1
+    assert open(tmp_path / "r2" / "scores.npz").read() == str(tmp_path / "r1")
+    loop._evaluate_base(run(pipe_a, seed=1), str(tmp_path / "r3"))          # another seed: generated
+    loop._evaluate_base(run(pipe_a, steps=10), str(tmp_path / "r4"))        # other sampling: generated
+    loop._evaluate_base(run(pipe_b), str(tmp_path / "r5"))                  # another pipeline: generated
+    pipe_b.unet_params = {"w": np.ones(2)}
+    loop._evaluate_base(run(pipe_b), str(tmp_path / "r6"))                  # params replaced: generated
+    assert len(calls) == 5
