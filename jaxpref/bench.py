@@ -128,7 +128,10 @@ def mfu(flops: Optional[float], seconds: float, device_kind: str) -> Optional[fl
 
 
 def inversion_scan_steps(steps: int, mode: str) -> int:
-    """Steps of SmPO's inversion scan: one per grid source ("code"), one more to reach t > top ("paper")."""
+    """Steps of SmPO's inversion scan: one per grid source ("code"), one more to reach t > top ("paper"),
+    none without inversion ("none": forward noise, as DPO)."""
+    if mode == "none":
+        return 0
     return steps + (1 if mode == "paper" else 0)
 
 
@@ -474,7 +477,7 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
 
     # Loop programs first: the step donates the state (and with it the pipeline's param buffers).
     loop = None
-    if objective in ("dro", "smpo"):
+    if objective == "dro" or (objective == "smpo" and config.smpo.inversion != "none"):
         name, program = (("dro generation", generation_program(run)) if objective == "dro"
                          else ("smpo inversion", inversion_program(run)))
         compiled, compile_s = _aot(program, state.params, frozen, batch_arr, rngs[0])

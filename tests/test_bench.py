@@ -28,6 +28,7 @@ def test_model_flops_and_mfu_by_hand():
     # SmPO: 5 inversion steps x 2 ReNoise predictions on the 16 latents ("paper" mode runs one more step).
     assert bench.model_flops("smpo inversion", 8, F, G) == pytest.approx(2 * 5 * 16 * 0.80e12)
     assert bench.model_flops("smpo step", 8, F, G, inversion_mode="paper") == pytest.approx(dpo + 2 * 6 * 16 * 0.8e12)
+    assert bench.model_flops("smpo step", 8, F, G, inversion_mode="none") == pytest.approx(dpo)  # as DPO
 
     # MFU = flops / seconds / peak; H100 SXM 989 TFLOP/s dense bf16.
     assert bench.mfu(dpo, 0.1, "NVIDIA H100 80GB HBM3") == pytest.approx(505.6 / 989)
