@@ -182,15 +182,21 @@ class Objective:
     def timesteps(self, keys):
         return draw(keys, _TIMESTEP, lambda k: jax.random.randint(k, (), 0, self.num_train_timesteps))
 
+    def noised_pairs(self, keys, x0_2, t2):
+        """DPO's forward noise on the [2B] stack (winners, then losers): one ε per pair, shared by its two
+        images. Returns (x_t, ε) both [2B, h, w, c]."""
+        noise = draw(keys, _NOISE, lambda k: jax.random.normal(k, x0_2.shape[1:], jnp.float32))
+        noise2 = _pair(noise, noise)
+        return self.schedule.q_sample(x0_2, t2, noise2), noise2
+
     # -- Diffusion-DPO (METHODS §1): one t and one ε shared by both images of a pair.
     def dpo(self, params, frozen, micro, rng, aux):
         text = self.captions(frozen, micro)
         x0 = self.latents(micro)                                   # [B, 2, h, w, c], winner first
         b = x0.shape[0]
         t = self.timesteps(micro["keys"])
-        noise = draw(micro["keys"], _NOISE, lambda k: jax.random.normal(k, x0.shape[2:], jnp.float32))
-        t2, noise2, text2 = _pair(t, t), _pair(noise, noise), _pair(text, text)
-        xt = self.schedule.q_sample(_pair(x0[:, 0], x0[:, 1]), t2, noise2)
+        t2, text2 = _pair(t, t), _pair(text, text)
+        xt, noise2 = self.noised_pairs(micro["keys"], _pair(x0[:, 0], x0[:, 1]), t2)
         err, ref_err = self.errors(params, frozen["ref"], xt, t2, text2, noise2)
         loss, metrics = objectives.dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], self.config.dpo.beta)
         return loss, (metrics, aux)
@@ -204,9 +210,7 @@ class Objective:
         t = self.timesteps(micro["keys"])
         t2, text2, x0_2 = _pair(t, t), _pair(text, text), _pair(x0[:, 0], x0[:, 1])
         if cfg.inversion == "none":  # the ablation: DPO's forward noise, one ε shared by the pair
-            noise = draw(micro["keys"], _NOISE, lambda k: jax.random.normal(k, x0.shape[2:], jnp.float32))
-            tau = _pair(noise, noise)
-            x_inv = self.schedule.q_sample(x0_2, t2, tau)
+            x_inv, tau = self.noised_pairs(micro["keys"], x0_2, t2)
         else:
             x_inv, tau = diffusion.smpo_invert(self.eps_fn(params), x0_2, t2, self.schedule, cond=text2,
                                                mode=cfg.inversion, num_steps=cfg.inversion_steps)

@@ -18,7 +18,7 @@ from jaxpref import config_lib, loop, trainer
 from jaxpref.models import load_pipeline
 
 STEPS = 100
-SEEDS = (0, 1)  # ~60-100 s a run on 2 cores (compile, two evaluations; the second seed hits the compile cache)
+SEEDS = (0, 1)  # 90-145 s a run on 2 cores beside a second test worker (compile, training, one or two evaluations)
 # objective -> asserted lower bound on the gain in held-out mean reward averaged over SEEDS. Measured at
 # STEPS (seeds 0 / 1 / 2): DPO +0.0304 / +0.0213 / +0.0244, DRO +0.0173 / +0.0173 / +0.0129,
 # SmPO +0.0411 / +0.0245 / +0.0272.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import train_helpers as th
 from jaxpref import config_lib, objectives, step as step_lib, trainer
 from jaxpref.models import load_pipeline
 from tiny_sd import build_tiny_sd
@@ -51,20 +52,15 @@ def make_batch(run, seed=0, num_pairs=4, pairs=True):
     return batch
 
 
-_BUILT = {}
-
-
 def build(pipeline, objective="dpo", **overrides):
     """(run, initial state, frozen, jitted step); tests with the same objective and overrides share one
     compiled step (the step is pure and the state is not donated)."""
-    key = (id(pipeline), objective, tuple(sorted(overrides.items())))
-    if key not in _BUILT:
+    def fresh():
         run = trainer.build_run(make_config(objective, **overrides), pipeline)
-        state = trainer.initial_state(run)
-        frozen = trainer.frozen_params(run)
-        _BUILT[key] = (pipeline, run, state, frozen,
-                       jax.jit(step_lib.make_train_step(run.config, run.objective, run.optimizer)))
-    return _BUILT[key][1:]
+        return (run, trainer.initial_state(run), trainer.frozen_params(run),
+                jax.jit(step_lib.make_train_step(run.config, run.objective, run.optimizer)))
+
+    return th.memo(("test_step.build", id(pipeline), objective, tuple(sorted(overrides.items()))), fresh)
 
 
 def _tree_max_abs_diff(a, b):
