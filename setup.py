@@ -5,7 +5,9 @@ setup(
     name="jaxpref",
     version="0.1.0",
     description="JAX/Flax trainer aligning text-to-image diffusion models with human preferences",
-    packages=find_packages(include=["jaxpref", "jaxpref.*"]),
+    packages=find_packages(include=["jaxpref", "jaxpref.*"]) + ["jaxpref.configs"],
+    # The experiments live in the top-level configs/ folder and install as jaxpref.configs.
+    package_dir={"jaxpref.configs": "configs"},
     package_data={"jaxpref": ["assets/**/*", "assets/*/*/*", "assets/*/*"]},
     include_package_data=True,
     python_requires=">=3.10",

@@ -26,17 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxpref import evaluate as ev  # noqa: E402
 from jaxpref.models import clip, pipeline as pipeline_lib, vae as vae_lib  # noqa: E402
+from jaxpref.models.presets import SD15_SCHEDULER, SD15_TEXT, SD15_UNET  # noqa: E402
 from jaxpref.rewards import pickscore_scorer, shapes_scorer  # noqa: E402
 from jaxpref.rewards.clip_rewards import CLIPBackbone  # noqa: E402
 from jaxpref.rewards.preprocess import Preprocess  # noqa: E402
 
-SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                  "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
 SD15_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
             "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215}
-CLIP_L_TEXT = clip.TextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
-                              num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77)
 VIT_H_TEXT = clip.TextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, projection_dim=1024,
                              num_hidden_layers=24, num_attention_heads=16, hidden_act="gelu")
 VIT_H_VISION = clip.VisionConfig(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
@@ -84,9 +80,9 @@ def sd15_setup(args):
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     tokenizer = tiny_tokenizer(tempfile.mkdtemp())
     tokenizer.model_max_length = 77  # SD's prompt length (ids index the full-size embedding tables)
-    unet = unet_lib.unet_from_config(unet_lib.SD15_UNET_CONFIG, dtype=dtype)
+    unet = unet_lib.unet_from_config(SD15_UNET, dtype=dtype)
     vae = vae_lib.vae_from_config(SD15_VAE, dtype=dtype)
-    text = clip.CLIPTextModel(CLIP_L_TEXT, dtype=dtype)
+    text = clip.CLIPTextModel(SD15_TEXT, dtype=dtype)
     pipe = pipeline_lib.SDPipeline(
         unet=unet, unet_params=_init(unet, *unet.dummy_inputs(side=8)[:3]),
         vae=vae, vae_params=_init(vae, jnp.zeros((1, 8, 8, 3))),

@@ -26,14 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpref.diffusion import NoiseSchedule, dro_timestep_grid, sample, smpo_invert
-
-SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False,
-                  "skip_prk_steps": True}
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                 attention_head_dim=4, norm_num_groups=8)
+from jaxpref.models.presets import BENCH_TINY_UNET, SD15_SCHEDULER, SD15_UNET
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,9 +62,9 @@ def unet_model(rng, args):
         module, params = unet_lib.load_unet(args.unet_folder, dtype=dtype)
     else:
         if args.unet_config == "sd15":
-            config = unet_lib.SD15_UNET_CONFIG
+            config = SD15_UNET
         elif args.unet_config == "tiny":
-            config = TINY_UNET
+            config = BENCH_TINY_UNET
         else:
             with open(args.unet_config) as f:
                 config = json.load(f)

@@ -17,14 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref.models.unet import (SD15_UNET_CONFIG, SDXL_UNET_CONFIG, count_params, unet_from_config,
-                                 unet_param_shapes)
+from jaxpref.models.presets import BENCH_TINY_UNET, SD15_UNET, SDXL_UNET
+from jaxpref.models.unet import count_params, unet_from_config, unet_param_shapes
 
-TINY_CONFIG = dict(block_out_channels=[32, 64], layers_per_block=1,
-                   down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
-                   attention_head_dim=4, norm_num_groups=8, sample_size=16)
-SIZES = {"tiny": (TINY_CONFIG, 8), "sd15": (SD15_UNET_CONFIG, 77), "sdxl": (SDXL_UNET_CONFIG, 77)}
+TINY_CONFIG = {**BENCH_TINY_UNET, "sample_size": 16}
+SIZES = {"tiny": (TINY_CONFIG, 8), "sd15": (SD15_UNET, 77), "sdxl": (SDXL_UNET, 77)}
 SD15_FWD_FLOPS_64 = 0.80e12  # per image, 64x64 latents
 
 

@@ -2,7 +2,7 @@
 
   python benchmarks/torch_dpo_step.py --size tiny                            # CPU: checks the script works
   python benchmarks/torch_dpo_step.py --size sd15 --batch 8 --compile       # GPU: eager and torch.compile rows
-  python -m jaxpref.bench --size sd15 --batch 8 --torch --torch-compile      # both frameworks, one table
+  python benchmarks/bench.py --size sd15 --batch 8 --torch --torch-compile   # both frameworks, one table
 
 One step on B pairs, as Diffusion-DPO's train.py computes it and at jaxpref's shapes (cached latents):
 the CLIP text encoder on the B captions (no grad); x0 = 0.18215 (mean + std·n); one t and one ε per pair,
@@ -15,8 +15,8 @@ unless ``--threads`` says otherwise (2 spinning OpenMP threads on 2 shared cores
 
 Weights are random (speed does not depend on them). The first call and 2 (eager) or 3 (compiled)
 warm-up calls are excluded; a row is the median of ``--iters`` steps, each ended by
-``torch.cuda.synchronize``. The table format and the FLOP model are jaxpref.bench's
-(``model_flops('dpo step', ...)``), so the rows line up with JAX's.
+``torch.cuda.synchronize``. The table format is ``benchmarks/measure.py``'s and the FLOP model
+``jaxpref.flops``' (``model_flops('dpo step', ...)``), so the rows line up with JAX's.
 """
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from jaxpref import bench  # noqa: E402
+import measure  # noqa: E402
+import random_sd  # noqa: E402
+from jaxpref.flops import model_flops  # noqa: E402
 
 SCALING_FACTOR = 0.18215
 BETA = 5000.0
@@ -43,13 +45,13 @@ ERRORS: list[str] = []  # what failed in ``run`` (written to --json)
 
 
 def flop_counts(size_name: str) -> tuple[float, float]:
-    """(F, G) per image: METHODS' for sd15, else XLA's batch-1 count of our UNet of the same config."""
-    size = bench.SIZES[size_name]
+    """(F, G) per image: the measured ones for sd15, else XLA's batch-1 count of our UNet of the same config."""
+    size = random_sd.SIZES[size_name]
     if size.fwd_flops is not None:
         return size.fwd_flops, size.fwdbwd_flops
     import jax.numpy as jnp
-    pipe = bench.random_pipeline(size, jnp.float32)
-    return bench.unet_xla_flops(pipe.unet, pipe.unet_params, size)
+    pipe = random_sd.random_pipeline(size, jnp.float32)
+    return measure.unet_xla_flops(pipe.unet, pipe.unet_params, size)
 
 
 def build_models(size_name: str, device: str, dtype: torch.dtype, seed: int = 0):
@@ -60,7 +62,7 @@ def build_models(size_name: str, device: str, dtype: torch.dtype, seed: int = 0)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     diffusers_logging.set_verbosity_error()  # its advice on casting with .to() concerns loading checkpoints
-    size = bench.SIZES[size_name]
+    size = random_sd.SIZES[size_name]
     torch.manual_seed(seed)
     policy = UNet2DConditionModel.from_config(dict(size.unet)).to(device=device, dtype=torch.float32)
     policy.set_attn_processor(AttnProcessor2_0())
@@ -83,7 +85,7 @@ def build_models(size_name: str, device: str, dtype: torch.dtype, seed: int = 0)
 
 def make_batch(size_name: str, batch: int, device: str, seed: int = 0):
     """input_ids [B, L], latent mean/std [B, 2, C, h, w] (NCHW, torch's layout), winner first."""
-    size = bench.SIZES[size_name]
+    size = random_sd.SIZES[size_name]
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, size.text.vocab_size - 2, (batch, size.text.max_position_embeddings))
     ids[:, 0], ids[:, -1] = size.text.bos_token_id, size.text.eos_token_id
@@ -93,7 +95,7 @@ def make_batch(size_name: str, batch: int, device: str, seed: int = 0):
 
 
 def alphas_cumprod(device: str) -> torch.Tensor:
-    """SD1.5's scaled_linear DDPM schedule (METHODS §0)."""
+    """SD1.5's scaled_linear DDPM schedule: betas linear in sqrt space, 0.00085 to 0.012, 1000 steps."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, 0).to(device=device, dtype=torch.float32)
 
@@ -149,14 +151,14 @@ def time_step(step, batch, iters: int, warmup: int, device: str) -> tuple[float,
 
 
 def run(size_name: str = "tiny", batch: int = 2, dtype: str = "float32", iters: int = 5, compile: bool = False,
-        flops: tuple[float, float] | None = None, log=print, warmup: int | None = None) -> list[bench.Row]:
-    """The eager row (and the torch.compile row); FLOPs by jaxpref.bench's DPO model. ``warmup``: calls
+        flops: tuple[float, float] | None = None, log=print, warmup: int | None = None) -> list[measure.Row]:
+    """The eager row (and the torch.compile row); FLOPs by jaxpref.flops' DPO model. ``warmup``: calls
     after the first, untimed (default 2 eager, 3 compiled)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     fwd, fwdbwd = flops or flop_counts(size_name)
-    step_flops = bench.model_flops("dpo step", batch, fwd, fwdbwd)
+    step_flops = model_flops("dpo step", batch, fwd, fwdbwd)
     import diffusers
     log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {kind}, {dtype}, {size_name}, {batch} pairs")
     policy, reference, text_encoder = build_models(size_name, device, tdtype)
@@ -185,7 +187,7 @@ def run(size_name: str = "tiny", batch: int = 2, dtype: str = "float32", iters: 
             optimizer.zero_grad(set_to_none=True)
             continue
         peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-        rows.append(bench.Row(impl=impl, workload="dpo step", pairs=batch, seconds=seconds, model_flops=step_flops,
+        rows.append(measure.Row(impl=impl, workload="dpo step", pairs=batch, seconds=seconds, model_flops=step_flops,
                               peak_bytes=peak, peak_source="torch" if peak else "", compile_seconds=first,
                               device=kind, notes="SDPA; compile s = first call", times=times))
         log(f"  {impl}: {seconds * 1e3:.2f} ms")
@@ -194,13 +196,13 @@ def run(size_name: str = "tiny", batch: int = 2, dtype: str = "float32", iters: 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(bench.SIZES), default="tiny")
+    parser.add_argument("--size", choices=sorted(random_sd.SIZES), default="tiny")
     parser.add_argument("--batch", type=int, default=None, help="pairs per step (default: the size's)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 10; CPU 3)")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
-    parser.add_argument("--fwd-flops", type=float, default=None, help="F per image (default: METHODS / XLA)")
+    parser.add_argument("--fwd-flops", type=float, default=None, help="F per image (default: measured for sd15, else XLA)")
     parser.add_argument("--fwdbwd-flops", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default on CPU: 1; its OpenMP threads spin and, on shared "
@@ -212,7 +214,7 @@ def main(argv=None):
     if args.threads or not cuda:
         torch.set_num_threads(args.threads or 1)
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    batch = args.batch or bench.SIZES[args.size].batch
+    batch = args.batch or random_sd.SIZES[args.size].batch
     flops = (args.fwd_flops, args.fwdbwd_flops) if args.fwd_flops and args.fwdbwd_flops else None
     rows = run(args.size, batch, dtype, args.iters or (10 if cuda else 3), args.compile, flops)
     if args.json:
@@ -222,7 +224,7 @@ def main(argv=None):
                        "batch": batch, "dtype": dtype, "rows": [r.as_dict() for r in rows], "errors": ERRORS}, f,
                       indent=2)
     if not args.quiet_table:
-        print(bench.format_table(rows, f"{args.size}: PyTorch reference DPO step, {batch} pairs, {dtype}"))
+        print(measure.format_table(rows, f"{args.size}: PyTorch reference DPO step, {batch} pairs, {dtype}"))
         for e in ERRORS:
             print(f"failed: {e}")
     return rows

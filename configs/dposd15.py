@@ -6,10 +6,11 @@ with β = 5000 (the paper's SD1.5 headline used 2000: ``--config.dpo.beta=2000``
 (1e-8 x 2048 pairs), wd 1e-2, 500 warmup steps of 2000, constant, clip 1.0, 2048 pairs per update
 (16 per micro-batch x 128 micro-batches), 512 px resize + center crop + flip, prompt dropout 0.2.
 
-Data: a local diffusers SD1.5 folder (``model_path``) and Pick-a-Pic v2 built with
-``python -m jaxpref.data.build pickapic_v2`` and its latent cache (see README).
+Data: a local diffusers SD1.5 folder (``model_path``) and Pick-a-Pic v2 built from its parquet shards with
+``python -m jaxpref.data.pickapic --parquet_dir ... --data_dir ...``, plus (recommended) its latent cache
+``python -m jaxpref.data.cache ...`` so the step runs no VAE (see README).
 Cost: 2000 x 2048 pairs; the paper used 16 A100s for ~1.5 days. Expected result: implicit-reward
-accuracy ~60.8% on Pick-a-Pic validation; beats SD1.5 ~60% of the time on PartiPrompts (METHODS §5).
+accuracy ~60.8% on Pick-a-Pic validation; beats SD1.5 ~60% of the time on PartiPrompts (docs/methods.md §5).
 
   python -m jaxpref.train --config=configs/dposd15.py --workdir=/tmp/dpo \
       --config.model_path=/path/to/stable-diffusion-v1-5 --config.data.data_dir=/path/to/data

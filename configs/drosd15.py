@@ -9,7 +9,7 @@ min((1+s)/(10+s), 0.9999); checkpoints and the final export hold EMA weights.
 Data: a local diffusers SD1.5 folder (``model_path``) and the DRO expert set built from the Pick-a-Pic
 v2 parquet shards (``python -m jaxpref.data.experts ...``, see README).
 Cost: each pair costs ~20 generation forwards plus one train forward/backward; the reference reports
-~1 day on 4 A100s. Expected result: HPDv2 PickScore/HPSv2 above SD1.5's (METHODS §5).
+~1 day on 4 A100s. Expected result: HPDv2 PickScore/HPSv2 above SD1.5's (docs/methods.md §5).
 
   python -m jaxpref.train --config=configs/drosd15.py --workdir=/tmp/dro \
       --config.model_path=/path/to/stable-diffusion-v1-5 --config.data.data_dir=/path/to/data

@@ -8,10 +8,10 @@ exactly on t) instead of forward noise. β = 2000, AdamW lr 1.024e-5, 100 warmup
 1024 pairs per update, 200 updates. Policy and reference start from an SFT checkpoint (SD1.5 fine-tuned
 on preferred images): point ``model_path`` at it.
 
-Data: Pick-a-Pic v2 with PickScore rewards (``python -m jaxpref.data.rewards ...``, needs a local
+Data: Pick-a-Pic v2 with PickScore rewards (``python -m jaxpref.data.scores ...``, needs a local
 PickScore CLIPModel folder), see README.
 Cost: 200 x 1024 pairs, each with 2 x 5 x 2 no-grad inversion forwards. Expected result (HPDv2 medians):
-PickScore 22.08, HPSv2.1 29.31, ImageReward 0.885, Aesthetic 5.831 (METHODS §5).
+PickScore 22.08, HPSv2.1 29.31, ImageReward 0.885, Aesthetic 5.831 (docs/methods.md §5).
 
   python -m jaxpref.train --config=configs/smposd15.py --workdir=/tmp/smpo \
       --config.model_path=/path/to/sd15-sft --config.data.data_dir=/path/to/data

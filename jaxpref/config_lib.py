@@ -1,19 +1,42 @@
-"""The config schema every run shares, and its validation (run before anything compiles).
+"""The one config home: the schema every run shares, its validation (run before anything compiles),
+and the loader of the experiment files in ``configs/``.
 
-Config files in ``configs/`` start from ``base_config()`` and change what their run needs; a key that
-is not here is a typo, and ``validate`` names it.
+Each experiment is a file in the top-level ``configs/`` folder (installed as ``jaxpref.configs``) whose
+``get_config()`` starts from ``base_config()`` and changes what its run needs; its docstring says what it
+trains, its cost and the expected result. A key that is not in ``base_config()`` is a typo, and
+``validate`` names it.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
+import jax.numpy as jnp
 import ml_collections
 
-from jaxpref import optim
+from jaxpref import objectives, optim, sharding
+from jaxpref.methods import METHODS
+from jaxpref.methods.dro import EXPERT_TIMESTEPS, NEGATIVE_TARGETS
+from jaxpref.methods.smpo import INVERSIONS as SMPO_INVERSIONS
+from jaxpref.models.pipeline import EMBEDDED_TINY
 
-OBJECTIVES = ("dpo", "dro", "smpo")
-SMPO_INVERSIONS = ("code", "paper", "none")  # "none": forward noise, the ablation without inversion
-DTYPES = ("float32", "bfloat16")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DATASETS = ("shapes", "pickapic_v2")
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+    """``configs/<name>.py``'s ``get_config()``: "tiny", "dposd15", "drosd15", "smposd15", ..."""
+    try:
+        module = importlib.import_module(f"jaxpref.configs.{name}")
+    except ModuleNotFoundError as e:
+        raise ValueError(f"no config {name!r} in configs/ (a file configs/{name}.py with get_config())") from e
+    return module.get_config()
+
+
+def config_path(name: str) -> str:
+    """The file of ``configs/<name>.py`` (for ``--config=``)."""
+    module = importlib.import_module("jaxpref.configs")
+    return os.path.join(os.path.dirname(module.__file__), f"{name}.py")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -22,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # A diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or
     # "embedded:tiny" for the shipped tiny model of the shapes world.
-    c.model_path = "embedded:tiny"
+    c.model_path = EMBEDDED_TINY
     c.reference_path = ""            # frozen reference; "" = same weights as model_path
     c.dtype = "bfloat16"             # compute dtype; params stay fp32
     c.reference_dtype = "bfloat16"   # storage dtype of the frozen reference params
@@ -42,16 +65,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo = ml_collections.ConfigDict(dict(beta=5000.0))
     c.smpo = ml_collections.ConfigDict(dict(
         beta=2000.0, gamma=10.0,
-        reward_min=0.11543526500463486, reward_max=0.28201571106910706,  # PickScore over Pick-a-Pic v2
+        reward_min=objectives.PICKSCORE_MIN, reward_max=objectives.PICKSCORE_MAX,  # over Pick-a-Pic v2
         inversion="code",            # "code": as JaydenLyh/SmPO runs it; "paper": lands exactly on t;
+                                     # "consistent": latent, timestep and target at one level (docs/methods.md §3);
                                      # "none": no inversion, DPO's forward noise (the inversion ablation)
-        inversion_steps=5))
+        inversion_steps=5,           # grid steps (the per-sample grid's steps in "consistent")
+        inversion_iterations=2,      # "consistent": ReNoise iterations K per step (0 = plain DDIM inversion)
+        inversion_window=(0, 3),     # "consistent": average ε of iterations a <= i < b for the final update
+        inversion_noise_regularization=False))  # "consistent": ReNoise's noise regularisation of ε
     c.dro = ml_collections.ConfigDict(dict(
         margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0,
         buffer_size=4,               # trajectories kept (global); >= pairs per micro-batch / steps_per_trajectory
         steps_per_trajectory=1,      # recorded steps of one trajectory used as negatives (reference: 1)
         refresh_every=0,             # micro-steps between θ <- φ; 0 = θ is φ (refreshed every update)
-        expert_timestep="shared"))   # "shared": expert noised at the negative's t_k (reference code); "independent"
+        expert_timestep="shared",    # "shared": expert noised at the negative's t_k (reference code); "independent"
+        negative_target="trajectory"))  # "trajectory": recorded (x_k, ε_θ(x_k)) (reference code); "sample": the
+                                        # generated x0 noised at t_k with the expert's ε, target ε (docs/methods.md §2)
 
     c.data = ml_collections.ConfigDict(dict(
         name="shapes",               # "shapes" (embedded) or "pickapic_v2"
@@ -65,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
         experts_k=500,               # DRO on shapes: size of the expert set built on first use
         worker_count=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # (regex over a leaf's path, rule), first match wins (jaxpref.sharding): state and frozen params.
+    c.sharding_rules = sharding.DEFAULT_RULES
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, export_unet=True))
     c.log = ml_collections.ConfigDict(dict(every=10, sample_every=0, sample_prompts=4))
     c.eval = ml_collections.ConfigDict(dict(
@@ -73,46 +104,6 @@ def base_config() -> ml_collections.ConfigDict:
         rewards="shapes",            # reward specs (jaxpref.rewards.load_scorers): pickscore=/dir,hpsv2=/file, ...
         num_prompts=32, images_per_prompt=1, sampler="ddim", num_steps=25, guidance_scale=3.0, batch_size=32,
         final=True))
-    return c
-
-
-def tiny_config() -> ml_collections.ConfigDict:
-    """The embedded default: DRO on the shapes world with the shipped tiny model, on a laptop CPU.
-
-    What it trains: the tiny SD-shaped UNet (jaxpref/assets/tiny_sd, trained by
-    ``python -m jaxpref.tiny.train_base``) on the top-K renders of the shapes world as experts against its
-    own DPM-Solver++ negatives; ``--config.objective=dpo`` / ``smpo`` train on the shapes preference pairs
-    (SmPO's reward is the world's analytic reward). Ends by printing the base vs trained mean reward on
-    held-out prompts and writing before_after.png into the workdir. Cost: ~4 minutes on 2 CPU cores
-    (150 steps of 16 pairs at ~2.2 steps/s, data build, compile, two evaluations). Expected (measured,
-    seed 0, 32 prompts x 4 images): held-out mean reward 0.572 -> ~0.59 (DRO), ~0.60 (DPO), ~0.61 (SmPO);
-    at 100 steps the gains averaged over seeds 0-2 were +0.016 (DRO), +0.025 (DPO), +0.031 (SmPO).
-
-      python -m jaxpref.train --workdir=/tmp/tiny
-    """
-    c = base_config()
-    c.objective = "dro"
-    c.model_path = "embedded:tiny"
-    c.dtype = c.reference_dtype = "float32"   # CPU: bf16 is emulated and slower
-    c.batch_size, c.grad_accum = 16, 1
-    c.total_steps = 150
-    c.prompt_dropout = 0.1
-    # One lr for all three objectives (measured on the shipped model, 150 steps: 3e-4 and up made DPO and
-    # SmPO worse than the base model; 1e-4 and 3e-5 improved all three); EMA as DRO's reference code keeps.
-    c.optimizer.update(name="adamw", lr=1e-4, weight_decay=0.0, warmup_steps=10, schedule="constant",
-                       grad_clip=1.0, decay_steps=150)
-    c.ema.update(enabled=True)
-    c.dpo.beta = 500.0
-    # SmPO without its inversion (the paper's ablation: forward noise as DPO). Measured on this world, seed 0,
-    # gain in held-out reward: the policy's inversion gave +0.009 at 150 steps but -0.017 at 100 (code form,
-    # 5 steps; 10 / 20 steps -0.007 / -0.006 at 150; paper form -0.049), the soft labels alone +0.040.
-    c.smpo.update(beta=500.0, gamma=10.0, reward_min=0.0, reward_max=1.0, inversion="none", inversion_steps=5)
-    c.dro.update(num_inference_steps=10, buffer_size=16, steps_per_trajectory=1)
-    c.data.update(name="shapes", resolution=32, experts_k=500)
-    c.checkpoint.update(every=50, keep=2)
-    c.log.update(every=10)
-    c.eval.update(prompts="shapes", rewards="shapes", num_prompts=32, images_per_prompt=4, sampler="ddim",
-                  num_steps=25, guidance_scale=3.0, batch_size=64)
     return c
 
 
@@ -127,11 +118,11 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
     if unknown:
         raise ValueError(f"config keys not understood: {unknown}; known keys are those of "
                          "jaxpref.config_lib.base_config() (check the spelling)")
-    if config.objective not in OBJECTIVES:
-        _fail("objective", config.objective, f"supported {OBJECTIVES}")
+    if config.objective not in METHODS:
+        _fail("objective", config.objective, f"supported {tuple(METHODS)}")
     for key in ("dtype", "reference_dtype"):
         if config[key] not in DTYPES:
-            _fail(key, config[key], f"supported {DTYPES}")
+            _fail(key, config[key], f"supported {tuple(DTYPES)}")
     if config.optimizer.name not in optim.OPTIMIZERS:
         _fail("optimizer.name", config.optimizer.name, f"supported {optim.OPTIMIZERS}")
     if config.optimizer.schedule not in optim.SCHEDULES:
@@ -155,8 +146,10 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
                   f"must hold at least one micro-batch of trajectories ({micro // d.steps_per_trajectory})")
         if d.steps_per_trajectory > d.num_inference_steps:
             _fail("dro.steps_per_trajectory", d.steps_per_trajectory, "at most dro.num_inference_steps")
-        if d.expert_timestep not in ("shared", "independent"):
-            _fail("dro.expert_timestep", d.expert_timestep, "supported ('shared', 'independent')")
+        if d.expert_timestep not in EXPERT_TIMESTEPS:
+            _fail("dro.expert_timestep", d.expert_timestep, f"supported {EXPERT_TIMESTEPS}")
+        if d.negative_target not in NEGATIVE_TARGETS:
+            _fail("dro.negative_target", d.negative_target, f"supported {NEGATIVE_TARGETS}")
         if d.refresh_every < 0:
             _fail("dro.refresh_every", d.refresh_every, "0 (θ = φ) or a positive number of micro-steps")
     if config.objective == "smpo":
@@ -164,8 +157,14 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
             _fail("smpo.inversion", config.smpo.inversion, f"supported {SMPO_INVERSIONS}")
         if config.smpo.reward_max <= config.smpo.reward_min:
             _fail("smpo.reward_max", config.smpo.reward_max, "must exceed smpo.reward_min")
-    if config.data.name not in ("shapes", "pickapic_v2"):
-        _fail("data.name", config.data.name, "supported ('shapes', 'pickapic_v2')")
+        _check_smpo_inversion(config.smpo)
+    if config.data.name not in DATASETS:
+        _fail("data.name", config.data.name, f"supported {DATASETS}")
+    for pattern, rule in config.sharding_rules:
+        try:
+            sharding.parse_rule(rule)
+        except ValueError as e:
+            _fail("sharding_rules", (pattern, rule), str(e))
     if check_paths:
         _check_paths(config)
     if config.mesh.data == 0 or config.mesh.fsdp == 0 or (config.mesh.data < 0 and config.mesh.fsdp < 0):
@@ -173,8 +172,26 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
     return config
 
 
+def _check_smpo_inversion(s):
+    if s.inversion_steps < 1:
+        _fail("smpo.inversion_steps", s.inversion_steps, "a number of grid steps >= 1")
+    if s.inversion != "consistent":
+        if s.inversion_noise_regularization:
+            _fail("smpo.inversion_noise_regularization", True, "applies to smpo.inversion='consistent' only")
+        return
+    k = s.inversion_iterations
+    if not isinstance(k, int) or k < 0:
+        _fail("smpo.inversion_iterations", k, "a number of ReNoise iterations >= 0 (0: plain DDIM inversion)")
+    window = tuple(s.inversion_window)
+    if len(window) != 2 or not all(isinstance(v, int) for v in window) or not 0 <= window[0] < window[1]:
+        _fail("smpo.inversion_window", s.inversion_window, "(a, b) with 0 <= a < b: iterations a <= i < b averaged")
+    if k > 0 and window[1] > k + 1:
+        _fail("smpo.inversion_window", s.inversion_window,
+              f"must lie within iterations 0..{k} of smpo.inversion_iterations={k}, e.g. (0, {k + 1})")
+
+
 def _check_paths(config):
-    if config.model_path != "embedded:tiny" and not os.path.isdir(config.model_path):
+    if config.model_path != EMBEDDED_TINY and not os.path.isdir(config.model_path):
         _fail("model_path", config.model_path,
               "not a folder; point it at a local diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, "
               "tokenizer/, scheduler/) or use 'embedded:tiny'")

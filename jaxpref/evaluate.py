@@ -1,4 +1,4 @@
-"""Generate for a prompt set with the papers' protocol, score with reward models, report (METHODS §5).
+"""Generate for a prompt set with the papers' protocol, score with reward models, report (docs/methods.md §5).
 
     python -m jaxpref.evaluate --model_path=/models/sd15 --checkpoint=/runs/dro \\
         --prompts=parti:/data/PartiPrompts.tsv --reward=pickscore=/ckpt/PickScore_v1,hpsv2=/ckpt/hps \\
@@ -10,7 +10,7 @@ Protocol (Diffusion-DRO's): image k of prompt i starts from x_T drawn with seed 
 (and, for DDPM, its per-step noise from the same seed), so every image is a pure function of (model,
 prompt, seed): results do not depend on the batch size or on the number of devices (up to float
 summation order: measured 5e-5 on latents between batch sizes). Batches are split over all devices
-on the batch axis (``generation_mesh``). Classifier-free guidance uses the empty prompt (or
+on the batch axes of the training mesh (``jaxpref.sharding.make_mesh``). Classifier-free guidance uses the empty prompt (or
 ``negative_prompt``) as the unconditional input, as diffusers' pipelines do.
 
 Outputs in ``--out``: images/<prompt>_<k>.png, grid.png, scores.npz (per image, [n_prompts, k] per reward),
@@ -24,15 +24,20 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from absl import app, flags
+from jax.sharding import Mesh
+from ml_collections import config_flags
+from PIL import Image
 
-from jaxpref import diffusion
+from jaxpref import diffusion, export, prompts as prompts_lib, rewards, sharding
+from jaxpref.data.tokenizer import tokenize
 from jaxpref.models import pipeline as pipeline_lib
 from jaxpref.prompts import PromptSet
 from jaxpref.rewards.scorer import Scorer, as_prompts
@@ -99,17 +104,9 @@ def _text_encoder_fn(text_encoder):
     return jax.jit(lambda params, ids: text_encoder.apply({"params": params}, ids))
 
 
-def tokenize(pipe: pipeline_lib.SDPipeline, prompts: Sequence[str]) -> np.ndarray:
-    """prompts -> [B, L] int32, padded/truncated to the tokenizer's model_max_length (as SD pipelines)."""
-    tok = pipe.tokenizer
-    out = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="np")
-    return np.asarray(out["input_ids"], np.int32)
-
-
 def encode_prompts(pipe: pipeline_lib.SDPipeline, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """prompts -> text embeddings [B, L, D] float32 (last hidden state; what SD1.x/2.x condition on)."""
-    ids = tokenize(pipe, prompts)
+    ids = tokenize(pipe.tokenizer, prompts)
     run = _text_encoder_fn(pipe.text_encoder)
     out = []
     for s in range(0, len(ids), batch_size):
@@ -158,17 +155,6 @@ def decode_latents(pipe: pipeline_lib.SDPipeline, latents) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Devices.
 
-def generation_mesh(devices=None) -> Mesh:
-    """A 1-D "batch" mesh over ``devices`` (default: all) with an Auto axis.
-
-    Not the train mesh (``jaxpref.sharding``, Explicit axes): the vmapped sampler merges the image axis
-    with CFG's [uncond; cond] axis in reshapes that explicit-mode sharding cannot type. Params are
-    replicated onto this mesh for the duration of an evaluation.
-    """
-    devices = np.asarray(list(jax.devices() if devices is None else devices))
-    return Mesh(devices, ("batch",), axis_types=(AxisType.Auto,))
-
-
 def _on_mesh(tree, sharding_):
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding_), tree)
 
@@ -196,13 +182,15 @@ def _prompt_list(prompts: PromptsLike) -> list[str]:
 def generate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, *, unet_params=None,
              num_images_per_prompt: int = 1, sampler: str = "ddpm", num_steps: int = 50,
              guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 8, height: Optional[int] = None,
-             width: Optional[int] = None, negative_prompt: str = "", eta: float = 0.0, devices=None) -> Generation:
+             width: Optional[int] = None, negative_prompt: str = "", eta: float = 0.0, devices=None,
+             mesh: Optional[Mesh] = None) -> Generation:
     """K images for each of N prompts, image k of prompt i from seed ``seed + i + k·N`` (module docstring).
 
     pipeline_or_parts: an ``SDPipeline`` or a diffusers folder; unet_params replace its UNet params (the
     policy being trained or evaluated). batch_size: images per compiled call, rounded up to a multiple
     of the device count (the last batch is padded, so one program serves the whole run); devices: where
-    to generate (default all), the batch split across them.
+    to generate (default all), the batch split across them; mesh: a training mesh (``sharding.make_mesh``)
+    to generate on instead, the batch split over its batch axes.
     Returns ``Generation`` (images uint8 [N, K, H, W, 3], latents, seeds, seconds).
     """
     pipe = _as_pipeline(pipeline_or_parts)
@@ -211,9 +199,9 @@ def generate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, *, unet_para
         raise ValueError(f"num_images_per_prompt={num_images_per_prompt}; expected >= 1")
     schedule = diffusion.NoiseSchedule.from_config(pipe.scheduler_config)
     shape = latent_shape(pipe, height, width)
-    mesh = generation_mesh(devices)
+    mesh = sharding.make_mesh(-1, 1, devices) if mesh is None else mesh
     batch = _round_up(max(1, batch_size), mesh.size)
-    rows, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+    rows, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     run = _generate_fn(pipe.unet, pipe.vae, schedule, sampler, int(num_steps), float(guidance_scale), float(eta), shape)
 
     n, k = len(texts), num_images_per_prompt
@@ -329,8 +317,6 @@ def make_grid(images: np.ndarray, max_prompts: int = 16) -> np.ndarray:
 
 def save_images(out_dir: str, images: np.ndarray, max_grid_prompts: int = 16) -> None:
     """images/<i:05d>_<k:02d>.png for every image, and grid.png."""
-    from PIL import Image
-
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     for i in range(images.shape[0]):
         for k in range(images.shape[1]):
@@ -350,7 +336,7 @@ def load_scores(eval_dir: str) -> dict[str, np.ndarray]:
 def evaluate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, scorers: Mapping[str, Scorer], *,
              unet_params=None, out_dir: Optional[str] = None,
              baseline_scores: Optional[Mapping[str, np.ndarray]] = None, save_pngs: bool = True,
-             **generate_kwargs) -> dict[str, float]:
+             mesh: Optional[Mesh] = None, **generate_kwargs) -> dict[str, float]:
     """Generate, score, summarize; write the report to ``out_dir`` (if given); return flat float metrics.
 
     generate_kwargs: ``generate``'s settings (num_images_per_prompt, sampler, num_steps, guidance_scale,
@@ -359,7 +345,7 @@ def evaluate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, scorers: Map
     """
     prompt_set = prompts if isinstance(prompts, PromptSet) else None
     texts = _prompt_list(prompts)
-    gen = generate(pipeline_or_parts, texts, unet_params=unet_params, **generate_kwargs)
+    gen = generate(pipeline_or_parts, texts, unet_params=unet_params, mesh=mesh, **generate_kwargs)
     start = time.perf_counter()
     scores = score(gen.images, texts, scorers)
     score_seconds = time.perf_counter() - start
@@ -408,6 +394,88 @@ def log_to_tensorboard(writer, metrics: Mapping[str, float], step: int, prefix: 
         add(tag, value, step)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# A training run's evaluations (what ``jaxpref.train`` calls; ``run`` is a ``jaxpref.trainer.Run``).
+
+def evaluate_run(run, unet_params, out_dir, baseline=None, mesh=None) -> dict:
+    """The run's held-out evaluation (config.eval) of ``unet_params`` on the training ``mesh``; {} across
+    several processes (generation gathers to one host's devices; not done across hosts yet)."""
+    cfg = run.config.eval
+    if jax.process_count() > 1:
+        return {}
+    prompts = prompts_lib.load_prompts(cfg.prompts, limit=cfg.num_prompts)
+    scorers = rewards.load_scorers(cfg.rewards)
+    return evaluate(run.pipeline, prompts, scorers, unet_params=sharding.host_params(unet_params),
+                    out_dir=out_dir, baseline_scores=baseline, num_images_per_prompt=cfg.images_per_prompt,
+                    sampler=cfg.sampler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                    seed=run.config.seed, batch_size=cfg.batch_size, mesh=mesh)
+
+
+_BASE_EVALS: dict = {"model": None, "runs": {}}  # the last pipeline's base evaluations in this process
+
+
+def evaluate_base(run, out_dir, mesh=None) -> dict:
+    """The base model's evaluation; runs in the same process on the same pipeline object (same params
+    objects) with the same eval settings and seed (a sweep over objectives or lrs) copy the first one's
+    folder instead of generating the images again."""
+    model = (run.pipeline, run.pipeline.unet_params)
+    if _BASE_EVALS["model"] is None or any(a is not b for a, b in zip(_BASE_EVALS["model"], model)):
+        _BASE_EVALS.update(model=model, runs={})  # one pipeline kept: older ones' params can be freed
+    key = (json.dumps(run.config.eval.to_dict(), sort_keys=True), run.config.seed)
+    done = _BASE_EVALS["runs"].get(key)
+    if done is not None and os.path.isdir(done["dir"]):
+        shutil.copytree(done["dir"], out_dir, dirs_exist_ok=True)
+        return dict(done["metrics"])
+    metrics = evaluate_run(run, run.pipeline.unet_params, out_dir, mesh=mesh)
+    _BASE_EVALS["runs"][key] = {"dir": out_dir, "metrics": dict(metrics)}
+    return metrics
+
+
+def save_samples(run, unet_params, path: str):
+    """A grid of ``config.log.sample_prompts`` held-out generations of ``unet_params`` at ``path``."""
+    cfg = run.config.eval
+    prompts = prompts_lib.load_prompts(cfg.prompts, limit=run.config.log.sample_prompts)
+    gen = generate(run.pipeline, prompts, unet_params=sharding.host_params(unet_params), sampler=cfg.sampler,
+                   num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, seed=run.config.seed,
+                   batch_size=cfg.batch_size)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(make_grid(gen.images)).save(path)
+
+
+def base_vs_trained(run, unet_params, workdir: str, mesh=None) -> tuple[dict, dict]:
+    """Evaluates the base model and ``unet_params`` on the same held-out prompts and seeds, writes
+    before_after.png and prints the table. Returns (base, trained) metrics."""
+    base = evaluate_base(run, os.path.join(workdir, "eval_base"), mesh)
+    trained = evaluate_run(run, unet_params, os.path.join(workdir, "eval_trained"),
+                           baseline=load_scores(os.path.join(workdir, "eval_base")), mesh=mesh)
+    before_after_grid(workdir)
+    print_report(base, trained, workdir)
+    return base, trained
+
+
+def before_after_grid(workdir):
+    paths = [os.path.join(workdir, d, "grid.png") for d in ("eval_base", "eval_trained")]
+    if not all(os.path.isfile(p) for p in paths):
+        return
+    top, bottom = (np.asarray(Image.open(p).convert("RGB")) for p in paths)
+    width = max(top.shape[1], bottom.shape[1])
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)))
+    sep = np.full((4, width, 3), 255, np.uint8)
+    Image.fromarray(np.concatenate([pad(top), sep, pad(bottom)])).save(os.path.join(workdir, "before_after.png"))
+
+
+def print_report(base: dict, trained: dict, workdir: str):
+    lines = ["", "held-out prompts       base      trained", "-" * 42]
+    for key in sorted(base):
+        if key.endswith("/mean") or key.endswith("/median"):
+            lines.append(f"{key:<20} {base[key]:>9.4f} {trained.get(key, float('nan')):>12.4f}")
+    for key in sorted(trained):
+        if key.endswith("win_rate"):
+            lines.append(f"{key:<20} {'':>9} {trained[key]:>12.3f}")
+    lines.append(f"before/after grid: {os.path.join(workdir, 'before_after.png')}")
+    print("\n".join(lines), flush=True)
+
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
@@ -434,17 +502,9 @@ def _resolve_flags(f) -> dict:
 
 def main(argv) -> None:
     del argv
-    from absl import flags
-
-    from jaxpref import export, prompts as prompts_lib, rewards
-
     f = flags.FLAGS
     s = _resolve_flags(f)
-    model_path = s["model_path"]
-    if model_path == "embedded:tiny":
-        from jaxpref import trainer
-
-        model_path = trainer.resolve_model_path(model_path)
+    model_path = pipeline_lib.resolve_model_path(s["model_path"])
     # Everything that can fail on a path fails before any generation.
     prompt_set = prompts_lib.load_prompts(f.prompts, s["num_prompts"] or None)
     scorers = rewards.load_scorers(f.reward, batch_size=f.score_batch_size) if f.reward else {}
@@ -465,9 +525,6 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "optional training config: supplies model_path and config.eval")
     flags.DEFINE_string("model_path", None, "base diffusers SD folder (or embedded:tiny)")
     flags.DEFINE_string("checkpoint", None, "policy: pipeline folder, UNet folder or training workdir (None: the base)")
@@ -487,7 +544,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
     app.run(main)

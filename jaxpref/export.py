@@ -23,8 +23,10 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
-from jaxpref.models import pipeline as pipeline_lib, weights
+from jaxpref import checkpoint as checkpoint_lib
+from jaxpref.models import pipeline as pipeline_lib, unet as unet_lib, weights
 
 KINDS = ("pipeline", "unet", "workdir")
 
@@ -66,8 +68,6 @@ def check_same_architecture(params, expected_shapes, source: str, base: str) -> 
 
 
 def _policy_from_workdir(workdir: str, unet_shapes: Any, use_ema: bool):
-    from jaxpref import checkpoint as checkpoint_lib
-
     load = getattr(checkpoint_lib, "load_policy_params", None)
     if load is None:
         raise ValueError(f"{workdir}: a training workdir needs jaxpref.checkpoint.load_policy_params(workdir, "
@@ -82,8 +82,6 @@ def load_trained(checkpoint: Optional[str], base: Optional[str], *, dtype=jnp.fl
 
     ``checkpoint`` None evaluates/exports the base itself. ``dtype`` is the compute dtype; params fp32.
     """
-    from jaxpref.models import unet as unet_lib
-
     kind = checkpoint_kind(checkpoint) if checkpoint else None
     base = base or (checkpoint if kind == "pipeline" else None)
     if base is None:
@@ -116,16 +114,12 @@ def export(checkpoint: Optional[str], out: str, base: Optional[str] = None, *, u
 
 def main(argv) -> None:
     del argv
-    from absl import flags
-
     f = flags.FLAGS
     path = export(f.checkpoint, f.out, f.base, use_ema=f.use_ema, overwrite=f.overwrite)
     print(f"exported {f.checkpoint} -> {path} (diffusers StableDiffusionPipeline)", flush=True)
 
 
 def _define_flags() -> None:
-    from absl import flags
-
     flags.DEFINE_string("checkpoint", None, "pipeline folder, UNet folder or training workdir", required=True)
     flags.DEFINE_string("out", None, "output diffusers pipeline folder", required=True)
     flags.DEFINE_string("base", None, "base diffusers SD folder (VAE, text encoder, tokenizer, scheduler)")
@@ -134,7 +128,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
     app.run(main)

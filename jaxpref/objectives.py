@@ -1,14 +1,14 @@
 """The three preference objectives as pure functions of per-sample denoising errors.
 
 Each takes errors err = mean_{H,W,C} (eps_pred - target)^2, one number per image (``denoising_error``),
-from the policy and the frozen reference, and returns (loss, metrics). ../shared/METHODS.md §1-3.
+from the policy and the frozen reference, and returns (loss, metrics). docs/methods.md §1-3.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-# PickScore's range over Pick-a-Pic v2 (cosine, no x100): SmPO's normalisation constants (METHODS §3).
+# PickScore's range over Pick-a-Pic v2 (cosine, no x100): SmPO's normalisation constants (docs/methods.md §3).
 PICKSCORE_MIN = 0.11543526500463486
 PICKSCORE_MAX = 0.28201571106910706
 
@@ -20,7 +20,7 @@ def denoising_error(pred, target):
 
 
 def _preference_logits(err_w, err_l, ref_err_w, ref_err_l, scale):
-    """inside = -0.5 * scale * (Δθ - Δref), Δ = err_w - err_l (METHODS §1)."""
+    """inside = -0.5 * scale * (Δθ - Δref), Δ = err_w - err_l (docs/methods.md §1)."""
     model_gap = err_w - err_l
     ref_gap = ref_err_w - ref_err_l
     return -0.5 * scale * (model_gap - ref_gap), model_gap, ref_gap
@@ -72,7 +72,7 @@ def dro_loss(expert_err, expert_ref_err, negative_err, negative_ref_err, margin=
     """Diffusion-DRO (Wu et al. 2025): hinge mean(max(0, Le - Lp + m)).
 
     Le = err(φ) - err(ref) on the expert's forward-noised latent, Lp likewise on the policy's own
-    online negative. No β, no sigmoid, no timestep weight (METHODS §2).
+    online negative. No β, no sigmoid, no timestep weight (docs/methods.md §2).
     """
     expert_gap = expert_err - expert_ref_err
     negative_gap = negative_err - negative_ref_err

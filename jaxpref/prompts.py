@@ -1,4 +1,4 @@
-"""Evaluation prompt sets (METHODS §5), read from local files; a file in the wrong format fails at start.
+"""Evaluation prompt sets (docs/methods.md §5), read from local files; a file in the wrong format fails at start.
 
 A prompt set is named by a spec string, ``KIND:ARG`` or a bare path (kind from the file):
 
@@ -22,6 +22,11 @@ import glob
 import json
 import os
 from typing import Optional, Sequence
+
+import pyarrow.parquet as pq
+
+from jaxpref.data import shapes
+from jaxpref.data.sources import load_prompts as load_source_prompts
 
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 PARTI_COLUMNS = ("Prompt", "Category", "Challenge", "Note")
@@ -131,8 +136,6 @@ def read_hpdv2(path: str, styles: Sequence[str] = HPDV2_STYLES) -> PromptSet:
 
 def read_pickapic_parquet(path: str) -> PromptSet:
     """Pick-a-Pic v2 captions from a parquet file or folder (only the ``caption`` column is read)."""
-    import pyarrow.parquet as pq
-
     files = sorted(glob.glob(os.path.join(path, "*.parquet"))) if os.path.isdir(path) else [path]
     if not files:
         raise _bad(path, "a .parquet file or a folder of them (Pick-a-Pic v2 test_unique)", sorted(os.listdir(path)))
@@ -152,8 +155,6 @@ def read_pickapic_parquet(path: str) -> PromptSet:
 
 def read_tfds(arg: str) -> PromptSet:
     """``NAME:SPLIT[:DATA_DIR]`` -> unique captions of a built TFDS dataset (jaxpref.data.sources)."""
-    from jaxpref.data.sources import load_prompts as load_source_prompts
-
     name, _, rest = arg.partition(":")
     split, _, data_dir = rest.partition(":")
     prompts = tuple(load_source_prompts(name, split or "test_unique", data_dir or None))
@@ -162,8 +163,6 @@ def read_tfds(arg: str) -> PromptSet:
 
 def read_shapes(split: str = "test") -> PromptSet:
     """The shapes world's held-out captions (jaxpref.data.shapes.caption_splits)."""
-    from jaxpref.data import shapes
-
     if split not in ("test", "validation"):
         raise ValueError(f"prompt set shapes:{split}: supported splits are 'test' and 'validation'")
     prompts = tuple(shapes.heldout_prompts(split))

@@ -1,19 +1,32 @@
-"""Device mesh, sharding rules over pytrees, and the jitted step with explicit in/out shardings.
+"""Device mesh, sharding rules over pytrees, and the global batch.
 
 The mesh has two axes: ``data`` (pure data parallel) and ``fsdp`` (data parallel whose devices also
-split the params and optimizer state). A batch is split over both; a big tensor is split over
-``fsdp`` along its largest divisible dimension (big_vision's ``fsdp`` tactic); small ones replicate.
+split the params and optimizer state). A batch is split over both.
+
+How a tree is split is data, as in big_vision: a list of ``(regex, rule)`` pairs matched against each
+leaf's path ("params/down_blocks_0/attentions_0/.../kernel", "opt_state/0/mu/...", "ref/...",
+"method_state/negatives/latents"); the first match decides. Rules:
+  "replicate"           every device holds the whole leaf
+  "fsdp"                the largest dimension divisible by the fsdp axis is split over it, for leaves of
+                        at least 2**14 elements (norms and biases replicate); "fsdp(min_size=N)" sets it
+  "rows"                the leading axis over every device where it divides (buffers, batches)
+The config's ``sharding_rules`` apply to the state and the frozen params; a method adds rules for its
+own state (``Method.state_sharding_rules``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2 ** 14  # tensors smaller than this (norms, biases) replicate
+DEFAULT_RULES = ((".*", "fsdp"),)
+_RULE = re.compile(r"^(replicate|fsdp|rows)(?:\(min_size=(\d+)\))?$")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -54,53 +67,66 @@ def fsdp_spec(shape, fsdp_size: int, min_size: int = FSDP_MIN_SIZE) -> P:
     return P()
 
 
-def params_sharding(mesh: Mesh, tree: Any, min_size: int = FSDP_MIN_SIZE) -> Any:
-    """NamedShardings for params-like trees (params, optimizer state, EMA): the fsdp rule per leaf."""
-    fsdp_size = mesh.shape["fsdp"]
-    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size, min_size)), tree)
+def parse_rule(rule: str):
+    """"fsdp(min_size=N)" -> ("fsdp", N); ValueError naming the supported rules."""
+    m = _RULE.match(rule.replace(" ", ""))
+    if not m or (m.group(2) and m.group(1) != "fsdp"):
+        raise ValueError(f"sharding rule {rule!r}: supported 'replicate', 'fsdp', 'fsdp(min_size=N)', 'rows'")
+    return m.group(1), int(m.group(2) or FSDP_MIN_SIZE)
+
+
+def _leaf_spec(mesh: Mesh, shape, rule: str) -> P:
+    kind, min_size = parse_rule(rule)
+    if kind == "fsdp":
+        return fsdp_spec(shape, mesh.shape["fsdp"], min_size)
+    if kind == "rows" and len(shape) and shape[0] % mesh.size == 0:
+        return P(BATCH_AXES)
+    return P()
+
+
+def path_name(path) -> str:
+    """A tree path as "a/b/0/c" (dict keys, dataclass fields, sequence indices)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def tree_sharding(mesh: Mesh, tree: Any, rules: Sequence = DEFAULT_RULES, prefix: str = "") -> Any:
+    """NamedShardings for a tree of arrays or ShapeDtypeStructs: per leaf, the first rule whose regex
+    matches its path (``prefix`` + path) from the start; unmatched leaves replicate."""
+    compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
+
+    def one(path, x):
+        name = prefix + path_name(path)
+        rule = next((r for pattern, r in compiled if pattern.match(name)), "replicate")
+        return NamedSharding(mesh, _leaf_spec(mesh, x.shape, rule))
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def rows_sharding(mesh: Mesh, tree: Any) -> Any:
     """Leading axis over all devices where it divides, replicated otherwise (buffers, batches)."""
-    n = mesh.size
-
-    def rule(x):
-        if x.ndim and x.shape[0] % n == 0:
-            return NamedSharding(mesh, P(BATCH_AXES))
-        return NamedSharding(mesh, P())
-    return jax.tree_util.tree_map(rule, tree)
+    return tree_sharding(mesh, tree, ((".*", "rows"),))
 
 
-def state_sharding(mesh: Mesh, state_shapes: Any) -> Any:
-    """Shardings for a ``TrainState`` of ShapeDtypeStructs: fsdp for weights, rows for DRO's buffer."""
-    sharded = params_sharding(mesh, state_shapes)
-    if getattr(state_shapes, "negatives", None) is not None:
-        sharded = sharded.replace(negatives=rows_sharding(mesh, state_shapes.negatives))
-    return sharded
+def put_global_batch(target: Mesh | NamedSharding, local_batch: dict) -> dict:
+    """Assembles each process's rows into global arrays on ``target`` (a NamedSharding, or a mesh: split
+    over its batch axes); string fields (e.g. captions) stay host-local numpy."""
+    sharding = batch_sharding(target) if isinstance(target, Mesh) else target
+    return {k: v if np.asarray(v).dtype.kind in "USO" else
+            jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 
-def init_sharded(init_fn: Callable, mesh: Mesh, shardings_fn: Callable, *args):
-    """Runs ``init_fn(*args)`` under jit with out-shardings from its ``eval_shape``: born sharded."""
-    shapes = jax.eval_shape(init_fn, *args)
-    shardings = shardings_fn(mesh, shapes)
-    return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
-
-
-def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings, frozen_shardings, batch_shapes):
-    """``train_step(state, batch, rng, frozen)`` compiled with explicit shardings and a donated state."""
-    return jax.jit(
-        train_step,
-        in_shardings=(state_shardings, rows_sharding(mesh, batch_shapes), replicated(mesh), frozen_shardings),
-        out_shardings=(state_shardings, replicated(mesh)),
-        donate_argnums=(0,),
-    )
-
-
-def put_global_batch(mesh: Mesh, local_batch: Any) -> Any:
-    """Assembles each process's rows into global arrays split over the batch axes."""
-    sharding = batch_sharding(mesh)
-    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                                  local_batch)
+def host_params(params: Any) -> Any:
+    """Params as host numpy; across processes a gather (every process must call it)."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -1,7 +1,10 @@
-"""Everything a run builds from its config before the loop: models, objective, optimizer, state.
+"""What a run builds from its config before the loop: models, method, optimizer, and the sharded state
+and compiled train step.
 
-``train.py`` is the loop; this module is the wiring, so tests and benchmarks build exactly what a run
-builds.
+One abstract state for every entry point (maxdiffusion's ``get_abstract_state``): ``abstract_state``
+gives the state's shapes and shardings from ``jax.eval_shape`` (no weights touched), ``init_state``
+creates it directly sharded, and ``compile_train_step`` compiles the step ahead of time with explicit
+in/out shardings and a donated state. The train loop, the benchmarks and the tests all call these.
 """
 from __future__ import annotations
 
@@ -13,23 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref import diffusion, optim, step as step_lib
+from jaxpref import config_lib, diffusion, optim, sharding, step as step_lib
+from jaxpref.data.tokenizer import tokenize
+from jaxpref.methods import Method, get_method
 from jaxpref.models import pipeline as pipeline_lib
-
-EMBEDDED_TINY = "embedded:tiny"
-_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def resolve_model_path(path: str) -> str:
-    """"embedded:tiny" -> the tiny SD folder shipped in the package; anything else unchanged."""
-    if path == EMBEDDED_TINY:
-        folder = os.path.join(_ASSETS, "tiny_sd")
-        if not os.path.isdir(folder):
-            raise ValueError(f"config.model_path='{EMBEDDED_TINY}': the shipped tiny model is missing at {folder}; "
-                             "regenerate it with `python -m jaxpref.tiny.train_base`")
-        return folder
-    return path
+from jaxpref.models.unet import load_unet
 
 
 @dataclasses.dataclass
@@ -38,7 +29,7 @@ class Run:
     config: Any
     pipeline: pipeline_lib.SDPipeline
     schedule: diffusion.NoiseSchedule
-    objective: step_lib.Objective
+    method: Method
     optimizer: Any
     learning_rate: Any
     null_ids: np.ndarray
@@ -57,26 +48,20 @@ class Run:
         return (self.null_ids.shape[0], self.pipeline.unet.cross_attention_dim)
 
 
-def tokenize(tokenizer, captions) -> np.ndarray:
-    """Captions -> [B, L] int32, padded/truncated to the tokenizer's model_max_length (as SD does)."""
-    out = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="np")
-    return np.asarray(out["input_ids"], np.int32)
-
-
 def build_run(config, pipeline: pipeline_lib.SDPipeline | None = None) -> Run:
-    """Loads the models (unless given) and binds the objective, schedule and optimizer."""
+    """Loads the models (unless given) and binds the method, schedule and optimizer."""
     if pipeline is None:
-        pipeline = pipeline_lib.load_pipeline(resolve_model_path(config.model_path), DTYPES[config.dtype])
+        pipeline = pipeline_lib.load_pipeline(pipeline_lib.resolve_model_path(config.model_path),
+                                              config_lib.DTYPES[config.dtype])
     unet = pipeline.unet.clone(remat=config.remat) if config.remat else pipeline.unet
     schedule = diffusion.NoiseSchedule.from_config(pipeline.scheduler_config)
     if schedule.prediction_type != "epsilon":
         raise ValueError(f"{pipeline.folder}/scheduler: prediction_type={schedule.prediction_type!r}; the DPO/DRO/SmPO "
                          "losses here are written for epsilon-prediction models (SD1.5)")
     null_ids = tokenize(pipeline.tokenizer, [""])[0]
-    objective = step_lib.Objective(config, unet, pipeline.text_encoder, schedule, null_ids=null_ids,
-                                   scaling_factor=pipeline.vae.scaling_factor)
-    return Run(config=config, pipeline=pipeline, schedule=schedule, objective=objective,
+    method = get_method(config.objective)(config, unet, pipeline.text_encoder, schedule, null_ids=null_ids,
+                                          scaling_factor=pipeline.vae.scaling_factor)
+    return Run(config=config, pipeline=pipeline, schedule=schedule, method=method,
                optimizer=optim.make_optimizer(config.optimizer),
                learning_rate=optim.learning_rate_schedule(config.optimizer), null_ids=null_ids,
                reference_params=_load_reference(config, pipeline))
@@ -86,8 +71,6 @@ def _load_reference(config, pipeline):
     """The frozen reference UNet of ``config.reference_path`` (a pipeline or UNet folder), shape-checked."""
     if not config.reference_path:
         return None
-    from jaxpref.models import load_unet
-
     folder = config.reference_path
     if os.path.isdir(os.path.join(folder, "unet")):
         folder = os.path.join(folder, "unet")
@@ -104,11 +87,57 @@ def frozen_params(run: Run) -> dict:
     """What the step reads but never trains: the reference UNet (in config.reference_dtype) and the
     text encoder. The reference defaults to the policy's starting weights."""
     ref = run.pipeline.unet_params if run.reference_params is None else run.reference_params
-    ref_dtype = DTYPES[run.config.reference_dtype]
+    ref_dtype = config_lib.DTYPES[run.config.reference_dtype]
     return {"ref": jax.tree_util.tree_map(lambda p: jnp.asarray(p, ref_dtype), ref),
             "text": run.pipeline.text_encoder_params}
 
 
-def initial_state(run: Run) -> step_lib.TrainState:
-    return step_lib.init_train_state(run.pipeline.unet_params, run.optimizer, run.config,
-                                     text_shape=run.text_shape, latent_shape=run.latent_shape)
+def _init_fn(run: Run):
+    return lambda params: step_lib.init_train_state(params, run.optimizer, run.config, run.method,
+                                                    text_shape=run.text_shape, latent_shape=run.latent_shape)
+
+
+def state_shardings(mesh, state_shapes, config, method: Method):
+    """The config's sharding rules over the state; the method's own rules first for its state."""
+    method_rules = tuple((f"method_state/{p}", r) for p, r in method.state_sharding_rules)
+    return sharding.tree_sharding(mesh, state_shapes, method_rules + tuple(config.sharding_rules))
+
+
+def frozen_shardings(run: Run, mesh, frozen):
+    return sharding.tree_sharding(mesh, frozen, tuple(run.config.sharding_rules))
+
+
+def abstract_state(run: Run, mesh):
+    """(state shapes, state shardings) from ``jax.eval_shape``: no weights are read or allocated."""
+    shapes = jax.eval_shape(_init_fn(run), run.pipeline.unet_params)
+    return shapes, state_shardings(mesh, shapes, run.config, run.method)
+
+
+def init_state(run: Run, mesh):
+    """The initial TrainState, born sharded (jit with the abstract state's out-shardings). Returns
+    (state, shapes, shardings)."""
+    shapes, shardings = abstract_state(run, mesh)
+    state = jax.jit(_init_fn(run), out_shardings=shardings)(run.pipeline.unet_params)
+    return state, shapes, shardings
+
+
+def jit_train_step(run: Run, mesh, state_sharding, frozen_sharding, batch_shapes):
+    """``train_step(state, batch, rng, frozen)`` jitted with explicit shardings and a donated state."""
+    train_step = step_lib.make_train_step(run.config, run.method, run.optimizer, run.learning_rate)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sharding, sharding.rows_sharding(mesh, batch_shapes), sharding.replicated(mesh),
+                      frozen_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def compile_train_step(run: Run, mesh, state, batch, frozen, rng=None):
+    """The train step compiled ahead of time for these arguments (arrays or ShapeDtypeStructs):
+    ``compiled(state, batch, rng, frozen) -> (state, metrics)``."""
+    state_shapes = jax.eval_shape(lambda s: s, state)
+    step = jit_train_step(run, mesh, state_shardings(mesh, state_shapes, run.config, run.method), frozen_shardings(run, mesh, frozen),
+                          jax.eval_shape(lambda b: b, batch))
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return step.lower(state, batch, rng, frozen).compile()

@@ -1,6 +1,18 @@
-"""Shared pytest setup: a persistent XLA compilation cache so repeated runs skip recompiles."""
+"""Shared pytest setup: a persistent XLA compilation cache, the session's shared worlds and runs, and the
+xdist grouping that keeps tests sharing a run on one worker.
+
+Session fixtures (one per test process):
+  world              (tiny random SD folder, data dir with the shapes pairs), built once for all xdist
+                     workers (a file lock under the run's shared base temp dir)
+  reference          the uninterrupted 1-device DPO run 0 -> 6 on it (test_train, test_checkpoint,
+                     test_sharding compare against it): (workdir, summary)
+  compiled_steps     a dict the step tests keep their compiled steps in (same config, same program)
+  sd15_unet_shapes   SD1.5's UNet param shapes (eval_shape, no weights)
+"""
 import os
 import pathlib
+
+import pytest
 
 # Outside the checkout, so fresh clones on the same machine (CI) reuse earlier compiles.
 _CACHE = pathlib.Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or pathlib.Path.home() / ".cache" / "jaxpref" / "jax_cache")
@@ -11,3 +23,51 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import train_helpers as th  # noqa: E402
+
+# Test files whose tests use the session's reference run: one xdist worker runs them all, so the run is
+# computed once. Every other file is its own group (its module fixtures are built once), except the
+# embedded end-to-end runs, one group per objective so they spread over the workers.
+_REFERENCE_GROUP = {"test_train.py", "test_checkpoint.py", "test_sharding.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        if name in _REFERENCE_GROUP:
+            group = "reference_run"
+        elif name == "test_embedded.py" and hasattr(item, "callspec"):
+            group = f"embedded_{item.callspec.params.get('objective')}"
+        else:
+            group = name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _shared_base(tmp_path_factory) -> pathlib.Path:
+    """The base temp dir every xdist worker of this run sees (each worker's own is a child of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    return th.build_world(_shared_base(tmp_path_factory) / "shared_world")
+
+
+@pytest.fixture(scope="session")
+def reference(world, tmp_path_factory):
+    return th.reference_run(world, str(tmp_path_factory.mktemp("reference") / "run"))
+
+
+@pytest.fixture(scope="session")
+def compiled_steps():
+    return {}
+
+
+@pytest.fixture(scope="session")
+def sd15_unet_shapes():
+    from jaxpref.models.presets import SD15_UNET
+    from jaxpref.models.unet import unet_param_shapes
+
+    return unet_param_shapes(SD15_UNET)

@@ -1,6 +1,7 @@
-"""The benchmark suite keeps working: the tiny DPO benchmark end to end (CLI, table, JSON), the FLOP
-model and MFU against hand computations, the PyTorch reference step's loss at init, and the FSDP
-per-device state bytes of SD1.5 falling as 1/N over 1/2/4/8 simulated devices (eval_shape only)."""
+"""The benchmark suite (``python benchmarks/bench.py``) keeps working: the tiny DPO benchmark end to end
+(CLI, table, JSON), the PyTorch reference step's loss at init, and the FSDP per-device state bytes of
+SD1.5 falling as 1/N over 1/2/4/8 simulated devices (eval_shape only). The FLOP model and MFU are
+``jaxpref.flops``' (tests/test_flops.py)."""
 import json
 import math
 import os
@@ -9,44 +10,13 @@ import sys
 
 import pytest
 
-from jaxpref import bench
+from jaxpref import flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(REPO, "benchmarks")
+sys.path.insert(0, BENCHMARKS)
 
-
-def test_model_flops_and_mfu_by_hand():
-    F, G = 0.80e12, 2.36e12  # METHODS §0, SD1.5 at 64x64
-    # DPO, 8 pairs: policy fwd+bwd on 16 latents + reference fwd on 16.
-    dpo = 16 * 2.36e12 + 16 * 0.80e12
-    assert bench.model_flops("dpo step", 8, F, G) == pytest.approx(dpo)
-    assert dpo == pytest.approx(50.56e12)
-    # DRO: the same update on 8 experts + 8 negatives, plus 20 DPM++ forwards for each of 8 trajectories.
-    assert bench.model_flops("dro generation", 8, F, G) == pytest.approx(20 * 8 * 0.80e12)
-    assert bench.model_flops("dro step", 8, F, G) == pytest.approx(dpo + 128e12)
-    assert bench.model_flops("dro step", 8, F, G, steps_per_trajectory=4) == pytest.approx(dpo + 32e12)
-    assert bench.model_flops("dro generation", 8, F, G, guidance_scale=7.5) == pytest.approx(2 * 128e12)
-    # SmPO: 5 inversion steps x 2 ReNoise predictions on the 16 latents ("paper" mode runs one more step).
-    assert bench.model_flops("smpo inversion", 8, F, G) == pytest.approx(2 * 5 * 16 * 0.80e12)
-    assert bench.model_flops("smpo step", 8, F, G, inversion_mode="paper") == pytest.approx(dpo + 2 * 6 * 16 * 0.8e12)
-    assert bench.model_flops("smpo step", 8, F, G, inversion_mode="none") == pytest.approx(dpo)  # as DPO
-
-    # MFU = flops / seconds / peak; H100 SXM 989 TFLOP/s dense bf16.
-    assert bench.mfu(dpo, 0.1, "NVIDIA H100 80GB HBM3") == pytest.approx(505.6 / 989)
-    assert bench.mfu(dpo, 0.1, "NVIDIA H200") == pytest.approx(505.6 / 989)
-    assert bench.mfu(dpo, 0.1, "NVIDIA A100-SXM4-80GB") == pytest.approx(505.6 / 312)
-    assert bench.mfu(dpo, 0.1, "TPU v5 lite") == pytest.approx(505.6 / 197)
-    assert bench.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert bench.mfu(dpo, 0.1, "cpu") is None
-    assert bench.mfu(None, 0.1, "NVIDIA H100 80GB HBM3") is None
-
-
-def test_loop_correction():
-    # XLA counted a 20-step loop's body once: scale it to 20 bodies.
-    assert bench.loop_corrected(10.0, 10.0, 20, 200.0) == (200.0, True)
-    # A step holding that loop: add the 19 bodies XLA left out.
-    assert bench.loop_corrected(50.0, 10.0, 20, 240.0) == (240.0, True)
-    # XLA unrolled the loop (its count already covers the model's): unchanged.
-    assert bench.loop_corrected(190.0, 10.0, 20, 200.0) == (190.0, False)
+import bench  # noqa: E402  (benchmarks/bench.py)
 
 
 def test_tiny_dpo_benchmark_end_to_end(tmp_path, capsys):
@@ -73,7 +43,6 @@ def test_tiny_dpo_benchmark_end_to_end(tmp_path, capsys):
 def test_torch_reference_step_tiny():
     """The PyTorch DPO step runs on CPU and, with policy = reference in fp32, its first loss is log 2."""
     import torch
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import torch_dpo_step as tds
 
     threads = torch.get_num_threads()
@@ -89,13 +58,15 @@ def test_torch_reference_step_tiny():
         torch.set_num_threads(threads)
     (row,) = rows
     assert row.impl == "torch eager" and row.seconds > 0
-    assert row.model_flops == bench.model_flops("dpo step", 2, 1e9, 3e9)
+    assert row.model_flops == flops.model_flops("dpo step", 2, 1e9, 3e9)
 
 
 _STATE_BYTES = """
 import json
-from jaxpref import bench
-print(json.dumps([bench.state_bytes("sd15", n) for n in (1, 2, 4, 8)]))
+import sys
+sys.path.insert(0, "benchmarks")
+import memory_table
+print(json.dumps([memory_table.state_bytes("sd15", n) for n in (1, 2, 4, 8)]))
 """
 
 
@@ -114,3 +85,11 @@ def test_sd15_state_bytes_fall_as_one_over_n():
     assert one["frozen_ref"] == pytest.approx(859_520_964 * 2, rel=1e-6)  # bf16 reference
     for r in rows:
         assert r["params+opt"] * r["devices"] / one["params+opt"] == pytest.approx(1.0, rel=0.10), r
+
+
+def test_command_line_from_another_folder(tmp_path):
+    """``python benchmarks/bench.py`` imports from its own path, whatever the working folder."""
+    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "bench.py"), "--help"], cwd=tmp_path,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "python benchmarks/bench.py --memory-table" in out.stdout and "SmPO inv" in out.stdout

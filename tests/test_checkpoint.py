@@ -11,18 +11,9 @@ import numpy as np
 import pytest
 
 import train_helpers as th
-from jaxpref import checkpoint as checkpoint_lib, loop, optim, sharding, step as step_lib
+from jaxpref import checkpoint as checkpoint_lib, optim, sharding, step as step_lib, train as train_lib, trainer
+from jaxpref.methods import get_method
 from jaxpref.models import load_unet, unet as unet_lib, weights
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return th.shared_world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(world, tmp_path_factory):
-    return th.reference_run(world, tmp_path_factory)
 
 
 def test_load_policy_params_equals_the_exported_unet(reference):
@@ -52,14 +43,15 @@ def test_resuming_with_another_architecture_names_the_tensor(reference, world, o
     """What loop.train does on resume (restore onto the run's state shapes), with a different model: the
     error names config.model_path and a mismatched tensor instead of orbax's bare shape complaint."""
     config = th.tiny_dpo_config(*world)
-    shapes = jax.eval_shape(lambda p: step_lib.init_train_state(p, optim.make_optimizer(config.optimizer), config),
-                            other_architecture)
+    method = get_method(config.objective)(config)
+    shapes = jax.eval_shape(lambda p: step_lib.init_train_state(p, optim.make_optimizer(config.optimizer), config,
+                                                                method), other_architecture)
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     manager = checkpoint_lib.CheckpointManager(reference[0])
     try:
         with pytest.raises(ValueError, match=r"does not match this run's model \(config\.model_path\); e\.g\. "
                                              r"\['down_blocks_1'\].*checkpoint \(16,\) vs model \(32,\)"):
-            manager.restore(6, shapes, sharding.state_sharding(mesh, shapes))
+            manager.restore(6, shapes, trainer.state_shardings(mesh, shapes, config, method))
     finally:
         manager.close()
 
@@ -67,16 +59,15 @@ def test_resuming_with_another_architecture_names_the_tensor(reference, world, o
 def test_checkpoint_restores_onto_given_shardings(reference, world):
     """The same manager restores the state it saved onto the target shardings (here: one device)."""
     from jaxpref.models import load_pipeline
-    from jaxpref import trainer
 
     workdir, _ = reference
     config = th.tiny_dpo_config(*world)
     run = trainer.build_run(config, load_pipeline(world[0]))
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-    shapes = jax.eval_shape(lambda p: step_lib.init_train_state(p, run.optimizer, config), run.pipeline.unet_params)
+    shapes, shardings = trainer.abstract_state(run, mesh)
     manager = checkpoint_lib.CheckpointManager(workdir)
     try:
-        state, meta = manager.restore(6, shapes, sharding.state_sharding(mesh, shapes))
+        state, meta = manager.restore(6, shapes, shardings)
     finally:
         manager.close()
     assert int(state.step) == 6 and int(state.skipped) == 0
@@ -90,11 +81,11 @@ def test_loader_positions_are_per_process():
     """Each process reads its own shard, so a checkpoint holds one loader position per process; resuming
     with another process count fails saying so (an older single-process "loader" key still restores)."""
     state = base64.b64encode(b"position").decode()
-    assert loop._all_loader_states(b"position") == [state]
-    assert loop._own_loader_state({"loaders": [state]}, "ckpt") == b"position"
-    assert loop._own_loader_state({"loader": state}, "ckpt") == b"position"
+    assert train_lib._all_loader_states(b"position") == [state]
+    assert train_lib._own_loader_state({"loaders": [state]}, "ckpt") == b"position"
+    assert train_lib._own_loader_state({"loader": state}, "ckpt") == b"position"
     with pytest.raises(ValueError, match=r"ckpt: written by 2 process\(es\), resumed by 1.*Resume with 2 process"):
-        loop._own_loader_state({"loaders": [state, state]}, "ckpt")
+        train_lib._own_loader_state({"loaders": [state, state]}, "ckpt")
 
 
 def test_dro_state_round_trips_exactly(world, tmp_path):
@@ -105,16 +96,18 @@ def test_dro_state_round_trips_exactly(world, tmp_path):
     config = th.tiny_dpo_config(*world, objective="dro", **{"ema.enabled": True, "dro.refresh_every": 2,
                                                             "dro.buffer_size": 8, "dro.num_inference_steps": 4})
     params = load_pipeline(world[0]).unet_params
-    init = lambda p: step_lib.init_train_state(p, optim.make_optimizer(config.optimizer), config,
+    method = get_method(config.objective)(config)
+    init = lambda p: step_lib.init_train_state(p, optim.make_optimizer(config.optimizer), config, method,
                                                text_shape=(12, 16), latent_shape=(8, 8, 4))
     rng = np.random.default_rng(0)
     state = jax.tree_util.tree_map(
         lambda x: (rng.integers(1, 8, x.shape) if np.issubdtype(x.dtype, np.integer) else
                    rng.standard_normal(x.shape)).astype(x.dtype), init(params))
-    assert state.ema_params is not None and state.sampler_params is not None and int(state.negatives.filled) > 0
+    dro_state = state.method_state
+    assert state.ema_params is not None and dro_state.sampler is not None and int(dro_state.negatives.filled) > 0
     shapes = jax.eval_shape(init, params)
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-    shardings = sharding.state_sharding(mesh, shapes)
+    shardings = trainer.state_shardings(mesh, shapes, config, method)
     manager = checkpoint_lib.CheckpointManager(str(tmp_path))
     try:
         manager.save(7, jax.device_put(state, shardings), {"loaders": [], "seed": 0}, force=True)

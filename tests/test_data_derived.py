@@ -64,13 +64,13 @@ def test_latent_loader_batches_and_restore(data, tmp_path):
     d, name = data
     build_latent_cache(name, tmp_path / "c", encode, data_dir=d, shard_size=16, dtype="bfloat16")
     src = open_source(tmp_path / "c")
-    it = make_loader(src, 4, seed=0, process_index=0, process_count=1, caption_dropout=0.5)
+    it = make_loader(src, 4, seed=0, process_index=0, process_count=1)
     b = next(it)
     assert b["latent_mean"].shape == (4, 2, 4, 4, 4) and b["latent_mean"].dtype.name == "bfloat16"
     assert b["input_ids"].shape == (4, 16) and "rewards_norm" in b and (b["label"] == 1).all()
     state = it.get_state()
     nxt = [next(it) for _ in range(3)]
-    again = make_loader(src, 4, seed=0, process_index=0, process_count=1, caption_dropout=0.5)
+    again = make_loader(src, 4, seed=0, process_index=0, process_count=1)
     again.set_state(state)
     for x in nxt:
         y = next(again)

@@ -9,15 +9,12 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
 from jaxpref.diffusion import NoiseSchedule
+from jaxpref.models.presets import SD15_SCHEDULER
 
-SD15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-        "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "prediction_type": "epsilon",
-        "timestep_spacing": "leading"}
-# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json as shipped (a PNDM config, no spacing key).
-SD15_SHIPPED = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-                "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-                "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-                "clip_sample": False}
+SD15 = {**SD15_SCHEDULER, "timestep_spacing": "leading"}
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json as shipped (a PNDM config, no spacing key, and
+# no prediction_type key: the preset adds that one).
+SD15_SHIPPED = {"_diffusers_version": "0.6.0", **{k: v for k, v in SD15_SCHEDULER.items() if k != "prediction_type"}}
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm++": DPMSolverMultistepScheduler}
 
 

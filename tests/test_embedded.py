@@ -8,14 +8,13 @@ DPO not at all). Steps and bounds come from the runs recorded beside BOUNDS (thi
 0, 1 and 2): each bound is about half the measured gain averaged over the seeds CI runs, so an
 objective, step or data defect that stops learning fails, while eval noise (~0.006 on a seed's paired
 mean over 32 prompts x 4 images) does not. SmPO runs as the tiny config sets it: without inversion (the
-policy's inversion did not beat the base model on this world; see config_lib.tiny_config).
+policy's inversion did not beat the base model on this world; see configs/tiny.py).
 """
 import numpy as np
 import pytest
 
-import train_helpers as th
-from jaxpref import config_lib, loop, trainer
-from jaxpref.models import load_pipeline
+from jaxpref import config_lib, train as train_lib
+from jaxpref.models import load_pipeline, resolve_model_path
 
 STEPS = 100
 SEEDS = (0, 1)  # 90-145 s a run on 2 cores beside a second test worker (compile, training, one or two evaluations)
@@ -26,19 +25,19 @@ BOUNDS = {"dpo": 0.013, "dro": 0.008, "smpo": 0.016}
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The session's shapes data (train_helpers.shared_world): the pairs are built once for every test file."""
-    return th.shared_world(tmp_path_factory)[1]
+def data_dir(world):
+    """The session's shapes data (conftest ``world``): the pairs are built once for every test file."""
+    return world[1]
 
 
 @pytest.fixture(scope="module")
 def pipeline():
-    return load_pipeline(trainer.resolve_model_path("embedded:tiny"))
+    return load_pipeline(resolve_model_path("embedded:tiny"))
 
 
 def embedded_config(objective: str, seed: int, data_dir: str):
     """configs/tiny.py as the CLI builds it, with objective, seed and total_steps set; no checkpoints."""
-    c = config_lib.tiny_config()
+    c = config_lib.load_config("tiny")
     c.objective, c.seed, c.total_steps = objective, seed, STEPS
     c.data.data_dir = data_dir
     c.checkpoint.update(every=0, keep=1, export_unet=False)
@@ -47,7 +46,7 @@ def embedded_config(objective: str, seed: int, data_dir: str):
 
 def gain(objective: str, seed: int, data_dir: str, pipeline, workdir: str) -> float:
     """Held-out mean reward after STEPS updates minus the base model's (same prompts, same seeds)."""
-    summary = loop.train(embedded_config(objective, seed, data_dir), workdir, pipeline=pipeline)
+    summary = train_lib.train(embedded_config(objective, seed, data_dir), workdir, pipeline=pipeline)
     base, trained = summary["base"]["shapes/mean"], summary["trained"]["shapes/mean"]
     print(f"{objective} seed {seed}: base {base:.4f} trained {trained:.4f} "
           f"win rate {summary['trained']['shapes/win_rate']:.3f}")

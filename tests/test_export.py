@@ -11,8 +11,9 @@ import torch
 from jaxpref import export as export_lib
 from jaxpref.evaluate import decode_latents, generate, initial_noise, latent_shape
 from jaxpref.models import load_pipeline
+from jaxpref.models.presets import TEST_TINY_UNET
 from jaxpref.models.unet import load_unet, save_unet
-from tiny_sd import TINY_UNET, build_tiny_sd, randomize_
+from tiny_sd import build_tiny_sd, randomize_
 
 PROMPTS = ["the cat", "a cat", "the"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +107,7 @@ def test_bad_checkpoints_fail_at_start(world):
     root, base, pipe, trained = world
     other = str(root / "other_arch")
     torch.manual_seed(0)
-    randomize_(UNet2DConditionModel(**{**TINY_UNET, "block_out_channels": (8, 24)})).save_pretrained(other)
+    randomize_(UNet2DConditionModel(**{**TEST_TINY_UNET, "block_out_channels": (8, 24)})).save_pretrained(other)
     with pytest.raises(ValueError, match="another architecture") as e:
         export_lib.load_trained(other, base)
     assert "other_arch" in str(e.value)

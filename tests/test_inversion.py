@@ -150,7 +150,7 @@ def test_invert_with_noise_regularization_is_per_sample():
 
 
 # ---------------------------------------------------------------------------------------------
-# SmPO (METHODS §3).
+# SmPO (docs/methods.md §3).
 
 T_SMPO = np.array([0, 1, 2, 150, 200, 201, 202, 600, 601, 602, 801, 802, 999], np.int32)
 

@@ -1,4 +1,4 @@
-"""The losses against float64 numpy transcriptions of ../shared/METHODS.md §1-3, and the paper's properties."""
+"""The losses against float64 numpy transcriptions of docs/methods.md §1-3, and the paper's properties."""
 import jax
 import jax.numpy as jnp
 import numpy as np

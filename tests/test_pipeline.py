@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("jaxpref.models.unet", reason="jaxpref/models/unet.py (UNet engineer) not written yet")
 
 from jaxpref.models import weights  # noqa: E402
-from jaxpref.models.pipeline import SDPipeline, load_pipeline, save_pipeline  # noqa: E402
+from jaxpref.models.pipeline import (EMBEDDED_TINY, TINY_SD_DIR, SDPipeline, load_pipeline,  # noqa: E402
+                                     resolve_model_path, save_pipeline)
 from tiny_sd import build_tiny_sd  # noqa: E402
 
 
@@ -100,3 +101,9 @@ def test_tokenizer_as_vocab_and_merges(tiny_folder, tmp_path):
     tiny_tokenizer(str(folder / "tokenizer"))
     assert sorted(os.listdir(folder / "tokenizer")) == ["merges.txt", "vocab.json"]
     assert load_pipeline(str(folder)).tokenizer("the cat").input_ids == [0, 55, 57, 1]
+
+
+def test_embedded_tiny_resolves_to_the_shipped_folder(tmp_path):
+    assert resolve_model_path(EMBEDDED_TINY) == TINY_SD_DIR
+    assert os.path.isfile(os.path.join(TINY_SD_DIR, "model_index.json"))
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)  # any other path is left as it is

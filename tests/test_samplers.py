@@ -14,10 +14,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from jaxpref.diffusion import NoiseSchedule, dro_timestep_grid, sample, sampler_noise
+from jaxpref.models.presets import SD15_SCHEDULER
 
-SD15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-        "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "prediction_type": "epsilon",
-        "timestep_spacing": "leading"}
+SD15 = {**SD15_SCHEDULER, "timestep_spacing": "leading"}
 SD15_DPM = {k: v for k, v in SD15.items() if k != "timestep_spacing"}  # SD1.5 ships no spacing: DPM's linspace
 RTOL = 1e-5
 B, H, W, C = 2, 6, 6, 4

@@ -26,6 +26,27 @@ def test_fsdp_spec_shards_the_largest_divisible_dim_of_big_tensors():
     assert sharding.fsdp_spec((3, 3, 320, 640), 1) == P()                   # no fsdp axis
 
 
+def test_rules_are_data_first_match_wins_and_bad_ones_are_named():
+    """(regex over the leaf path, rule) pairs decide each leaf, on an abstract 2 x 4 (data, fsdp) mesh."""
+    from jax.sharding import AbstractMesh
+
+    mesh = AbstractMesh((2, 4), sharding.BATCH_AXES)
+    tree = {"params": {"big": jax.ShapeDtypeStruct((64, 1024), "float32"),
+                       "norm": jax.ShapeDtypeStruct((1024,), "float32")},
+            "method_state": {"negatives": {"latents": jax.ShapeDtypeStruct((16, 4, 8), "float32")}},
+            "ref": {"big": jax.ShapeDtypeStruct((64, 1024), "float32")}}
+    rules = ((r"method_state/negatives/.*", "rows"), (r"ref/.*", "replicate"), (r".*", "fsdp(min_size=1000)"))
+    got = jax.tree_util.tree_map(lambda s: s.spec, sharding.tree_sharding(mesh, tree, rules))
+    assert got["params"]["big"] == P(None, "fsdp")
+    assert got["params"]["norm"] == P("fsdp")                   # 1024 >= min_size 1000
+    assert got["method_state"]["negatives"]["latents"] == P(sharding.BATCH_AXES)
+    assert got["ref"]["big"] == P()                             # the first match wins over ".*"
+    default = jax.tree_util.tree_map(lambda s: s.spec, sharding.tree_sharding(mesh, tree))
+    assert default["params"]["norm"] == P() and default["params"]["big"] == P(None, "fsdp")
+    with pytest.raises(ValueError, match=r"sharding rule 'fsdp\(size=3\)'"):
+        sharding.parse_rule("fsdp(size=3)")
+
+
 def test_make_mesh_fills_one_axis_and_names_a_bad_shape():
     n = jax.device_count()
     mesh = sharding.make_mesh(-1, 1)
@@ -34,26 +55,13 @@ def test_make_mesh_fills_one_axis_and_names_a_bad_shape():
         sharding.make_mesh(3, 5)
 
 
-def test_fsdp_splits_almost_all_of_sd15(tmp_path_factory):
+def test_fsdp_splits_almost_all_of_sd15(sd15_unet_shapes):
     """On SD1.5's UNet (shapes only) the rule shards > 99% of the param bytes over fsdp=8: what stays
     replicated (norms, biases) is small, so per-device params + Adam state shrink ~8x."""
-    from jaxpref.models.unet import SD15_UNET_CONFIG, unet_param_shapes
-
-    shapes = th.memo("sd15_shapes", lambda: unet_param_shapes(SD15_UNET_CONFIG))
-    leaves = jax.tree_util.tree_leaves(shapes)
+    leaves = jax.tree_util.tree_leaves(sd15_unet_shapes)
     sharded = sum(x.size for x in leaves if sharding.fsdp_spec(x.shape, 8) != P())
     total = sum(x.size for x in leaves)
     assert sharded / total > 0.99, sharded / total
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return th.shared_world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(world, tmp_path_factory):
-    return th.reference_run(world, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

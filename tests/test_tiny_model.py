@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from jaxpref.data import shapes
-from jaxpref.models import load_pipeline
-from jaxpref.tiny import configs, train_base
+from jaxpref.models import load_pipeline, presets
+from jaxpref.tiny import train_base
 
 SHIPPED = train_base.DEFAULT_OUT
 
@@ -42,16 +42,16 @@ def test_shipped_files_match_manifest(manifest):
 
 
 def test_shipped_loads_like_sd15(shipped, manifest):
-    """Same loader as SD1.5; the configs are the ones in jaxpref.tiny.configs; the measured scaling factor."""
-    assert shipped.unet.block_out_channels == tuple(configs.UNET_CONFIG["block_out_channels"])
+    """Same loader as SD1.5; the configs are the presets (jaxpref.models.presets); the measured scaling factor."""
+    assert shipped.unet.block_out_channels == tuple(presets.TINY_SD_UNET["block_out_channels"])
     assert shipped.unet.cross_attention_dim == shipped.text_encoder.config.hidden_size
-    assert shipped.vae.block_out_channels == tuple(configs.VAE_CONFIG["block_out_channels"])
+    assert shipped.vae.block_out_channels == tuple(presets.TINY_SD_VAE["block_out_channels"])
     assert shipped.vae.scaling_factor == manifest["vae_scaling_factor"]
     assert shipped.text_encoder.config.vocab_size == len(shipped.tokenizer)
     assert shipped.text_encoder.config.eos_token_id == shipped.tokenizer.eos_token_id
     assert shipped.tokenizer.model_max_length == shipped.text_encoder.config.max_position_embeddings
     sched = {k: v for k, v in shipped.scheduler_config.items() if not k.startswith("_")}
-    assert sched == {k: v for k, v in configs.SCHEDULER_CONFIG.items() if not k.startswith("_")}
+    assert sched == {k: v for k, v in presets.SD15_SCHEDULER.items() if not k.startswith("_")}
     m = manifest["metrics"]
     assert m["noise_image_reward_mean"] < m["base_reward_mean"] < m["clean_render_reward_mean"]
 

@@ -5,7 +5,6 @@ repeats the uninterrupted run's losses exactly (in-process, after SIGKILL, after
 Cost: one compile of the 1-device step (shared by every in-process run and by the CLI children through the
 persistent compile cache), plus the children of the slow tests.
 """
-import importlib.util
 import json
 import os
 import signal
@@ -18,19 +17,10 @@ import numpy as np
 import pytest
 
 import train_helpers as th
-from jaxpref import checkpoint as checkpoint_lib, config_lib, loop
+from jaxpref import checkpoint as checkpoint_lib, config_lib, evaluate, train as train_lib
+from jaxpref.methods import get_method
 
 CONFIGS = os.path.join(th.REPO, "configs")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return th.shared_world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(world, tmp_path_factory):
-    return th.reference_run(world, tmp_path_factory)
 
 
 def test_reference_run_trains_checkpoints_and_exports(reference):
@@ -53,9 +43,9 @@ def test_resume_in_process_repeats_the_uninterrupted_losses_exactly(world, refer
     ref_dir, ref = reference
     workdir = str(tmp_path / "run")
     config = th.tiny_dpo_config(*world)
-    first = loop.train(config, workdir, max_steps=3)
+    first = train_lib.train(config, workdir, max_steps=3)
     assert first["step"] == 3 and "exported_unet" not in first and th.checkpoint_steps(workdir) == [3]
-    second = loop.train(config, workdir)
+    second = train_lib.train(config, workdir)
     want = th.losses(ref["history"])
     assert th.losses(first["history"]) == {k: want[k] for k in (1, 2, 3)}
     assert th.losses(second["history"]) == {k: want[k] for k in (4, 5, 6)}
@@ -115,7 +105,7 @@ def test_two_processes_train_in_lockstep_and_resume(world, tmp_path_factory, tmp
                 first=3, port=th.free_port(), num_processes=2)
     procs = [th.run_script("multiproc", {**args, "process_id": i}, num_devices=2) for i in range(2)]
     try:  # the reference runs here while the children start up
-        ref_dir, ref = th.two_shard_reference(world, tmp_path_factory)
+        ref_dir, ref = th.two_shard_reference(world, str(tmp_path_factory.mktemp("two_shard_reference") / "run"))
     except BaseException:
         for p in procs:
             p.kill()
@@ -143,22 +133,10 @@ def test_two_processes_train_in_lockstep_and_resume(world, tmp_path_factory, tmp
 # Configs and the command line.
 
 def _load_config_file(path):
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config(os.path.basename(path)[:-3])
 
 
-CONFIG_FILES = sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py"))
-
-
-@pytest.fixture(scope="module")
-def sd15_unet_shapes():
-    from jaxpref.models.unet import SD15_UNET_CONFIG, count_params, unet_param_shapes
-
-    shapes = unet_param_shapes(SD15_UNET_CONFIG)
-    assert count_params(shapes) == 859_520_964
-    return shapes
+CONFIG_FILES = sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py") and f != "__init__.py")
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
@@ -172,9 +150,12 @@ def test_shipped_config_builds_and_validates(name, sd15_unet_shapes):
     config_lib.validate(config, num_devices=8, check_paths=False)
     if "sd15" not in name:
         return
+    from jaxpref.models.unet import count_params
+    assert count_params(sd15_unet_shapes) == 859_520_964
     assert config.data.resolution == 512
     latent_shape, text_shape = (64, 64, 4), (77, 768)
     state = jax.eval_shape(lambda p: step_lib.init_train_state(p, optim.make_optimizer(config.optimizer), config,
+                                                               get_method(config.objective)(config),
                                                                text_shape=text_shape, latent_shape=latent_shape),
                            sd15_unet_shapes)
     assert jax.tree_util.tree_structure(state.params) == jax.tree_util.tree_structure(sd15_unet_shapes)
@@ -182,15 +163,15 @@ def test_shipped_config_builds_and_validates(name, sd15_unet_shapes):
     assert sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state)) >= 2 * n  # adam's mu and nu
     assert (state.ema_params is not None) == bool(config.ema.enabled)
     if config.objective == "dro":
-        assert state.negatives.latents.shape == (config.dro.buffer_size, config.dro.num_inference_steps,
-                                                 *latent_shape)
-        assert state.negatives.text.shape == (config.dro.buffer_size, *text_shape)
+        negatives = state.method_state.negatives
+        assert negatives.latents.shape == (config.dro.buffer_size, config.dro.num_inference_steps, *latent_shape)
+        assert negatives.text.shape == (config.dro.buffer_size, *text_shape)
     else:
-        assert state.negatives is None
+        assert state.method_state is None
 
 
 def test_unknown_config_key_is_named():
-    config = config_lib.tiny_config()
+    config = config_lib.load_config("tiny")
     config.optimizer.lrr = 1.0
     config.data.typo_dir = "x"
     with pytest.raises(ValueError, match="config keys not understood") as err:
@@ -204,6 +185,13 @@ def _cli(*args, timeout=120):
     out = subprocess.run([sys.executable, "-m", "jaxpref.train", *args], cwd=th.REPO, env=env,
                          capture_output=True, text=True, timeout=timeout)
     return out.returncode, out.stdout + out.stderr, time.perf_counter() - start
+
+
+def test_a_bad_sharding_rule_is_named_before_compiling():
+    config = config_lib.load_config("tiny")
+    config.sharding_rules = ((".*", "fsdp(min=3)"),)
+    with pytest.raises(ValueError, match=r"config\.sharding_rules=\('\.\*', 'fsdp\(min=3\)'\)"):
+        config_lib.validate(config, check_paths=False)
 
 
 def test_cli_help():
@@ -221,7 +209,7 @@ def test_cli_rejects_bad_keys_and_missing_model_before_compiling(tmp_path):
     assert rc != 0 and "lrr" in out
 
     bad = tmp_path / "bad.py"
-    bad.write_text("from jaxpref import config_lib\n\n\ndef get_config():\n    c = config_lib.tiny_config()\n"
+    bad.write_text("from jaxpref import config_lib\n\n\ndef get_config():\n    c = config_lib.load_config('tiny')\n"
                    "    c.optimizer.learning_rate = 1e-4\n    return c\n")
     rc, out, _ = _cli(f"--config={bad}", f"--workdir={workdir}")
     assert rc != 0 and "optimizer.learning_rate" in out and "ValueError" in out
@@ -238,29 +226,29 @@ def test_base_evaluation_is_reused_only_for_the_same_pipeline_settings_and_seed(
 
     calls = []
 
-    def fake_evaluate(run, params, out_dir, baseline=None):
+    def fake_evaluate(run, params, out_dir, baseline=None, mesh=None):
         calls.append(out_dir)
         os.makedirs(out_dir)
         with open(os.path.join(out_dir, "scores.npz"), "w") as f:
             f.write(out_dir)
         return {"shapes/mean": float(len(calls))}
 
-    monkeypatch.setattr(loop, "_evaluate", fake_evaluate)
-    monkeypatch.setattr(loop, "_BASE_EVALS", {"model": None, "runs": {}})
+    monkeypatch.setattr(evaluate, "evaluate_run", fake_evaluate)
+    monkeypatch.setattr(evaluate, "_BASE_EVALS", {"model": None, "runs": {}})
     pipe_a, pipe_b = (types.SimpleNamespace(unet_params={"w": np.zeros(2)}) for _ in range(2))
 
     def run(pipe, seed=0, steps=25):
-        c = config_lib.tiny_config()
+        c = config_lib.load_config("tiny")
         c.seed, c.eval.num_steps = seed, steps
         return types.SimpleNamespace(config=c, pipeline=pipe)
 
-    first = loop._evaluate_base(run(pipe_a), str(tmp_path / "r1"))
-    again = loop._evaluate_base(run(pipe_a), str(tmp_path / "r2"))          # reused: copied, not generated
+    first = evaluate.evaluate_base(run(pipe_a), str(tmp_path / "r1"))
+    again = evaluate.evaluate_base(run(pipe_a), str(tmp_path / "r2"))          # reused: copied, not generated
     assert again == first and len(calls) == 1
     assert open(tmp_path / "r2" / "scores.npz").read() == str(tmp_path / "r1")
-    loop._evaluate_base(run(pipe_a, seed=1), str(tmp_path / "r3"))          # another seed: generated
-    loop._evaluate_base(run(pipe_a, steps=10), str(tmp_path / "r4"))        # other sampling: generated
-    loop._evaluate_base(run(pipe_b), str(tmp_path / "r5"))                  # another pipeline: generated
+    evaluate.evaluate_base(run(pipe_a, seed=1), str(tmp_path / "r3"))          # another seed: generated
+    evaluate.evaluate_base(run(pipe_a, steps=10), str(tmp_path / "r4"))        # other sampling: generated
+    evaluate.evaluate_base(run(pipe_b), str(tmp_path / "r5"))                  # another pipeline: generated
     pipe_b.unet_params = {"w": np.ones(2)}
-    loop._evaluate_base(run(pipe_b), str(tmp_path / "r6"))                  # params replaced: generated
+    evaluate.evaluate_base(run(pipe_b), str(tmp_path / "r6"))                  # params replaced: generated
     assert len(calls) == 5

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from jaxpref.models import weights
-from jaxpref.models.unet import (SD15_UNET_CONFIG, SD21_UNET_CONFIG, SDXL_UNET_CONFIG, UNet2DConditionModel,
-                                 count_params, load_unet, save_unet, timestep_embedding, unet_from_config,
-                                 unet_param_shapes)
+from jaxpref.models.presets import SD15_UNET, SD21_UNET, SDXL_UNET
+from jaxpref.models.unet import (UNet2DConditionModel, count_params, load_unet, save_unet, timestep_embedding,
+                                 unet_from_config, unet_param_shapes)
 
 torch.set_num_threads(1)
 
@@ -180,9 +180,9 @@ def _torch_layout_shapes(tree):
     return out
 
 
-@pytest.mark.parametrize("name,config,expected", [("sd15", SD15_UNET_CONFIG, 859_520_964),
-                                                   ("sd21", SD21_UNET_CONFIG, 865_910_724),
-                                                   ("sdxl", SDXL_UNET_CONFIG, 2_567_463_684)])
+@pytest.mark.parametrize("name,config,expected", [("sd15", SD15_UNET, 859_520_964),
+                                                   ("sd21", SD21_UNET, 865_910_724),
+                                                   ("sdxl", SDXL_UNET, 2_567_463_684)])
 def test_full_size_param_shapes(name, config, expected):
     shapes = unet_param_shapes(config)
     assert count_params(shapes) == expected

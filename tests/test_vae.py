@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jaxpref.models import weights
-from jaxpref.models.vae import AutoencoderKL, load_vae, save_vae, vae_from_config
+from jaxpref.models.vae import AutoencoderKL, load_vae, posterior, save_vae, vae_from_config
 from tiny_sd import tiny_vae
 
 RTOL = 1e-4
@@ -72,6 +72,20 @@ def test_encode_matches_diffusers(torch_vae, ours):
     assert rel_err(mean, nhwc(posterior.mean)) <= RTOL
     assert rel_err(logvar, nhwc(posterior.logvar)) <= RTOL
     assert module.scaling_factor == pytest.approx(0.18215)
+
+
+def test_posterior_of_pixels_matches_diffusers(torch_vae, ours):
+    """posterior: uint8 pixels map to [-1, 1] (x / 127.5 - 1), std is the latent_dist's; floats pass through."""
+    module, params = ours
+    pixels = np.random.RandomState(2).randint(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+    unit = pixels.astype(np.float32) / 127.5 - 1.0
+    fn = jax.jit(lambda p, images: posterior(module, p, images))
+    mean, std = fn(params, pixels)
+    with torch.no_grad():
+        dist = torch_vae.encode(nchw(unit)).latent_dist
+    assert rel_err(mean, nhwc(dist.mean)) <= RTOL and rel_err(std, nhwc(dist.std)) <= RTOL
+    mean_f, std_f = fn(params, unit)
+    assert rel_err(mean_f, np.asarray(mean)) <= 1e-6 and rel_err(std_f, np.asarray(std)) <= 1e-6
 
 
 def test_decode_matches_diffusers(torch_vae, ours):

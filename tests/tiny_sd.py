@@ -12,14 +12,9 @@ import tempfile
 
 import torch
 
-TINY_VAE = dict(block_out_channels=(8, 16, 16), down_block_types=["DownEncoderBlock2D"] * 3,
-                up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=1, latent_channels=4,
-                norm_num_groups=4, sample_size=16)
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                 attention_head_dim=2, norm_num_groups=4)
-MAX_LENGTH = 12
+from jaxpref.models.presets import SD15_SCHEDULER, TEST_TINY_TEXT_ENCODER, TEST_TINY_UNET, TEST_TINY_VAE
+
+MAX_LENGTH = TEST_TINY_TEXT_ENCODER["max_position_embeddings"]  # the tiny tokenizer's model_max_length
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
@@ -38,6 +33,9 @@ def tiny_vocab() -> list[str]:
         "th", "the</w>", "ca", "cat</w>"]
 
 
+assert len(tiny_vocab()) == TEST_TINY_TEXT_ENCODER["vocab_size"]
+
+
 def tiny_tokenizer(folder: str):
     """A transformers CLIPTokenizer from hand-written vocab.json + merges.txt (no hub)."""
     from transformers import CLIPTokenizer
@@ -54,17 +52,14 @@ def tiny_tokenizer(folder: str):
 def tiny_text_config(**overrides):
     from transformers import CLIPTextConfig
 
-    kw = dict(vocab_size=len(tiny_vocab()), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-              num_attention_heads=2, max_position_embeddings=MAX_LENGTH, projection_dim=8, bos_token_id=0,
-              eos_token_id=1, pad_token_id=1)
-    return CLIPTextConfig(**{**kw, **overrides})
+    return CLIPTextConfig(**{**TEST_TINY_TEXT_ENCODER, **overrides})
 
 
 def tiny_vae(seed: int = 0, **overrides):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return randomize_(AutoencoderKL(**{**TINY_VAE, **overrides}), seed)
+    return randomize_(AutoencoderKL(**{**TEST_TINY_VAE, **overrides}), seed)
 
 
 def tiny_text_encoder(seed: int = 0, with_projection: bool = False, **overrides):
@@ -79,7 +74,7 @@ def tiny_unet(seed: int = 0):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return randomize_(UNet2DConditionModel(**TINY_UNET), seed)
+    return randomize_(UNet2DConditionModel(**TEST_TINY_UNET), seed)
 
 
 def build_tiny_sd(folder: str, seed: int = 0) -> str:
@@ -88,8 +83,8 @@ def build_tiny_sd(folder: str, seed: int = 0) -> str:
 
     with tempfile.TemporaryDirectory() as src:
         tokenizer = tiny_tokenizer(src)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    # SD1.5's schedule as a DDIM scheduler (PNDM's skip_prk_steps would be written to its config).
+    scheduler = DDIMScheduler.from_config({k: v for k, v in SD15_SCHEDULER.items() if k != "skip_prk_steps"})
     pipe = StableDiffusionPipeline(vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed + 1),
                                    tokenizer=tokenizer, unet=tiny_unet(seed + 2), scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -1,12 +1,11 @@
 """Shared pieces of the training tests: the test config, a CLI config file, subprocess drivers, hooks.
 
-Also a script: ``python tests/train_helpers.py mesh|multiproc ARGS_JSON`` runs ``loop.train`` in a fresh
+Also a script: ``python tests/train_helpers.py mesh|multiproc ARGS_JSON`` runs ``jaxpref.train.train`` in a fresh
 process (a simulated device count, or one of several ``jax.distributed`` processes) and prints one
 ``RESULT {json}`` line for the test to read.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
@@ -17,36 +16,34 @@ import time
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 PAUSE_ENV = "JAXPREF_TEST_PAUSE_AT"
-_MEMO: dict = {}
 
 
-def shared_world(tmp_path_factory) -> tuple[str, str]:
-    """(tiny SD folder, data dir with the shapes dataset built), once per session for every test file."""
-    if "world" not in _MEMO:
-        from tiny_sd import build_tiny_sd
+def build_world(root) -> tuple[str, str]:
+    """(tiny SD folder, data dir with the shapes dataset built) under ``root``, built once even when several
+    test processes (xdist workers) ask at the same time: the first takes a file lock and builds, the others
+    wait and reuse it. Deterministic, so every worker trains on the same bytes."""
+    import fcntl
+    import pathlib
+    from tiny_sd import build_tiny_sd
+    from jaxpref import data
 
-        root = tmp_path_factory.mktemp("train_world")
-        model = build_tiny_sd(str(root / "tiny_sd"))
-        data_dir = str(root / "data")
-        from jaxpref import data
-
-        data.open_source("shapes", "train", data_dir)  # builds the shapes pairs once (~20 s)
-        _MEMO["world"] = (model, data_dir)
-    return _MEMO["world"]
-
-
-def memo(key, fn):
-    """fn() once per session (reference runs shared by test files)."""
-    if key not in _MEMO:
-        _MEMO[key] = fn()
-    return _MEMO[key]
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    model, data_dir = str(root / "tiny_sd"), str(root / "data")
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".done").exists():
+            build_tiny_sd(model)
+            data.open_source("shapes", "train", data_dir)  # builds the shapes pairs (~20 s)
+            (root / ".done").touch()
+    return model, data_dir
 
 
 def tiny_dpo_config(model_path: str, data_dir: str, **overrides):
     """DPO on the shapes world with the tiny random pipeline: 8 pairs, 6 steps, fp32, a loss every step."""
     from jaxpref import config_lib
 
-    c = config_lib.tiny_config()
+    c = config_lib.load_config("tiny")
     c.model_path = model_path
     c.objective = "dpo"
     c.batch_size = 8
@@ -264,12 +261,9 @@ def compare_histories(got: list, want: list, steps) -> dict:
 # ---------------------------------------------------------------------------------------------
 # In-process pieces.
 
-def lower_fsdp_threshold(min_size: int):
-    """Test-only: the fsdp rule shards tensors of >= min_size elements (the tiny UNet is all < 2**14)."""
-    from jaxpref import sharding
-
-    original = getattr(sharding.params_sharding, "func", sharding.params_sharding)
-    sharding.params_sharding = functools.partial(original, min_size=min_size)
+def fsdp_rules(min_size: int):
+    """The fsdp rule for tensors of >= min_size elements (the tiny UNet's are all < 2**14, the default)."""
+    return ((".*", f"fsdp(min_size={min_size})"),)
 
 
 def spy_on_saves(record: list):
@@ -299,15 +293,15 @@ def spy_on_saves(record: list):
 class TwoShardLoader:
     """What two processes' loaders feed together, in one process: rows of process 0 then process 1.
 
-    A stand-in for ``jaxpref.data.make_loader`` so a single-process run sees the global batches of a
+    A stand-in for ``jaxpref.data.loader.make_loader`` so a single-process run sees the global batches of a
     two-process run (each process reads its own contiguous half of the records).
     """
 
-    def __init__(self, source, global_batch_size, **kwargs):
-        from jaxpref.data import loader
+    make_loader = None  # the real one, set while this stands in for it
 
+    def __init__(self, source, global_batch_size, **kwargs):
         kwargs.pop("process_index", None), kwargs.pop("process_count", None)
-        self.loaders = [loader.make_loader(source, global_batch_size, process_index=p, process_count=2, **kwargs)
+        self.loaders = [self.make_loader(source, global_batch_size, process_index=p, process_count=2, **kwargs)
                         for p in range(2)]
 
     def __iter__(self):
@@ -331,30 +325,26 @@ def losses(history, key: str = "loss") -> dict[int, float]:
     return {h["step"]: h[key] for h in history}
 
 
-def reference_run(world, tmp_path_factory):
-    """The uninterrupted 1-device run 0 -> 6 in this process (a loss every step, checkpoints 3 and 6, the
-    UNet exported): (workdir, summary), once per session."""
-    def run():
-        from jaxpref import loop
+def reference_run(world, workdir: str):
+    """The uninterrupted 1-device run 0 -> 6 (a loss every step, checkpoints 3 and 6, the UNet exported):
+    (workdir, summary)."""
+    from jaxpref import train as train_lib
 
-        workdir = str(tmp_path_factory.mktemp("reference") / "run")
-        return workdir, loop.train(tiny_dpo_config(*world), workdir)
-    return memo("reference", run)
+    return workdir, train_lib.train(tiny_dpo_config(*world), workdir)
 
 
-def two_shard_reference(world, tmp_path_factory):
+def two_shard_reference(world, workdir: str):
     """Like ``reference_run`` but fed what two processes read together (each its own half of the records)."""
-    def run():
-        from jaxpref import data, loop
+    from jaxpref import train as train_lib
+    from jaxpref.data import loader
 
-        workdir = str(tmp_path_factory.mktemp("two_shard_reference") / "run")
-        original = data.make_loader
-        data.make_loader = TwoShardLoader
-        try:
-            return workdir, loop.train(tiny_dpo_config(*world), workdir)
-        finally:
-            data.make_loader = original
-    return memo("two_shard_reference", run)
+    original = loader.make_loader
+    TwoShardLoader.make_loader = staticmethod(original)
+    loader.make_loader = TwoShardLoader
+    try:
+        return workdir, train_lib.train(tiny_dpo_config(*world), workdir)
+    finally:
+        loader.make_loader = original
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,14 +353,14 @@ def two_shard_reference(world, tmp_path_factory):
 def _mesh_main(args: dict) -> dict:
     """One process, the simulated devices of XLA_FLAGS, mesh (data, fsdp): train, report shardings."""
     import jax
-    from jaxpref import loop
+    from jaxpref import train as train_lib
 
-    lower_fsdp_threshold(args["min_size"])
     saves = []
     spy_on_saves(saves)
     config = tiny_dpo_config(args["model_path"], args["data_dir"], **args.get("overrides", {}))
     config.mesh.update(data=args["data"], fsdp=args["fsdp"])
-    summary = loop.train(config, args["workdir"], max_steps=args.get("max_steps"))
+    config.sharding_rules = fsdp_rules(args["min_size"])
+    summary = train_lib.train(config, args["workdir"], max_steps=args.get("max_steps"))
     return {"devices": jax.device_count(), "history": summary["history"], "saves": saves, "step": summary["step"]}
 
 
@@ -403,15 +393,15 @@ def _multiproc_main(args: dict) -> dict:
     train_cli_lib.initialize_distributed(f"127.0.0.1:{args['port']}", args["num_processes"], args["process_id"],
                                          cpu_collectives=True)
     import jax
-    from jaxpref import loop
+    from jaxpref import train as train_lib
 
-    lower_fsdp_threshold(args["min_size"])
     saves = []
     spy_on_saves(saves)
     config = tiny_dpo_config(args["model_path"], args["data_dir"], **args.get("overrides", {}))
     config.mesh.update(data=args["data"], fsdp=args["fsdp"])
-    first = loop.train(config, args["workdir"], max_steps=args["first"])
-    second = loop.train(config, args["workdir"])
+    config.sharding_rules = fsdp_rules(args["min_size"])
+    first = train_lib.train(config, args["workdir"], max_steps=args["first"])
+    second = train_lib.train(config, args["workdir"])
     return {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count(),
             "history": first["history"] + second["history"], "saves": saves,

@@ -12,9 +12,8 @@ Sources
 
 Loaders (grain; deterministic given seed; state in the training checkpoint; per-host sharded)
     make_loader(source, global_batch_size, *, seed=0, sharding=None, order="label", require_rewards=False,
-                resolution=None, crop="center", random_flip=True, caption_dropout=0.0, tokenizer=None, ...)
+                resolution=None, crop="center", random_flip=True, tokenizer=None, ...)
         -> Loader: next(loader) -> dict batch; loader.get_state() -> bytes; loader.set_state(bytes)
-    to_global(batch, sharding) -> dict of global jax.Arrays (jax.make_array_from_process_local_data)
 
     DPO pairs:   make_loader(open_source("shapes", "train", d), 64, sharding=s)
                  -> images uint8 [B,2,H,W,3] (winner first), input_ids int32 [B,L], label [B], rewards [B,2]
@@ -44,7 +43,7 @@ _EXPORTS = {
     "open_source": "sources", "load_prompts": "sources", "Source": "sources",
     "prepare_shapes": "shapes_builder", "shapes_config": "shapes_builder",
     "build_pickapic": "pickapic", "pickapic_config": "pickapic",
-    "make_loader": "loader", "to_global": "loader", "Loader": "loader",
+    "make_loader": "loader", "Loader": "loader",
     "build_latent_cache": "cache", "vae_encode_fn": "cache",
     "build_scores": "scores", "pickscore_fn": "scores", "get_scorer": "scores",
     "build_experts": "experts",

@@ -21,31 +21,24 @@ import os
 import time
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
 
 from jaxpref.data import common, records
 from jaxpref.data.sources import open_source
+from jaxpref.data.tokenizer import load_tokenizer, tokenize
+from jaxpref.models import vae as vae_lib
 
 EncodeFn = Callable[[np.ndarray], tuple]  # uint8 [B, H, W, 3] -> (mean [B, h, w, c], std [B, h, w, c])
 
 
-def vae_encode_fn(vae_folder: str | os.PathLike, logvar_clip: tuple[float, float] = (-30.0, 20.0)) -> EncodeFn:
-    """encode_fn from our Flax VAE (jaxpref.models.load_vae): images uint8 -> (posterior mean, std) numpy.
-
-    Pixels map to [-1, 1]; logvar is clipped as diffusers' DiagonalGaussianDistribution does.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from jaxpref.models import load_vae
-
-    module, params = load_vae(os.fspath(vae_folder))
-
-    @jax.jit
-    def enc(p, images):
-        x = images.astype(jnp.float32) / 127.5 - 1.0
-        mean, logvar = module.apply({"params": p}, x, method=module.encode)
-        return mean, jnp.exp(0.5 * jnp.clip(logvar, *logvar_clip))
+def vae_encode_fn(vae_folder: str | os.PathLike) -> EncodeFn:
+    """encode_fn from our Flax VAE (jaxpref.models.load_vae): images uint8 -> (posterior mean, std) numpy, by
+    ``jaxpref.models.vae.posterior`` (pixels to [-1, 1]; logvar clipped as diffusers' DiagonalGaussianDistribution)."""
+    module, params = vae_lib.load_vae(os.fspath(vae_folder))
+    enc = jax.jit(lambda p, images: vae_lib.posterior(module, p, images))
 
     def encode_fn(images: np.ndarray):
         mean, std = enc(params, jnp.asarray(images))
@@ -71,8 +64,6 @@ def build_latent_cache(dataset: str, out_dir: str | os.PathLike, encode_fn: Enco
     resolution: resize shorter side + center crop before encoding (None: stored size).
     max_shards: stop after this many new shards (for tests / time-boxed runs); rerun to continue.
     """
-    from jaxpref.data.tokenizer import load_tokenizer, tokenize
-
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
     src = open_source(dataset, split, data_dir, scores=scores)
@@ -153,8 +144,6 @@ def build_latent_cache(dataset: str, out_dir: str | os.PathLike, encode_fn: Enco
 
 
 def _first_record(path) -> bytes:
-    from array_record.python.array_record_module import ArrayRecordReader
-
     r = ArrayRecordReader(os.fspath(path))
     try:
         return r.read([0])[0]

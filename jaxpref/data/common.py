@@ -14,6 +14,7 @@ import os
 import pathlib
 
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger("jaxpref.data")
 
@@ -60,8 +61,6 @@ def epath_of(path: str):
 
 def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
     """uint8 [H, W, 3] -> PNG or JPEG bytes."""
-    from PIL import Image
-
     buf = io.BytesIO()
     im = Image.fromarray(np.asarray(image, np.uint8))
     if fmt.lower() in ("jpg", "jpeg"):
@@ -76,8 +75,6 @@ def decode_image(data: bytes, resolution: int | None = None, center_crop: bool =
 
     center_crop=False leaves the resized (possibly non-square) image. Raises on corrupt data.
     """
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
         if resolution is not None:
@@ -91,8 +88,6 @@ def decode_image(data: bytes, resolution: int | None = None, center_crop: bool =
 
 def resize_shorter(im, resolution: int):
     """PIL image with its shorter side resized to `resolution` (torchvision Resize(int), bilinear, antialiased)."""
-    from PIL import Image
-
     w, h = im.size
     if min(w, h) == resolution:
         return im

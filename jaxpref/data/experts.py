@@ -1,4 +1,4 @@
-"""DRO experts: every unique (image, caption) of a pair dataset scored, the global top K kept (METHODS §2).
+"""DRO experts: every unique (image, caption) of a pair dataset scored, the global top K kept (docs/methods.md §2).
 
     python -m jaxpref.data.experts --dataset pickapic_v2 --data_dir /data/tfds \\
         --scorer pickscore_scaled:/ckpt/PickScore_v1 --k 500 --out /data/experts/pickapic_top500

@@ -25,13 +25,15 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from typing import Sequence
 
 import grain.python as grain
 import numpy as np
+from absl import flags
 
 from jaxpref.data import common
 from jaxpref.data.sources import Source
+from jaxpref.data.tokenizer import load_tokenizer, tokenize
+from jaxpref.sharding import put_global_batch
 
 
 _TOKENIZER_LOCK = threading.Lock()
@@ -39,8 +41,6 @@ _TOKENIZER_LOCK = threading.Lock()
 
 @functools.lru_cache(maxsize=65536)
 def _ids(tokenizer_path: str | None, caption: str, max_length: int | None) -> np.ndarray:
-    from jaxpref.data.tokenizer import load_tokenizer, tokenize
-
     with _TOKENIZER_LOCK:  # read threads of a fresh worker would race on transformers' lazy imports
         tok = load_tokenizer(tokenizer_path)
     return tokenize(tok, [caption], max_length)[0]
@@ -109,14 +109,17 @@ def _swap(x: np.ndarray) -> np.ndarray:
 
 
 class _Augment(grain.RandomMapTransform):
-    """grain RandomMapTransform: pair ordering, shared flip, random crop, caption dropout, reward normalisation."""
+    """grain RandomMapTransform: pair ordering, shared flip, random crop, reward normalisation.
 
-    def __init__(self, *, order, random_flip, caption_dropout, empty_ids, resolution, crop, lo, span):
-        self.order, self.random_flip, self.caption_dropout = order, random_flip, caption_dropout
-        self.empty_ids, self.resolution, self.crop, self.lo, self.span = empty_ids, resolution, crop, lo, span
+    Caption dropout is not here: the train step draws it per pair (``jaxpref.methods.base.drop_captions``).
+    """
+
+    def __init__(self, *, order, random_flip, resolution, crop, lo, span):
+        self.order, self.random_flip = order, random_flip
+        self.resolution, self.crop, self.lo, self.span = resolution, crop, lo, span
 
     def random_map(self, el: dict, rng: np.random.Generator) -> dict:
-        u = rng.random(4)  # fixed draw count: flip, dropout, crop y, crop x
+        u = rng.random(4)  # fixed draw count: flip, (unused), crop y, crop x
         el = dict(el)
         if "rewards" in el:
             swap = False
@@ -146,21 +149,7 @@ class _Augment(grain.RandomMapTransform):
                 el["latent_mean"], el["latent_std"] = el["latent_mean_flip"], el["latent_std_flip"]
             el.pop("latent_mean_flip", None)
             el.pop("latent_std_flip", None)
-        if self.caption_dropout > 0 and u[1] < self.caption_dropout:
-            el["input_ids"] = self.empty_ids
         return el
-
-
-def to_global(batch: dict, sharding, host_fields: Sequence[str] = ("caption",)) -> dict:
-    """Per-host numpy batch -> global jax.Arrays on `sharding` (e.g. NamedSharding(mesh, P('data'))).
-
-    Every host passes its own rows; the leading axis of the result is the global batch. String fields
-    (host_fields) stay host-local numpy.
-    """
-    import jax
-
-    return {k: v if k in host_fields or np.asarray(v).dtype.kind in "USO"
-            else jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 class Loader:
@@ -176,7 +165,7 @@ class Loader:
 
     def __next__(self) -> dict:
         batch = next(self._it)
-        return batch if self.sharding is None else to_global(batch, self.sharding)
+        return batch if self.sharding is None else put_global_batch(self.sharding, batch)
 
     def get_state(self) -> bytes:
         """Opaque bytes (grain's JSON iterator state) to store in the training checkpoint."""
@@ -191,7 +180,7 @@ def make_loader(source: Source, global_batch_size: int, *, seed: int = 0, shuffl
                 num_epochs: int | None = None, drop_remainder: bool = True,
                 tokenizer: str | os.PathLike | None = None, max_length: int | None = None,
                 resolution: int | None = None, crop: str = "center", random_flip: bool = True,
-                caption_dropout: float = 0.0, order: str = "label", require_rewards: bool = False,
+                order: str = "label", require_rewards: bool = False,
                 keep_captions: bool = False, sharding=None, process_index: int | None = None,
                 process_count: int | None = None, worker_count: int = 0, read_threads: int = 4) -> Loader:
     """Batches from `source` (see module docstring for layouts).
@@ -201,7 +190,6 @@ def make_loader(source: Source, global_batch_size: int, *, seed: int = 0, shuffl
     resolution: resize the shorter side to this, then crop ('center' or 'random'); None keeps stored size.
     order: 'label' (winner first by label_0, DPO), 'reward' (higher reward first, SmPO) or 'none'.
     require_rewards: fail fast if the source has no finite rewards (run python -m jaxpref.data.scores).
-    caption_dropout: probability that a row's caption becomes "" (whole pair), e.g. 0.2 as in the references.
     sharding: a NamedSharding for the batch axis; with it batches are global jax.Arrays, without numpy.
     process_index / process_count: default jax.process_index() / jax.process_count() (override in tests).
     worker_count: grain worker processes (0: decode in this process's read threads). Batches do not depend
@@ -225,24 +213,15 @@ def make_loader(source: Source, global_batch_size: int, *, seed: int = 0, shuffl
     if len(source) // process_count < per_host and drop_remainder:
         raise ValueError(f"{source}: {len(source)} records over {process_count} hosts cannot fill a batch of {per_host}")
     if worker_count:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (defaults are fine)
             flags.FLAGS.mark_as_parsed()
     tok = None if tokenizer is None else os.fspath(tokenizer)
-    if source.kind == "latents":
-        empty_ids = np.asarray(source.meta.get("empty_ids", []), np.int32)
-        if caption_dropout > 0 and empty_ids.size == 0:
-            raise ValueError(f"{source}: the cache has no empty_ids; caption dropout needs them")
-    else:
-        empty_ids = _ids(tok, "", max_length)
     lo_hi = source.reward_range
     prepared = _Prepared(source, resolution, crop, tok, max_length, keep_captions)
     shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
     sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=shuffle,
                                  num_epochs=num_epochs, seed=int(seed))
-    augment = _Augment(order=order, random_flip=random_flip, caption_dropout=caption_dropout, empty_ids=empty_ids,
-                       resolution=resolution, crop=crop, lo=None if lo_hi is None else lo_hi[0],
+    augment = _Augment(order=order, random_flip=random_flip, resolution=resolution, crop=crop, lo=None if lo_hi is None else lo_hi[0],
                        span=None if lo_hi is None else max(lo_hi[1] - lo_hi[0], 1e-12))
     ops = [augment, grain.Batch(per_host, drop_remainder=drop_remainder)]
     dl = grain.DataLoader(data_source=prepared, sampler=sampler, operations=ops, worker_count=worker_count,

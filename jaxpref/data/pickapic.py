@@ -25,6 +25,7 @@ import os
 import pathlib
 import re
 
+import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 
 from jaxpref.data import common
@@ -124,8 +125,6 @@ class PickapicV2(tfds.core.GeneratorBasedBuilder):
         raise NotImplementedError
 
     def _generate_split(self, split: str, files: list[pathlib.Path]):
-        import pyarrow.parquet as pq
-
         cfg = self.builder_config
         report = common.BuildReport(f"pickapic_v2/{cfg.name}[{split}]")
         self.reports[split] = report

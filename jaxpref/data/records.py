@@ -20,6 +20,7 @@ import struct
 from typing import Any, Iterable
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 
 _MAGIC = b"JPR1"
 
@@ -89,8 +90,6 @@ def _json_default(o):
 
 def write_shard(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records to an array_record file atomically; returns the count."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     path = pathlib.Path(path)
     tmp = path.with_name(path.name + ".tmp")
     writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxpref.data import common, records
+from jaxpref.data import common, records, shapes
 from jaxpref.data.sources import open_source
 
 ScoreFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
@@ -31,7 +31,7 @@ def pickscore_fn(clip_folder: str | os.PathLike, logit_scale: bool = False, devi
                  batch_size: int = 32) -> ScoreFn:
     """PickScore from a local HF CLIPModel folder (with its processor files), computed with transformers/torch.
 
-    logit_scale=False gives the cosine of the normalised embeddings (SmPO's soft labels, METHODS §3);
+    logit_scale=False gives the cosine of the normalised embeddings (SmPO's soft labels, docs/methods.md §3);
     True multiplies by exp(logit_scale) as PickScore's reported numbers do.
     """
     import torch
@@ -67,8 +67,6 @@ def pickscore_fn(clip_folder: str | os.PathLike, logit_scale: bool = False, devi
 def get_scorer(spec: str) -> ScoreFn:
     """'shapes' (analytic reward) | 'pickscore:<folder>' (cosine) | 'pickscore_scaled:<folder>'."""
     if spec == "shapes":
-        from jaxpref.data import shapes
-
         return shapes.score_fn
     kind, _, folder = spec.partition(":")
     if kind in ("pickscore", "pickscore_scaled") and folder:

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxpref.data.shapes import GRAMMAR_WORDS
+
 SHAPES_TOKENIZER_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "shapes_tokenizer"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -100,7 +102,9 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 
 
 def tokenize(tokenizer, captions: Sequence[str | bytes], max_length: int | None = None) -> np.ndarray:
-    """Token ids int32 [B, max_length] (default tokenizer.model_max_length), <|endoftext|>-padded, truncated."""
+    """Captions -> token ids int32 [B, max_length] (default tokenizer.model_max_length), padded with the pad token
+    (SD's: <|endoftext|>) and truncated, as SD pipelines tokenize prompts. Training, evaluation, the loaders and the
+    latent cache all tokenize with this."""
     texts = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in captions]
     ids = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length or tokenizer.model_max_length,
                     return_tensors="np")["input_ids"]
@@ -108,6 +112,4 @@ def tokenize(tokenizer, captions: Sequence[str | bytes], max_length: int | None 
 
 
 if __name__ == "__main__":
-    from jaxpref.data.shapes import GRAMMAR_WORDS
-
     write_clip_tokenizer(GRAMMAR_WORDS, sys.argv[1] if len(sys.argv) > 1 else SHAPES_TOKENIZER_DIR)

@@ -1,4 +1,4 @@
-"""DDIM inversion, ReNoise (METHODS §4) and SmPO's inversion of the training images (METHODS §3).
+"""DDIM inversion, ReNoise (docs/methods.md §4) and SmPO's inversion of the training images (docs/methods.md §3).
 
 Every inversion here is one ``jax.lax.scan`` over a fixed number of grid steps, batched over images;
 samples that need fewer steps (SmPO: one t per sample) are masked, so shapes never depend on data.
@@ -29,7 +29,7 @@ import numpy as np
 from jaxpref.diffusion.samplers import EpsFn, Trajectory, guided_model, sample_keys, sampling_grid
 from jaxpref.diffusion.schedule import NoiseSchedule, _bcast, check_num_steps, output_to_x0_eps
 
-SMPO_MODES = ("code", "paper")
+SMPO_MODES = ("code", "paper", "consistent")  # docs/methods.md §3
 
 
 def ddim_inversion_step(x_s: jax.Array, eps: jax.Array, a_s: jax.Array, a_t: jax.Array) -> jax.Array:
@@ -177,10 +177,11 @@ def renoise_step(model, x_s, a_s, a_t, t_call, a_call, *, prediction_type: str =
 
 def _inversion_scan(model, x0, schedule: NoiseSchedule, *, t_src, t_tgt, t_call, active=None,
                     renoise_steps=0, average_window=None, noise_regularization=None, rng=None,
-                    record=False, clean_alpha=None):
+                    record=False, clean_alpha=None, keys=None):
     """Inverts x0 [B, ...] along per-sample grids t_src -> t_tgt (model told t_call), all [S, B] int32.
 
-    Negative levels read ᾱ = clean_alpha (default ``final_alpha_cumprod``).
+    Negative levels read ᾱ = clean_alpha (default ``final_alpha_cumprod``). Noise regularisation draws its
+    reference noise and rolls from per-sample ``keys`` [B], or from ``sample_keys(rng, B)``.
 
     active [S, B] bool (None: all): inactive samples keep their latent; a step where no sample is
     active is skipped (``lax.cond``) rather than computed and discarded.
@@ -190,12 +191,12 @@ def _inversion_scan(model, x0, schedule: NoiseSchedule, *, t_src, t_tgt, t_call,
     a_src, a_tgt, a_call = (schedule.alpha_cumprod_at(t, clean_alpha) for t in (t_src, t_tgt, t_call))
     if active is None:
         active = jnp.ones(t_src.shape, bool)
-    keys = ref_noise = None
+    ref_noise = None
     if noise_regularization is not None:
-        if rng is None:
+        if keys is None and rng is None:
             raise ValueError("noise_regularization draws a reference noise and random rolls: "
                              "pass rng=jax.random.key(...)")
-        keys = sample_keys(rng, x.shape[0])
+        keys = sample_keys(rng, x.shape[0]) if keys is None else keys
         ref_noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], jnp.float32))(keys)
 
     def step(x, xs):
@@ -203,7 +204,7 @@ def _inversion_scan(model, x0, schedule: NoiseSchedule, *, t_src, t_tgt, t_call,
         x_ref = None
         if noise_regularization is not None:  # q_sample(x0, t, ε_ref): ReNoise's reference point
             x_ref = jnp.sqrt(_bcast(a_t, x)) * x0.astype(jnp.float32) + jnp.sqrt(1.0 - _bcast(a_t, x)) * ref_noise
-        step_keys = None if keys is None else jax.vmap(lambda key: jax.random.fold_in(key, k))(keys)
+        step_keys = None if ref_noise is None else jax.vmap(lambda key: jax.random.fold_in(key, k))(keys)
         x_new, e = renoise_step(model, x, _bcast(a_s, x), _bcast(a_t, x), tc, _bcast(a_c, x),
                                 prediction_type=schedule.prediction_type, renoise_steps=renoise_steps,
                                 average_window=average_window, noise_regularization=noise_regularization,
@@ -226,7 +227,7 @@ def invert(eps_fn: EpsFn, x0: jax.Array, schedule: NoiseSchedule, *, num_steps: 
            guidance_scale: float = 1.0, renoise_steps: int = 0, average_window: Optional[tuple] = None,
            noise_regularization: Optional[NoiseRegularization] = None, rng: Optional[jax.Array] = None,
            timesteps=None, return_trajectory: bool = False):
-    """Inverts clean latents x0 [B, H, W, C] to x_T along the DDIM grid, one ``lax.scan`` (METHODS §4).
+    """Inverts clean latents x0 [B, H, W, C] to x_T along the DDIM grid, one ``lax.scan`` (docs/methods.md §4).
 
     The grid is the one ``sample(..., sampler="ddim", num_steps=num_steps, timesteps=timesteps)``
     walks, reversed: inversion step k undoes sampling step S−1−k, going from the level that sampling
@@ -259,14 +260,18 @@ def invert(eps_fn: EpsFn, x0: jax.Array, schedule: NoiseSchedule, *, num_steps: 
 
 
 class SmPOInversion(NamedTuple):
-    """``smpo_invert``'s result; unpacks as ``latents, target = ...``.
+    """``smpo_invert``'s result (docs/methods.md §3).
 
-    latents: [B, H, W, C] the inverted x̃ (float32).
-    target:  [B, H, W, C] τ = (x̃ − √ᾱ_t x0)/√(1−ᾱ_t) at the sampled t: the regression target of the
-             policy and reference predictions at (x̃, t) (METHODS §3).
+    latents:  [B, H, W, C] the inverted x̃ (float32).
+    target:   [B, H, W, C] τ = (x̃ − √ᾱ_t x0)/√(1−ᾱ_t) at t = ``timestep``: the regression target of the
+              policy and reference predictions at (x̃, timestep).
+    timestep: [B] int32, the t the policy and reference are evaluated at: the sampled t in every mode. The
+              latent sits at that level in "paper" and "consistent" modes; in "code" mode it sits at
+              ``smpo_landing_timestep`` (>= t), which the released code ignores.
     """
     latents: jax.Array
     target: jax.Array
+    timestep: jax.Array
 
 
 def smpo_grid(schedule: NoiseSchedule, num_steps: int = 5) -> np.ndarray:
@@ -302,17 +307,28 @@ def _smpo_levels(schedule: NoiseSchedule, num_steps: int, grid=None):
 
 def smpo_landing_timestep(t: jax.Array, schedule: NoiseSchedule, *, num_steps: int = 5, mode: str = "code",
                           grid=None) -> jax.Array:
-    """The level x̃ sits at after ``smpo_invert`` [B] int32: t in "paper" mode; in "code" mode
-    L(t) = s* + T//N for the largest grid source s* < t, i.e. the smallest grid target >= t, capped at the
-    top target (SD1.5: 1 for t <= 1, 201 for 2 <= t <= 201, ..., 801 for t > 601, below t when t > 801).
+    """The level x̃ sits at after ``smpo_invert`` [B] int32: t in "paper" and "consistent" modes; in "code"
+    mode L(t) = s* + T//N for the largest grid source s* < t, i.e. the smallest grid target >= t, capped at
+    the top target (SD1.5: 1 for t <= 1, 201 for 2 <= t <= 201, ..., 801 for t > 601, below t when t > 801).
     """
     _check_mode(mode)
     t = jnp.asarray(t, jnp.int32)
-    if mode == "paper":
+    if mode != "code":
         return t
     src, tgt = _smpo_levels(schedule, num_steps, grid)
     on = jnp.asarray(src)[None, :] < t[:, None]
     return jnp.max(jnp.where(on, jnp.asarray(tgt)[None, :], jnp.iinfo(jnp.int32).min), axis=1)
+
+
+def smpo_consistent_levels(t: jax.Array, num_steps: int) -> jax.Array:
+    """The "consistent" inversion's per-sample levels [num_steps + 1, B] int32 (docs/methods.md §3).
+
+    −1 (clean data, ᾱ = 1), then ℓ_k = ⌊(k/S)² (t + 1)⌋ − 1, ending exactly at ℓ_S = t. Quadratic spacing
+    puts the short steps near the clean end, where ε changes fastest with the level; equal neighbours
+    (small t) are no-op steps.
+    """
+    k = jnp.arange(num_steps + 1, dtype=jnp.int32)[:, None]
+    return (k * k * (jnp.asarray(t, jnp.int32)[None, :] + 1)) // (num_steps * num_steps) - 1
 
 
 def _check_mode(mode: str) -> None:
@@ -321,11 +337,14 @@ def _check_mode(mode: str) -> None:
 
 
 def smpo_invert(eps_fn: EpsFn, x0: jax.Array, t: jax.Array, schedule: NoiseSchedule, *, cond, num_steps: int = 5,
-                mode: str = "code", grid=None) -> SmPOInversion:
-    """SmPO-Diffusion's inversion of clean latents x0 [B, H, W, C] to (x̃, τ) at per-sample t [B] (METHODS §3).
+                mode: str = "code", grid=None, renoise_steps: int = 2, average_window: Optional[tuple] = (0, 3),
+                noise_regularization: Optional[NoiseRegularization] = None, keys=None) -> SmPOInversion:
+    """SmPO-Diffusion's inversion of clean latents x0 [B, H, W, C] to (x̃, τ) at per-sample t [B].
+
+    docs/methods.md §3.
 
     Run by the policy with the conditional prompt, guidance 1, no gradient wanted (the caller stops it).
-    Each step is one ReNoise iteration with both predictions averaged:
+    In "code" and "paper" modes each step is one ReNoise iteration with both predictions averaged:
         e1 = ε(x_s, c); x' = inv(x_s, e1; s → s'); e2 = ε(x', c); x_next = inv(x_s, (e1 + e2)/2; s → s').
 
     mode "code" (default): as JaydenLyh/SmPO train.py runs it with diffusers 0.20.0. The grid is
@@ -340,24 +359,44 @@ def smpo_invert(eps_fn: EpsFn, x0: jax.Array, t: jax.Array, schedule: NoiseSched
       clean data, ᾱ = 1 (not the code's ᾱ_0, which would make the step to t = 0 the identity and τ a
       multiple of x0): the first step is then x' = √ᾱ x0 + √(1−ᾱ) ε̂, the forward process with the
       model's own noise estimate.
+    mode "consistent": latent, evaluation timestep and τ's ᾱ all at the sampled t. Per-sample grid
+      ``smpo_consistent_levels`` (clean, ᾱ = 1, to exactly t in ``num_steps`` steps, quadratically spaced,
+      so small t gets small steps), model at each step's target, ``renoise_steps`` = K ReNoise iterations
+      with the ε's of iterations a <= i < b averaged (``average_window``; K = 0 is plain DDIM inversion), and
+      optionally ReNoise's ``noise_regularization`` against q_sample(x0, level, ε_ref), ε_ref and rolls
+      drawn from per-sample ``keys`` [B] (required then). These three arguments are ignored by "code"
+      and "paper", which run SmPO's fixed one iteration.
 
-    Target, both modes, as the code computes it: τ = (x̃ − √ᾱ_t x0)/√(1−ᾱ_t) with ᾱ at the SAMPLED t
-    (``noise_scheduler.alphas_cumprod[timesteps[0]]``), and the policy and reference then predict at
-    (x̃, t) with the sampled t, even where the code-mode latent sits at L(t) != t.
+    Target, all modes, as the code computes it: τ = (x̃ − √ᾱ_t x0)/√(1−ᾱ_t) with ᾱ at the SAMPLED t
+    (``noise_scheduler.alphas_cumprod[timesteps[0]]``); the policy and reference then predict at
+    (x̃, ``timestep`` = t), even where the code-mode latent sits at L(t) != t.
 
-    All samples run the same fixed-length scan (S = len(grid), +1 in paper mode for t above the top
-    target); steps where a sample is done are masked, steps where all are done are skipped.
-    ``grid``: optional explicit source levels (uniform spacing T//len(grid)), overriding ``num_steps``.
+    All samples run the same fixed-length scan; steps where a sample is done are masked, steps where all
+    are done are skipped. ``grid``: optional explicit source levels of "code"/"paper" (uniform spacing
+    T//len(grid)), overriding ``num_steps``.
     """
     _check_mode(mode)
     batch = x0.shape[0]
     t = jnp.asarray(t, jnp.int32)
-    src, tgt = _smpo_levels(schedule, num_steps, grid)
-    if mode == "code":
+    scan = dict(renoise_steps=1, average_window=(0, 2), clean_alpha=1.0)
+    if mode == "consistent":
+        check_num_steps(num_steps, schedule.num_train_timesteps)
+        if noise_regularization is not None and keys is None:
+            raise ValueError("noise_regularization draws a reference noise and random rolls: "
+                             "pass per-sample keys=[B]")
+        levels = smpo_consistent_levels(t, num_steps)
+        t_src, t_tgt = levels[:-1], levels[1:]
+        t_call, active = t_tgt, t_tgt > t_src
+        scan.update(renoise_steps=renoise_steps, average_window=average_window if renoise_steps > 0 else None,
+                    noise_regularization=noise_regularization, keys=keys)
+    elif mode == "code":
+        src, tgt = _smpo_levels(schedule, num_steps, grid)
         t_src = jnp.broadcast_to(jnp.asarray(src)[:, None], (len(src), batch))
         t_tgt = jnp.broadcast_to(jnp.asarray(tgt)[:, None], (len(src), batch))
         t_call, active = t_src, t_src < t[None, :]
+        scan.update(clean_alpha=None)
     else:
+        src, tgt = _smpo_levels(schedule, num_steps, grid)
         levels = list(tgt)
         while levels[-1] < schedule.num_train_timesteps - 1:
             levels.append(levels[-1] + schedule.num_train_timesteps // len(src))
@@ -368,8 +407,7 @@ def smpo_invert(eps_fn: EpsFn, x0: jax.Array, t: jax.Array, schedule: NoiseSched
         active = jnp.concatenate([jnp.ones((1, batch), bool), g[:-1] < t[None, :]], axis=0)
     model = guided_model(eps_fn, cond)
     x_tilde, _ = _inversion_scan(model, x0, schedule, t_src=t_src, t_tgt=t_tgt, t_call=t_call, active=active,
-                                 renoise_steps=1, average_window=(0, 2),
-                                 clean_alpha=None if mode == "code" else 1.0)
+                                 **scan)
     a_t = _bcast(schedule.alpha_cumprod_at(t), x_tilde)
     tau = (x_tilde - jnp.sqrt(a_t) * x0.astype(jnp.float32)) / jnp.sqrt(1.0 - a_t)
-    return SmPOInversion(x_tilde, tau)
+    return SmPOInversion(x_tilde, tau, t)

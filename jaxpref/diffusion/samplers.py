@@ -7,7 +7,7 @@ channels-last latents x [B, H, W, C] with per-sample integer timesteps t [B]; it
 schedule's ``prediction_type`` (ε for SD1.5).
 
 Grids are carried per sample, [S, B] time-major, so every sample can follow its own timesteps:
-Diffusion-DRO's online negatives use 950, 900, ..., 0 plus one offset p per trajectory (METHODS §2),
+Diffusion-DRO's online negatives use 950, 900, ..., 0 plus one offset p per trajectory (docs/methods.md §2),
 and DPM-Solver++ then uses each sample's own σ/λ (the reference code used sample 0's for all).
 
 ``sample`` is a pure traceable function: call it under ``jax.jit`` (with the model params as a jit
@@ -29,7 +29,7 @@ EpsFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
 class Trajectory(NamedTuple):
-    """One record per sampling step, time-major (what Diffusion-DRO's negatives buffer stores, METHODS §2).
+    """One record per sampling step, time-major (what Diffusion-DRO's negatives buffer stores, docs/methods.md §2).
 
     timesteps: [S, B] int32, the t_k each sample was evaluated at.
     latents:   [S, B, H, W, C] float32, the latent x_k fed to the model at step k.
@@ -85,7 +85,7 @@ def sampler_noise(rng: jax.Array, batch: int, num_steps: int, shape: tuple) -> j
 
 
 def dro_timestep_grid(rng: jax.Array, batch: int, num_steps: int = 20, num_train_timesteps: int = 1000) -> jax.Array:
-    """Diffusion-DRO's perturbed grid [batch, num_steps] int32 (METHODS §2).
+    """Diffusion-DRO's perturbed grid [batch, num_steps] int32 (docs/methods.md §2).
 
     Base grid (S−1)·r, ..., r, 0 with r = T // S (950, 900, ..., 0 for 20 of 1000) plus one offset
     p ~ U{0, ..., r−1} per trajectory, so a uniformly picked step of a trajectory has t uniform on

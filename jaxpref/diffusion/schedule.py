@@ -1,4 +1,4 @@
-"""The DDPM noise schedule (METHODS §0) built from a diffusers ``scheduler_config.json``.
+"""The DDPM noise schedule (docs/methods.md §0) built from a diffusers ``scheduler_config.json``.
 
 ``NoiseSchedule`` is a frozen, hashable dataclass registered as a *static* pytree (no leaves): it can be
 closed over in ``jax.jit``, passed as a jit argument, or used as a static argument, and never causes a
@@ -99,7 +99,7 @@ def make_betas(beta_schedule: str, beta_start: float, beta_end: float, num_train
         return np.asarray(trained_betas, np.float32)
     if beta_schedule == "linear":
         return _torch_linspace_f32(beta_start, beta_end, num_train_timesteps)
-    if beta_schedule == "scaled_linear":  # linspace in sqrt space (METHODS §0)
+    if beta_schedule == "scaled_linear":  # linspace in sqrt space (docs/methods.md §0)
         return _torch_linspace_f32(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps) ** 2
     if beta_schedule == "squaredcos_cap_v2":
         return _cosine_betas(num_train_timesteps)
@@ -236,7 +236,7 @@ class NoiseSchedule:
         ac = self.alphas_cumprod[jnp.clip(t, 0, self.num_train_timesteps - 1)]
         return jnp.where(t >= 0, ac, jnp.float32(final))
 
-    # -- forward process and parameterisations (METHODS §0) ----------------------------------------
+    # -- forward process and parameterisations (docs/methods.md §0) ----------------------------------------
 
     def q_sample(self, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
         """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε. x0, noise: [B, ...]; t: [B] int. Returns x0's dtype."""

@@ -10,6 +10,7 @@ _EXPORTS = {
     "CLIPModel": "clip", "CLIPTextModel": "clip", "load_clip": "clip", "load_text_encoder": "clip",
     "save_clip": "clip", "save_text_encoder": "clip",
     "SDPipeline": "pipeline", "load_pipeline": "pipeline", "save_pipeline": "pipeline",
+    "resolve_model_path": "pipeline", "EMBEDDED_TINY": "pipeline",
 }
 __all__ = sorted(_EXPORTS)
 

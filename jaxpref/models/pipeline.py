@@ -3,12 +3,12 @@
 ``load_pipeline`` reads unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers
 ``StableDiffusionPipeline`` folder; ``save_pipeline`` writes one back (e.g. with fine-tuned UNet
 params) that ``diffusers.StableDiffusionPipeline.from_pretrained`` loads, so trained models leave
-this repo in the format everyone else uses.
+this repo in the format everyone else uses. ``resolve_model_path`` turns the model name "embedded:tiny" into
+the tiny SD folder shipped in the package (jaxpref/assets/tiny_sd).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.metadata
 import json
 import os
@@ -16,13 +16,17 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxpref.models import clip, vae as vae_lib
+from jaxpref.models import clip, unet as unet_lib, vae as vae_lib
 
 Dtype = Any
 
 _REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Optional components of a StableDiffusionPipeline that we neither need nor write.
 _OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder")
+
+EMBEDDED_TINY = "embedded:tiny"
+# The shipped tiny model (written by ``python -m jaxpref.tiny.train_base``).
+TINY_SD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny_sd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +43,14 @@ class SDPipeline:
     folder: str
 
 
-def _unet_lib():
-    """The UNet module, imported only when a pipeline is loaded or saved."""
-    return importlib.import_module("jaxpref.models.unet")
+def resolve_model_path(path: str) -> str:
+    """"embedded:tiny" -> the tiny SD folder shipped in the package; anything else unchanged."""
+    if path == EMBEDDED_TINY:
+        if not os.path.isdir(TINY_SD_DIR):
+            raise ValueError(f"model path '{EMBEDDED_TINY}': the shipped tiny model is missing at {TINY_SD_DIR}; "
+                             "regenerate it with `python -m jaxpref.tiny.train_base`")
+        return TINY_SD_DIR
+    return path
 
 
 def _read_model_index(folder: str) -> dict:
@@ -71,7 +80,7 @@ def load_pipeline(folder: str, dtype: Dtype = jnp.float32) -> SDPipeline:
     from transformers import CLIPTokenizer
 
     _read_model_index(folder)
-    unet, unet_params = _unet_lib().load_unet(os.path.join(folder, "unet"), dtype)
+    unet, unet_params = unet_lib.load_unet(os.path.join(folder, "unet"), dtype)
     vae, vae_params = vae_lib.load_vae(os.path.join(folder, "vae"), dtype)
     text_encoder, text_params = clip.load_text_encoder(os.path.join(folder, "text_encoder"), dtype)
     tokenizer_dir = os.path.join(folder, "tokenizer")
@@ -103,7 +112,7 @@ def save_pipeline(folder: str, pipeline: SDPipeline, unet_params=None) -> None:
     """
     unet_params = pipeline.unet_params if unet_params is None else unet_params
     os.makedirs(folder, exist_ok=True)
-    _unet_lib().save_unet(os.path.join(folder, "unet"), pipeline.unet, unet_params)
+    unet_lib.save_unet(os.path.join(folder, "unet"), pipeline.unet, unet_params)
     vae_lib.save_vae(os.path.join(folder, "vae"), pipeline.vae, pipeline.vae_params)
     clip.save_text_encoder(os.path.join(folder, "text_encoder"), pipeline.text_encoder,
                            pipeline.text_encoder_params)

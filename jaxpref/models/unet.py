@@ -4,8 +4,8 @@ Channels-last: latents [B, H, W, C]. Every submodule carries diffusers' own name
 is ``down_blocks.0``), so a diffusers checkpoint loads by the naming rule of ``weights.py``.
 Params are stored in ``param_dtype`` (fp32); ``dtype`` is the compute dtype (bf16 for training).
 
-Reading order: config constants, time embeddings, transformer, blocks, the UNet, then
-``unet_from_config`` / ``load_unet`` / ``save_unet`` / ``unet_param_shapes``.
+Reading order: time embeddings, transformer, blocks, the UNet, then ``unet_from_config`` / ``load_unet`` /
+``save_unet`` / ``unet_param_shapes``. The public checkpoints' configs are in ``jaxpref.models.presets``.
 """
 from __future__ import annotations
 
@@ -24,88 +24,6 @@ from jaxpref.models.layers import (Attention, Downsample2D, ResnetBlock2D, Upsam
 
 Dtype = Any
 IntOrSeq = Union[int, tuple[int, ...]]
-
-# ---------------------------------------------------------------------------------------------
-# Reference configs (the ``unet/config.json`` of the public checkpoints).
-
-SD15_UNET_CONFIG = {  # runwayml/stable-diffusion-v1-5: 859,520,964 params
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-
-SD21_UNET_CONFIG = {  # stabilityai/stable-diffusion-2-1 (768-v): 865,910,724 params
-    **SD15_UNET_CONFIG,
-    "attention_head_dim": [5, 10, 20, 20],
-    "cross_attention_dim": 1024,
-    "sample_size": 96,
-    "use_linear_projection": True,
-    "upcast_attention": True,
-}
-
-SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0: 2,567,463,684 params
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "class_embed_type": None,
-    "class_embeddings_concat": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "cross_attention_dim": 2048,
-    "cross_attention_norm": None,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_attention_heads": None,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default",
-    "sample_size": 128,
-    "time_cond_proj_dim": None,
-    "time_embedding_act_fn": None,
-    "time_embedding_dim": None,
-    "time_embedding_type": "positional",
-    "timestep_post_act": None,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": None,
-    "use_linear_projection": True,
-}
 
 # ---------------------------------------------------------------------------------------------
 # Time embeddings.

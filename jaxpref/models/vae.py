@@ -5,7 +5,8 @@ is the generic rule in ``weights.py`` plus one rename for the legacy attention n
 (``query/key/value/proj_attn``) still found in SD1.5-era VAE files.
 
 Latents here are *unscaled*: multiply ``encode``'s sample by ``module.scaling_factor`` before the
-UNet and divide by it before ``decode``, as diffusers pipelines do.
+UNet and divide by it before ``decode``, as diffusers pipelines do. ``posterior`` is the one way images
+become a latent posterior (mean, std): the latent cache, the train feed and the tiny model's trainer use it.
 """
 from __future__ import annotations
 
@@ -208,6 +209,23 @@ class AutoencoderKL(nn.Module):
     def __call__(self, images):
         mean, _ = self.encode(images)
         return self.decode(mean)
+
+
+def to_unit_range(images):
+    """uint8 pixels [0, 255] -> float32 [-1, 1] (x / 127.5 - 1), the VAE's input range."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def posterior(vae: AutoencoderKL, params, images):
+    """The VAE posterior of images: (mean, std), each [B, h, w, latent_channels] float32, unscaled.
+
+    images: uint8 [B, H, W, C] (mapped by ``to_unit_range``) or floats already in [-1, 1]. std is
+    exp(logvar / 2) of ``AutoencoderKL.encode``'s logvar, which is already clipped to [-30, 20]. Not
+    jitted: call it inside your own ``jax.jit`` (``vae`` is a static Flax module).
+    """
+    x = to_unit_range(images) if jnp.issubdtype(images.dtype, jnp.integer) else images
+    mean, logvar = vae.apply({"params": params}, x, method=AutoencoderKL.encode)
+    return mean, jnp.exp(0.5 * logvar)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Reward models behind one interface (METHODS §5): ``load_scorer(name, path)(images, prompts) -> [B]``.
+"""Reward models behind one interface (docs/methods.md §5): ``load_scorer(name, path)(images, prompts) -> [B]``.
 
 Names and what ``path`` must hold (local folders only; nothing is downloaded):
 
@@ -20,9 +20,12 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from jaxpref.data import shapes
 from jaxpref.rewards import preprocess
+from jaxpref.rewards.aesthetic import load_aesthetic
 from jaxpref.rewards.clip_rewards import (CLIPBackbone, aesthetic_scorer, aesthetic_scores, clipscore_scorer,
                                           hpsv2_scorer, load_hf_clip, pickscore_scorer)
+from jaxpref.rewards.openclip import load_hpsv2
 from jaxpref.rewards.scorer import Scorer, check_batch
 
 REWARDS = ("pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward", "shapes")
@@ -30,9 +33,7 @@ NEEDS_PATH = ("pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward")
 
 
 def shapes_scorer(batch_size: int = 256) -> Scorer:
-    """The shapes world's exact reward in [0, 1] (jaxpref.data.shapes.reward_batch), imported on first use."""
-    from jaxpref.data import shapes
-
+    """The shapes world's exact reward in [0, 1] (jaxpref.data.shapes.reward_batch)."""
     return Scorer("shapes", lambda images, prompts: shapes.reward_batch(images, prompts), batch_size=batch_size,
                   pad_batches=False, description="shapes world: analytic caption/image match in [0, 1]")
 
@@ -67,12 +68,8 @@ def load_scorer(name: str, path: Optional[str] = None, *, batch_size: int = 32, 
     if name == "imagereward":
         return imagereward_scorer(path)
     if name == "hpsv2":
-        from jaxpref.rewards.openclip import load_hpsv2
-
         return hpsv2_scorer(load_hpsv2(path, dtype), batch_size)
     if name == "aesthetic":
-        from jaxpref.rewards.aesthetic import load_aesthetic
-
         backbone, weight, bias = load_aesthetic(path, dtype)
         return aesthetic_scorer(backbone, weight, bias, batch_size)
     backbone = load_hf_clip(path, name, dtype=dtype)

@@ -1,4 +1,4 @@
-"""CLIP-based rewards in JAX: PickScore, CLIP score, HPSv2, LAION aesthetic (METHODS §5).
+"""CLIP-based rewards in JAX: PickScore, CLIP score, HPSv2, LAION aesthetic (docs/methods.md §5).
 
 All four are "embed the image (and the prompt) with a CLIP, then a formula on the embeddings":
 

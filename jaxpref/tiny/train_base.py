@@ -5,7 +5,7 @@
 Two phases, fp32, deterministic (fixed seeds, fixed data order; XLA on CPU runs the same program the
 same way, so a rerun with the same arguments writes byte-identical model files):
 
-1. the VAE (configs.VAE_CONFIG) as an autoencoder on every shapes/base image (8,496 32x32 renders, half
+1. the VAE (presets.TINY_SD_VAE) as an autoencoder on every shapes/base image (8,496 32x32 renders, half
    clean, half flawed): MSE + L1 reconstruction + KL at SD's relative weight 1e-6; then the latent
    ``scaling_factor`` = 1 / std of the posterior samples, so scaled latents have unit variance as
    SD's 0.18215 gives;
@@ -39,20 +39,21 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpref import diffusion
-from jaxpref.models import clip, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
-from jaxpref.tiny import configs
+from jaxpref import diffusion, optim
+from jaxpref.data import common, shapes
+from jaxpref.data.sources import open_source
+from jaxpref.data.tokenizer import SHAPES_TOKENIZER_DIR, load_tokenizer, tokenize
+from jaxpref.models import clip, pipeline as pipeline_lib, presets, unet as unet_lib, vae as vae_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_OUT = os.path.join(_REPO, "jaxpref", "assets", "tiny_sd")
+DEFAULT_OUT = pipeline_lib.TINY_SD_DIR
 MANIFEST = "MANIFEST.json"
 
 
@@ -93,8 +94,6 @@ class HParams:
 
 def load_base_images(data_dir: Optional[str], limit: Optional[int] = None) -> tuple[np.ndarray, list[str]]:
     """All shapes/base train images in a fixed order (by uid): uint8 [N, 32, 32, 3] and their captions."""
-    from jaxpref.data import common, open_source
-
     src = open_source("shapes/base", "train", data_dir)
     records = src.__getitems__(range(len(src)))
     records.sort(key=lambda r: common.as_str(r["uid"]))
@@ -111,6 +110,7 @@ def epoch_batches(n: int, batch: int, steps: int, rng: np.random.Generator) -> n
     return order[:need].reshape(steps, batch)
 
 
+# Not optim.learning_rate_schedule, which warms up from 0 and decays to 0 in float32: the shipped weights used this.
 def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     """Linear warmup to ``peak``, then cosine decay to 5% of it at ``total``."""
     if step < warmup:
@@ -119,6 +119,7 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0))))
 
 
+# Not optim.make_optimizer, which builds its lr schedule into the optimizer: here the lr comes per step from the host.
 @functools.lru_cache(maxsize=None)
 def _tx(b2: float) -> optax.GradientTransformation:
     """The update rule of both phases: clip the global norm at 1, Adam, then -lr (the lr comes in per step
@@ -131,19 +132,15 @@ def _apply(params, opt_state, grads, lr, b2):
     return jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates), opt_state
 
 
-def _to_unit_range(images_u8):
-    return images_u8.astype(jnp.float32) / 127.5 - 1.0
-
-
 # ---------------------------------------------------------------------------------------------
 # Phase 1: the VAE.
 
 @functools.partial(jax.jit, static_argnames=("vae", "l1_weight", "kl_weight", "b2"), donate_argnums=(0, 1))
 def _vae_step(params, opt_state, images_u8, key, lr, *, vae: vae_lib.AutoencoderKL, l1_weight: float,
               kl_weight: float, b2: float):
-    x = _to_unit_range(images_u8)
+    x = vae_lib.to_unit_range(images_u8)
 
-    def loss_fn(p):
+    def loss_fn(p):  # encode, not vae_lib.posterior: the KL term needs logvar itself
         mean, logvar = vae.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode)
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
         rec = vae.apply({"params": p}, z, method=vae_lib.AutoencoderKL.decode)
@@ -159,7 +156,7 @@ def _vae_step(params, opt_state, images_u8, key, lr, *, vae: vae_lib.Autoencoder
 
 def train_vae(images: np.ndarray, hp: HParams, steps: int, seed: int, log=print):
     """-> (module with scaling_factor unset, params). images: uint8 [N, 32, 32, 3]."""
-    vae = vae_lib.vae_from_config({k: v for k, v in configs.VAE_CONFIG.items() if v is not None})
+    vae = vae_lib.vae_from_config({k: v for k, v in presets.TINY_SD_VAE.items() if v is not None})
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
     params = jax.jit(vae.init)(key, jnp.zeros((1, 32, 32, 3), jnp.float32))["params"]
     lc = vae.latent_channels  # quant_conv's outputs are [mean, logvar]
@@ -186,10 +183,7 @@ def train_vae(images: np.ndarray, hp: HParams, steps: int, seed: int, log=print)
     return vae, params
 
 
-@functools.partial(jax.jit, static_argnames=("vae",))
-def _encode(params, images_u8, *, vae):
-    mean, logvar = vae.apply({"params": params}, _to_unit_range(images_u8), method=vae_lib.AutoencoderKL.encode)
-    return mean, jnp.exp(0.5 * logvar)
+_posterior = jax.jit(vae_lib.posterior, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames=("vae",))
@@ -202,7 +196,7 @@ def encode_all(vae, params, images: np.ndarray, batch: int = 256) -> tuple[np.nd
     n = len(images)
     pad = (-n) % batch
     padded = np.concatenate([images, np.repeat(images[-1:], pad, 0)]) if pad else images
-    out = [_encode(params, padded[i:i + batch], vae=vae) for i in range(0, len(padded), batch)]
+    out = [_posterior(vae, params, padded[i:i + batch]) for i in range(0, len(padded), batch)]
     mean = np.concatenate([np.asarray(m) for m, _ in out])[:n]
     std = np.concatenate([np.asarray(s) for _, s in out])[:n]
     return mean, std
@@ -235,6 +229,7 @@ def _denoise_step(trainable, opt_state, ema, frozen, lat_mean, lat_std, ids, key
 
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     trainable, opt_state = _apply(trainable, opt_state, grads, lr, b2)
+    # Not optim.ema_update: its e + (1 - d)(p - e) rounds differently, and the shipped weights used this form.
     ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, trainable)
     return trainable, opt_state, ema, loss
 
@@ -252,15 +247,15 @@ def zero_init(unet_params):
 
 def build_text_and_unet(seed: int, token_init: float = 0.0):
     """Fresh modules and params; ``token_init`` > 0 redraws the token embeddings with that std."""
-    text_encoder = clip.text_encoder_from_config(configs.TEXT_ENCODER_CONFIG)
-    unet = unet_lib.unet_from_config(configs.UNET_CONFIG)
+    text_encoder = clip.text_encoder_from_config(presets.TINY_SD_TEXT_ENCODER)
+    unet = unet_lib.unet_from_config(presets.TINY_SD_UNET)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 3)
     ids = jnp.zeros((1, text_encoder.config.max_position_embeddings), jnp.int32)
     text_params = jax.jit(text_encoder.init)(jax.random.fold_in(key, 0), ids)["params"]
     if token_init > 0:
         emb = text_params["text_model"]["embeddings"]["token_embedding"]
         emb["embedding"] = token_init * jax.random.normal(jax.random.fold_in(key, 2), emb["embedding"].shape)
-    latents, t, context, _ = unet.dummy_inputs(side=configs.UNET_CONFIG["sample_size"])
+    latents, t, context, _ = unet.dummy_inputs(side=presets.TINY_SD_UNET["sample_size"])
     unet_params = jax.jit(unet.init)(jax.random.fold_in(key, 1), latents, t, context)["params"]
     return text_encoder, text_params, unet, unet_params
 
@@ -280,12 +275,13 @@ def train_denoiser(lat_mean: np.ndarray, lat_std: np.ndarray, caption_ids: np.nd
     drop = rng.random((steps, hp.unet_batch)) < hp.caption_dropout
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 5)
     warmup = min(hp.unet_warmup, max(1, steps // 4))
+    decays = np.asarray(optim.ema_decay(np.arange(steps), hp.unet_ema))
     running, t0 = [], time.perf_counter()
     for step in range(steps):
         idx = batches[step]
         ids = np.where(drop[step][:, None], empty_ids[None], caption_ids[idx])
         lr = np.float32(lr_at(step, hp.unet_lr, warmup, steps))
-        decay = np.float32(min(hp.unet_ema, (1 + step) / (10 + step)))
+        decay = decays[step]
         trainable, opt_state, ema, loss = _denoise_step(
             trainable, opt_state, ema, frozen, lat_mean[idx], lat_std[idx], ids, jax.random.fold_in(key, step), lr,
             decay, np.float32(scaling), unet=unet, text_encoder=text_encoder, schedule=schedule,
@@ -321,8 +317,6 @@ def _encode_text(params, ids, *, text_encoder):
 def generate(pipe: pipeline_lib.SDPipeline, prompts: Sequence[str], images_per_prompt: int, *, num_steps: int = 25,
              guidance: float = 3.0, seed: int = 0) -> np.ndarray:
     """uint8 [len(prompts) * images_per_prompt, H, W, 3], prompt-major; image j from fold_in(key(seed), j)."""
-    from jaxpref.data import tokenize
-
     schedule = diffusion.NoiseSchedule.from_config(pipe.scheduler_config)
     texts = [p for p in prompts for _ in range(images_per_prompt)]
     cond = _encode_text(pipe.text_encoder_params, tokenize(pipe.tokenizer, texts), text_encoder=pipe.text_encoder)
@@ -340,8 +334,6 @@ def generate(pipe: pipeline_lib.SDPipeline, prompts: Sequence[str], images_per_p
 
 def clean_renders(prompts: Sequence[str], per_prompt: int, seed: int = 7) -> tuple[np.ndarray, list[str]]:
     """Flawless renders of each prompt (the reward's ceiling), uint8 [N * per_prompt, 32, 32, 3]."""
-    from jaxpref.data import shapes
-
     captions = [p for p in prompts for _ in range(per_prompt)]
     images = np.stack([shapes.render(c, np.random.default_rng([seed, j])) for j, c in enumerate(captions)])
     return images, captions
@@ -349,8 +341,6 @@ def clean_renders(prompts: Sequence[str], per_prompt: int, seed: int = 7) -> tup
 
 def measure(pipe: pipeline_lib.SDPipeline, hp: HParams, seed: int = 0) -> dict:
     """The numbers MANIFEST.json records (see the module docstring), on shapes.heldout_prompts()."""
-    from jaxpref.data import shapes
-
     prompts = shapes.heldout_prompts()
     k = hp.eval_images_per_prompt
     gen = generate(pipe, prompts, k, num_steps=hp.eval_steps, guidance=hp.eval_guidance, seed=seed)
@@ -401,8 +391,6 @@ def folder_hashes(folder: str) -> dict[str, str]:
 
 def write_folder(out: str, pipe: pipeline_lib.SDPipeline) -> None:
     """``save_pipeline`` into ``out`` (replaced whole), with tokenizer/ a verbatim copy of the shapes tokenizer."""
-    from jaxpref.data.tokenizer import SHAPES_TOKENIZER_DIR
-
     out = os.path.abspath(out)
     if os.path.exists(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "model_index.json")):
         raise ValueError(f"--out {out}: exists and is not a pipeline folder; refusing to replace it "
@@ -450,8 +438,6 @@ def run(out: str = DEFAULT_OUT, steps_scale: float = 1.0, seed: int = 0, data_di
 
     ``max_images`` trains on the first N images only (smoke runs and tests; the shipped model uses all).
     """
-    from jaxpref.data import load_tokenizer, tokenize
-
     if steps_scale <= 0:
         raise ValueError(f"--steps-scale={steps_scale}: must be > 0")
     vae_steps = max(1, int(round(hp.vae_steps * steps_scale)))
@@ -485,13 +471,13 @@ def run(out: str = DEFAULT_OUT, steps_scale: float = 1.0, seed: int = 0, data_di
     table = tokenize(tokenizer, unique)
     caption_ids = table[np.searchsorted(np.asarray(unique), np.asarray(captions))]
     empty_ids = tokenize(tokenizer, [""])[0]
-    schedule = diffusion.NoiseSchedule.from_config(configs.SCHEDULER_CONFIG)
+    schedule = diffusion.NoiseSchedule.from_config(presets.SD15_SCHEDULER)
     text_encoder, text_params, unet, unet_params = train_denoiser(
         lat_mean, lat_std, caption_ids, empty_ids, scaling, schedule, hp, unet_steps, seed, log)
     lap("unet")
 
     pipe = pipeline_lib.SDPipeline(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer,
-                                   dict(configs.SCHEDULER_CONFIG), folder=out)
+                                   dict(presets.SD15_SCHEDULER), folder=out)
     metrics = {}
     if evaluate:
         metrics = measure(pipe, hp, seed)

@@ -1,53 +1,49 @@
 """What the train loop eats: global batches in the step's layout (``jaxpref.step`` docstring).
 
-Picks the source for the objective (preference pairs for DPO/SmPO, the expert set for DRO, or a latent
-cache of either), runs the grain loader on this host's shard, and turns images into VAE posterior
-(mean, std) with one jitted encoder call when the source holds pixels rather than cached latents.
+Picks the source the method asks for (preference pairs, or the expert set for methods whose
+``data == "experts"``, or a latent cache of either), runs the grain loader on this host's shard, and
+turns images into VAE posterior (mean, std) with one jitted encoder call when the source holds pixels
+rather than cached latents.
 """
 from __future__ import annotations
 
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxpref import sharding
+from jaxpref.data import experts, loader, scores, sources
+from jaxpref.models import vae as vae_lib
 
-LOGVAR_CLIP = (-30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
 
-
-def open_train_source(config, model_folder: str):
+def open_train_source(config, method):
     """The data source of a run (ValueError naming what is missing and the command that builds it)."""
-    from jaxpref import data
-
     d = config.data
     data_dir = d.data_dir or None
     if d.cache_dir:
-        return data.open_source(d.cache_dir)
-    if config.objective == "dro":
+        return sources.open_source(d.cache_dir)
+    if method.data == "experts":
         if d.experts_dir:
-            return data.open_source(d.experts_dir)
+            return sources.open_source(d.experts_dir)
         if d.name != "shapes":
             raise ValueError("config.data.experts_dir: DRO trains on an expert set; build it with "
                              "`python -m jaxpref.data.experts --dataset pickapic_v2 --k 500 ...` and point this key at it")
-        return data.open_source(_shapes_experts(d, data_dir))
-    scores = d.scores_dir or None
-    if config.objective == "smpo" and d.name != "shapes" and scores is None:
-        raise ValueError("config.data.scores_dir: SmPO needs reward scores for both images of each pair; build them "
-                         "with `python -m jaxpref.data.scores ...` (PickScore) and point this key at the folder")
-    return data.open_source(d.name, d.split, data_dir, scores=scores)
+        return sources.open_source(_shapes_experts(d, data_dir))
+    scores_dir = d.scores_dir or None
+    if method.needs_rewards and d.name != "shapes" and scores_dir is None:
+        raise ValueError(f"config.data.scores_dir: {config.objective} needs reward scores for both images of each "
+                         "pair; build them with `python -m jaxpref.data.scores ...` (PickScore) and point this key at "
+                         "the folder")
+    return sources.open_source(d.name, d.split, data_dir, scores=scores_dir)
 
 
 def _shapes_experts(d, data_dir) -> str:
     """The shapes world's top-K expert set by its analytic reward, built once into the data dir."""
-    from jaxpref import data
-    from jaxpref.data import sources
-
     root = os.path.expanduser(data_dir or os.fspath(sources.DEFAULT_DATA_DIR))
     out = os.path.join(root, f"shapes_experts_k{d.experts_k}")
-    data.build_experts("shapes", out, data.get_scorer("shapes"), k=d.experts_k, split=d.split, data_dir=data_dir,
-                       scorer_name="shapes")
+    experts.build_experts("shapes", out, scores.get_scorer("shapes"), k=d.experts_k, split=d.split,
+                          data_dir=data_dir, scorer_name="shapes")
     return out
 
 
@@ -55,27 +51,18 @@ class TrainFeed:
     """next() -> global batch dict; get_state()/set_state() for checkpoints."""
 
     def __init__(self, config, run, mesh):
-        from jaxpref import data
-
         self.config, self.run, self.mesh = config, run, mesh
-        source = open_train_source(config, run.pipeline.folder)
+        method = run.method
+        source = open_train_source(config, method)
         tokenizer_dir = os.path.join(run.pipeline.folder, "tokenizer")
-        self.loader = data.make_loader(
+        self.needs_rewards = method.needs_rewards
+        self.loader = loader.make_loader(
             source, config.batch_size, seed=config.seed, resolution=config.data.resolution,
-            random_flip=True, order="reward" if config.objective == "smpo" else "label",
-            require_rewards=config.objective == "smpo", tokenizer=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
+            random_flip=True, order=method.pair_order, require_rewards=method.needs_rewards,
+            tokenizer=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
             max_length=run.null_ids.shape[0], worker_count=config.data.worker_count)
-        self.batch_sharding = sharding.batch_sharding(mesh)
         vae = run.pipeline.vae
-
-        @jax.jit
-        def encode(vae_params, images):
-            """uint8 [N, H, W, 3] -> posterior (mean, std) [N, h, w, c] (unscaled)."""
-            x = images.astype(jnp.float32) / 127.5 - 1.0
-            mean, logvar = vae.apply({"params": vae_params}, x, method=vae.encode)
-            return mean, jnp.exp(0.5 * jnp.clip(logvar, *LOGVAR_CLIP))
-
-        self._encode = encode
+        self._encode = jax.jit(lambda params, images: vae_lib.posterior(vae, params, images))
         self._vae_params = jax.device_put(run.pipeline.vae_params, sharding.replicated(mesh))
 
     def _latents(self, images):
@@ -91,7 +78,7 @@ class TrainFeed:
             batch["latent_std"] = np.asarray(local["latent_std"], np.float32)
         else:
             batch["images"] = np.asarray(local["images"], np.uint8)
-        if self.config.objective == "smpo":
+        if self.needs_rewards:
             batch["rewards"] = np.asarray(local["rewards"], np.float32)
         batch = sharding.put_global_batch(self.mesh, batch)
         if "images" in batch:

@@ -1,0 +1,397 @@
+"""Benchmark suite of the train step: DPO, DRO and SmPO steps with cached latents, random weights.
+
+  python benchmarks/bench.py                                   # CPU smoke: tiny UNet, 8x8 latents, all three
+  python benchmarks/bench.py --size sd15 --batch 8 --torch --torch-compile --json $OUT/bench.json   # one H100
+  python benchmarks/bench.py --memory-table --json $OUT/memory.json    # CPU: per-device bytes over 1/2/4/8 devices
+
+Rows (one table, ``--json`` writes every number): the DPO step; DRO's DPM++-20 negative generation alone,
+its whole step and the update (step − generation, derived); SmPO's inversion alone and its whole step;
+with ``--torch`` the PyTorch reference DPO step (``benchmarks/torch_dpo_step.py``, diffusers UNet, SDPA,
+bf16) run in a subprocess on the same device. Every row is jitted (compile and 2 warm-up calls
+excluded) and timed as the median of ``--iters`` calls with ``block_until_ready``. The step runs as the
+training loop runs it: the state from ``trainer.init_state`` (born sharded), the step from
+``trainer.compile_train_step`` (explicit shardings, donated state), its new state fed back. Weights are
+random: the time does not depend on their values.
+
+Model FLOPs and MFU come from ``jaxpref.flops`` (the FLOP model is its docstring; ``--help`` prints it). F and G: sd15
+uses the measured counts (F = 0.80 TFLOP, G = 2.36 TFLOP per image at 64×64); other sizes use XLA's cost
+analysis of a batch-1 UNet forward and forward+backward ("xla-unet").
+
+The second count ("xla") is ``jitted.lower(...).compile().cost_analysis()['flops']`` of each program.
+XLA counts a while loop's body once (not × its trip count, checked on CPU) and a ``lax.cond`` once,
+so the scans of DRO's sampler and SmPO's inversion are corrected: a standalone generation/inversion
+program whose count is under half the model's is taken as one loop body, the loop count is
+``trips × raw``, and the step's is ``raw + (trips − 1) × body``. XLA also counts remat's recompute,
+and nothing inside custom calls (cuDNN flash attention): read it as a cross-check, not as the MFU.
+
+Peak memory: ``jax.devices()[0].memory_stats()['peak_bytes_in_use']`` (the process high-water mark;
+each objective runs in its own subprocess when several are asked for) where the backend reports it
+("hwm"), else the compiled ``memory_analysis()``: argument + output + temp − alias ("xla").
+
+Modules beside this script: ``random_sd.py`` (sizes, random-weight pipeline, config, batch),
+``measure.py`` (timing, XLA counts, the table), ``memory_table.py`` (``--memory-table``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+# Runnable from any folder: the repository root first (jaxpref), then this folder (its sibling modules).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxpref import config_lib, diffusion, flops as flop_model, sharding, trainer  # noqa: E402
+from jaxpref.flops import inversion_scan_steps, loop_corrected, model_flops, peak_flops  # noqa: E402
+from jaxpref.methods import METHODS  # noqa: E402
+from jaxpref.methods.base import pair_keys  # noqa: E402
+from jaxpref.methods.dro import empty_negatives_buffer  # noqa: E402
+from jaxpref.models.unet import count_params  # noqa: E402
+from measure import Row, fmt, format_table, median_seconds, peak, row_from_dict, unet_xla_flops, xla_flops  # noqa: E402
+from memory_table import format_memory_table, memory_worker, run_memory_table  # noqa: E402
+from random_sd import SIZES, bench_config, make_batch, random_pipeline  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------
+# Programs apart from the step.
+
+def generation_program(run):
+    """DRO's online negatives alone: captions, x0, then ``DRO.refill_negatives`` into an empty
+    buffer (DPM++ over the perturbed grid, one trajectory per steps_per_trajectory pairs)."""
+    cfg, method = run.config, run.method
+
+    def generate(params, frozen, batch, rng):
+        keys = pair_keys(rng, batch["input_ids"].shape[0])
+        micro = dict(batch, keys=keys)
+        text, x0 = method.captions(frozen, micro), method.latents(micro)
+        buffer = empty_negatives_buffer(cfg.dro.buffer_size, run.text_shape, run.latent_shape,
+                                        cfg.dro.num_inference_steps)
+        return method.refill_negatives(buffer, params, frozen, text, x0, keys, jax.random.fold_in(rng, 1))
+    return generate
+
+
+def inversion_program(run):
+    """SmPO's inversion alone: both latents of each pair inverted by the policy to (x̃, τ) at t."""
+    cfg, method = run.config, run.method
+
+    def invert(params, frozen, batch, rng):
+        keys = pair_keys(rng, batch["input_ids"].shape[0])
+        micro = dict(batch, keys=keys)
+        text, x0 = method.captions(frozen, micro), method.latents(micro)
+        t = method.timesteps(keys)
+        both = lambda a, b: jnp.concatenate([a, b], axis=0)  # noqa: E731
+        return diffusion.smpo_invert(method.eps_fn(params), both(x0[:, 0], x0[:, 1]), both(t, t), run.schedule,
+                                     cond=both(text, text), mode=cfg.smpo.inversion,
+                                     num_steps=cfg.smpo.inversion_steps)
+    return invert
+
+
+# ---------------------------------------------------------------------------------------------
+# One objective.
+
+def _aot(fn, *args, **jit_kwargs):
+    start = time.perf_counter()
+    compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int] = None, dtype: str = "float32",
+                    remat: bool = False, attention: str = "xla", iters: int = 5, seed: int = 0,
+                    unet_flops: Optional[tuple[float, float]] = None, log=print,
+                    overrides=()) -> tuple[list[Row], dict]:
+    """Times one objective's programs; returns (rows, info). ``unet_flops``: (F, G) to use; default
+    the measured ones for sd15, else XLA's batch-1 counts of the lowered UNet."""
+    size = SIZES[size_name]
+    batch = batch or size.batch
+    dev = jax.devices()[0]
+    kind = dev.device_kind
+    if attention == "cudnn" and (dev.platform != "gpu" or dtype != "bfloat16"):
+        raise ValueError(f"--attention cudnn needs a GPU and --dtype bfloat16 (cuDNN flash attention); got {kind}, "
+                         f"{dtype}: use --attention xla")
+    jdtype = config_lib.DTYPES[dtype]
+    pipeline = random_pipeline(size, jdtype, None if attention == "xla" else attention, seed)
+    config = bench_config(size, objective, batch, dtype, remat, overrides)
+    run = trainer.build_run(config, pipeline)
+    info = {"overrides": list(overrides), "unet_params": count_params(pipeline.unet_params),
+            "latent_shape": list(run.latent_shape), "text_shape": list(run.text_shape)}
+
+    if unet_flops is None:
+        if size.fwd_flops is not None:
+            unet_flops, source = (size.fwd_flops, size.fwdbwd_flops), "measured (SD1.5, 64x64)"
+        else:
+            # The plain module: remat's recompute and cuDNN's custom calls would skew XLA's count.
+            plain = pipeline.unet.clone(remat=False, attention_impl=None)
+            unet_flops, source = unet_xla_flops(plain, pipeline.unet_params, size), "xla-unet (batch 1)"
+    else:
+        source = "given"
+    fwd, fwdbwd = unet_flops
+    info.update(fwd_flops=fwd, fwdbwd_flops=fwdbwd, flops_source=source)
+    flop_kw = dict(gen_steps=config.dro.num_inference_steps, steps_per_trajectory=config.dro.steps_per_trajectory,
+                   guidance_scale=config.dro.guidance_scale, inversion_steps=config.smpo.inversion_steps,
+                   inversion_mode=config.smpo.inversion)
+    flops = lambda w: model_flops(w, batch, fwd, fwdbwd, **flop_kw)  # noqa: E731
+
+    # The state and frozen params as the training loop builds them: born sharded on the mesh.
+    mesh = sharding.make_mesh(data=-1, fsdp=1)
+    frozen = trainer.frozen_params(run)
+    frozen = jax.device_put(frozen, trainer.frozen_shardings(run, mesh, frozen))
+    state, _, _ = trainer.init_state(run, mesh)
+    # From here the state owns the policy weights (the step donates them): drop the pipeline's handle so
+    # the memory high-water mark holds no second copy.
+    run.pipeline = dataclasses.replace(run.pipeline, unet_params=None)
+    del pipeline
+    batch_np = make_batch(run, batch, seed)
+    batch_arr = jax.device_put(batch_np, sharding.rows_sharding(mesh, batch_np))
+    rngs = [jax.random.PRNGKey(seed + i) for i in range(iters + 3)]
+    common = dict(impl="jax", pairs=batch, device=kind)
+    rows = []
+
+    # Loop programs first: the step donates the state.
+    loop = None
+    if objective == "dro" or (objective == "smpo" and config.smpo.inversion != "none"):
+        name, program = (("dro generation", generation_program(run)) if objective == "dro"
+                         else ("smpo inversion", inversion_program(run)))
+        compiled, compile_s = _aot(program, state.params, frozen, batch_arr, rngs[0])
+        calls = itertools.count()
+        seconds, times = median_seconds(
+            lambda p=state.params: jax.block_until_ready(compiled(p, frozen, batch_arr, rngs[next(calls) % len(rngs)])),
+            iters)
+        trips = config.dro.num_inference_steps if objective == "dro" else inversion_scan_steps(
+            config.smpo.inversion_steps, config.smpo.inversion)
+        raw = xla_flops(compiled)
+        xla, corrected = (None, False) if raw is None else loop_corrected(raw, raw, trips, flops(name))
+        loop = (raw, trips, corrected)
+        note = f"xla: loop body x{trips}" if corrected else ""
+        rows.append(Row(workload=name, seconds=seconds, model_flops=flops(name), xla_flops=xla,
+                        compile_seconds=compile_s, notes=note, times=times, **common))
+        rows[-1].peak_bytes, rows[-1].peak_source = peak(compiled)
+        log(f"  {name}: {seconds * 1e3:.2f} ms (compile {compile_s:.1f} s)")
+
+    start = time.perf_counter()
+    compiled = trainer.compile_train_step(run, mesh, state, batch_arr, frozen, rngs[0])
+    compile_s = time.perf_counter() - start
+    holder = {"state": state, "i": 0}
+    del state
+
+    def one_step():
+        holder["i"] += 1
+        holder["state"], metrics = compiled(holder["state"], batch_arr, rngs[holder["i"] % len(rngs)], frozen)
+        jax.block_until_ready((holder["state"], metrics))
+        holder.setdefault("first", metrics)
+        return metrics
+
+    seconds, times = median_seconds(one_step, iters)
+    metrics = jax.device_get(one_step())
+    # The first step starts at policy = reference (DPO: loss log 2 up to the bf16 reference's rounding);
+    # the last has moved: with random weights the losses saturate within a few steps.
+    info["first_metrics"] = {k: float(v) for k, v in jax.device_get(holder.pop("first")).items()}
+    info["final_metrics"] = {k: float(v) for k, v in metrics.items()}
+    raw = xla_flops(compiled)
+    xla, note = raw, ""
+    if loop is not None and raw is not None and loop[0] is not None and loop[2]:
+        xla, note = raw + (loop[1] - 1) * loop[0], f"xla: loop body x{loop[1]}"
+    name = f"{objective} step"
+    rows.append(Row(workload=name, seconds=seconds, model_flops=flops(name), xla_flops=xla, compile_seconds=compile_s,
+                    notes=note, times=times, **common))
+    rows[-1].peak_bytes, rows[-1].peak_source = peak(compiled)
+    log(f"  {name}: {seconds * 1e3:.2f} ms (compile {compile_s:.1f} s), loss first "
+        f"{info['first_metrics'].get('loss'):.4g} last {info['final_metrics'].get('loss'):.4g}")
+
+    if objective == "dro":
+        gen, stp = rows[0], rows[1]
+        upd_s = stp.seconds - gen.seconds
+        upd_xla = None if stp.xla_flops is None or gen.xla_flops is None else stp.xla_flops - gen.xla_flops
+        rows.append(Row(workload="dro update", seconds=upd_s, model_flops=flops("dro update"), xla_flops=upd_xla,
+                        peak_bytes=stp.peak_bytes, peak_source=stp.peak_source,
+                        notes="derived: step - generation", **common))
+    return rows, info
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+def _default_dtype() -> str:
+    return "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+
+
+def _worker_command(args, objective: str, out: str) -> list[str]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--no-isolate", "--objectives", objective, "--size", args.size,
+           "--attention", args.attention, "--json", out, "--quiet-table"]
+    for flag, value in (("--dtype", args.dtype), ("--iters", args.iters), ("--batch", args.batch)):
+        if value:
+            cmd += [flag, str(value)]
+    if args.remat:
+        cmd.append("--remat")
+    for item in args.set:
+        cmd += ["--set", item]
+    return cmd
+
+
+def torch_rows(args, batch: int, dtype: str, iters: int, flops: Optional[tuple] = None) -> tuple[list[Row], list]:
+    """The PyTorch reference step (``benchmarks/torch_dpo_step.py``) in its own process, with JAX kept
+    off the GPU there: a JAX client in the same process would hold most of the GPU's memory."""
+    script = os.path.join(HERE, "torch_dpo_step.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "torch.json")
+        cmd = [sys.executable, script, "--size", args.size, "--batch", str(batch), "--dtype", dtype,
+               "--iters", str(iters), "--json", out, "--quiet-table"]
+        if flops:
+            cmd += ["--fwd-flops", repr(flops[0]), "--fwdbwd-flops", repr(flops[1])]
+        if args.torch_compile:
+            cmd.append("--compile")
+        subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True)
+        with open(out) as f:
+            result = json.load(f)
+        return [row_from_dict(r) for r in result["rows"]], [f"torch: {e}" for e in result.get("errors", [])]
+
+
+def _run_here(args, objective: str) -> dict:
+    """One objective in this process: the payload a worker writes."""
+    dev = jax.devices()[0]
+    dtype = args.dtype or _default_dtype()
+    iters = args.iters or (3 if dev.platform == "cpu" else 10)
+    size = SIZES[args.size]
+    batch = args.batch or size.batch
+    print(f"{objective}: {args.size}, {batch} pairs, {dtype}, remat={args.remat}, attention={args.attention}, "
+          f"{dev.device_kind}", flush=True)
+    rows, info = bench_objective(objective, args.size, batch, dtype, args.remat, args.attention, iters,
+                                 overrides=args.set)
+    return {"device": dev.device_kind, "platform": dev.platform, "num_devices": len(jax.devices()),
+            "jax": jax.__version__, "size": args.size, "batch": batch, "dtype": dtype, "remat": args.remat,
+            "attention": args.attention, "iters": iters,
+            "peak_tflops": None if peak_flops(dev.device_kind) is None else peak_flops(dev.device_kind) / 1e12,
+            "objectives": {objective: info}, "rows": [r.as_dict() for r in rows]}
+
+
+def _run_isolated(args, objective: str) -> Optional[dict]:
+    """One objective in a fresh process: its own device high-water mark, all its memory freed after.
+    None when the worker failed (out of memory, say): the others still run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        proc = subprocess.run(_worker_command(args, objective, out))
+        if proc.returncode != 0 or not os.path.exists(out):
+            return None
+        with open(out) as f:
+            return json.load(f)
+
+
+def _write_json(path: Optional[str], payload: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=f"{__doc__}\njaxpref.flops: {flop_model.__doc__}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--objectives", default="dpo,dro,smpo")
+    parser.add_argument("--batch", type=int, default=None, help="pairs per step (default: the size's)")
+    parser.add_argument("--dtype", choices=sorted(config_lib.DTYPES), default=None,
+                        help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--attention", choices=["xla", "cudnn"], default="xla")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 10; CPU 3)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable: --set dro.steps_per_trajectory=4 --set smpo.inversion=paper")
+    parser.add_argument("--json", default=None, help="write every number here (rewritten after each objective)")
+    parser.add_argument("--torch", action="store_true", help="add the PyTorch reference DPO step (subprocess)")
+    parser.add_argument("--torch-compile", action="store_true", help="and its torch.compile row")
+    parser.add_argument("--no-isolate", action="store_true",
+                        help="run all objectives in this process (peak memory is then a running high-water mark; "
+                        "on a GPU, --torch then competes with JAX's preallocation)")
+    parser.add_argument("--quiet-table", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-table", action="store_true",
+                        help="per-device memory of the SD1.5 DPO step over 1/2/4/8 simulated CPU devices")
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-sizes", default="sd15,sd15-narrow")
+    parser.add_argument("--memory-compile", choices=["auto", "yes", "no"], default="auto",
+                        help="compile the step per mesh for memory_analysis (auto: stop when one compile is slow)")
+    parser.add_argument("--memory-compile-sizes", default="sd15")
+    parser.add_argument("--memory-pairs", type=int, default=8, help="pairs per device in the compiled step")
+    parser.add_argument("--memory-compile-limit", type=float, default=300.0,
+                        help="seconds: a compile slower than this stops the larger meshes")
+    args = parser.parse_args(argv)
+
+    if args.memory_worker:
+        result = memory_worker(args)
+        _write_json(args.json, result)
+        return result
+    if args.memory_table:
+        result = run_memory_table(args)
+        print(format_memory_table(result))
+        _write_json(args.json, result)
+        return result
+
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    for o in objectives:
+        if o not in METHODS:
+            parser.error(f"--objectives: {o!r} not in {tuple(METHODS)}")
+    # Isolated, this process never starts a JAX backend: on a GPU it would hold most of the memory
+    # while the workers and the PyTorch process run.
+    isolate = not args.no_isolate and (len(objectives) > 1 or args.torch)
+    payload, rows = None, []
+    torch_pending = args.torch
+    failed = []
+    for objective in objectives:
+        sub = _run_isolated(args, objective) if isolate else _run_here(args, objective)
+        if sub is None:
+            failed.append(objective)
+            print(f"{objective}: the worker failed (its output is above); going on", flush=True)
+            continue
+        if payload is None:
+            payload = {k: v for k, v in sub.items() if k not in ("objectives", "rows")}
+            payload["objectives"] = {}
+        payload["objectives"].update(sub["objectives"])
+        rows += [row_from_dict(r) for r in sub["rows"]]
+        payload["rows"] = [r.as_dict() for r in rows]
+        _write_json(args.json, payload)
+        if torch_pending and (objective == "dpo" or objective == objectives[-1]):
+            # Right after JAX's DPO row, so a run cut short still has the comparison.
+            info = sub["objectives"][objective]
+            print("torch: the PyTorch reference DPO step", flush=True)
+            try:
+                new_rows, errors = torch_rows(args, payload["batch"], payload["dtype"], payload["iters"],
+                                              (info["fwd_flops"], info["fwdbwd_flops"]))
+                rows += new_rows
+                failed += errors
+            except (subprocess.CalledProcessError, OSError) as e:
+                failed.append(f"torch ({e})")
+            torch_pending = False
+            payload["rows"] = [r.as_dict() for r in rows]
+            _write_json(args.json, payload)
+    if payload is None:
+        raise SystemExit(f"every objective failed: {failed}")
+    payload["failed"] = failed
+    _write_json(args.json, payload)
+    if not args.quiet_table:
+        info = next(iter(payload["objectives"].values()), {})
+        title = (f"{args.size}: {payload['batch']} pairs/step, latents {info.get('latent_shape')}, "
+                 f"{payload['dtype']}, remat={args.remat}, attention={args.attention}, device {payload['device']} "
+                 f"x{payload['num_devices']}, peak {fmt(payload['peak_tflops'], '.0f')} TFLOP/s bf16 dense; "
+                 f"TF model: F={fmt(info.get('fwd_flops', 0) / 1e12, '.4g')}, "
+                 f"G={fmt(info.get('fwdbwd_flops', 0) / 1e12, '.4g')} TFLOP/image ({info.get('flops_source')}); "
+                 f"TF xla: compiled cost_analysis" + (f"; config: {' '.join(args.set)}" if args.set else ""))
+        print(format_table(rows, title))
+        if failed:
+            print(f"failed: {', '.join(failed)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
