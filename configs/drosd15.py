@@ -4,7 +4,11 @@ What it trains: the full SD1.5 UNet (φ) with the ranking hinge of DRO: the glob
 images by HPSv2/PickScore are the experts; the policy's own DPM-Solver++ 20-step trajectories (guidance
 1.0, perturbed grid so t is uniform on 0..999) are the negatives. Margin 0.001, AdamW lr 1e-4 constant,
 256 pairs per update (4 per device x 16 micro-batches x 4 devices), 1,600 updates, bf16, EMA
-min((1+s)/(10+s), 0.9999); checkpoints and the final export hold EMA weights.
+min((1+s)/(10+s), 0.9999); checkpoints and the final export hold EMA weights. Negatives are the released
+code's form (``dro.negative_target="trajectory"``: a recorded step x_k with target ε_θ(x_k); θ = φ, so
+their error and gradient are ~0 and the hinge is a trust region on denoising the experts);
+``"sample"`` (the policy's generated x0, noised at t) gives the negative term a gradient (docs/methods.md
+§2 explains the logged expert_gap, negative_gap, implicit_acc and active_hinge).
 
 Data: a local diffusers SD1.5 folder (``model_path``) and the DRO expert set built from the Pick-a-Pic
 v2 parquet shards (``python -m jaxpref.data.experts ...``, see README).

@@ -3,8 +3,11 @@
 What it trains: the full SD1.5 UNet on Pick-a-Pic v2 pairs ordered by PickScore (human labels only drop
 ties), with the smoothed preference p = softmax of min-max-normalised PickScores and γ = 10: the DPO
 margin is scaled by γ(2p - 1) per pair. Latents come from a ReNoise inversion with the policy (5-step
-DDIM grid, one renoise iteration, two predictions averaged: ``smpo.inversion="code"``; "paper" lands
-exactly on t) instead of forward noise. β = 2000, AdamW lr 1.024e-5, 100 warmup, wd 1e-2, clip 1.0,
+DDIM grid, one renoise iteration, two predictions averaged: ``smpo.inversion="code"``, kept as the
+default so a run reproduces the released code; "paper" lands exactly on t; "consistent" inverts along a
+per-sample grid ending at t with two ReNoise iterations, so latent, timestep and target agree: the
+released form lands on the grid level at or above t while the models are told t, docs/methods.md §3)
+instead of forward noise. β = 2000, AdamW lr 1.024e-5, 100 warmup, wd 1e-2, clip 1.0,
 1024 pairs per update, 200 updates. Policy and reference start from an SFT checkpoint (SD1.5 fine-tuned
 on preferred images): point ``model_path`` at it.
 
