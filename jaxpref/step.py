@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxpref import optim
-from jaxpref.methods.base import Method, pair_keys
+from jaxpref.methods.base import Method, pair_keys, select
 
 
 @flax.struct.dataclass
@@ -60,10 +60,6 @@ def split_micro_batches(batch, num_micro: int):
     return jax.tree_util.tree_map(split, batch)
 
 
-def _select(pred, on_true, on_false):
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
 def make_train_step(config, method: Method, optimizer: optax.GradientTransformation,
                     learning_rate: Callable | None = None):
     """Returns the pure ``train_step(state, batch, rng, frozen) -> (state, metrics)``."""
@@ -97,12 +93,12 @@ def make_train_step(config, method: Method, optimizer: optax.GradientTransformat
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        params = _select(finite, new_params, state.params)
-        opt_state = _select(finite, new_opt_state, state.opt_state)
+        params = select(finite, new_params, state.params)
+        opt_state = select(finite, new_opt_state, state.opt_state)
         ema_params = state.ema_params
         if ema_params is not None:
             decay = optim.ema_decay(state.step - state.skipped, config.ema.max_decay)
-            ema_params = _select(finite, optim.ema_update(ema_params, params, decay), ema_params)
+            ema_params = select(finite, optim.ema_update(ema_params, params, decay), ema_params)
         skipped = state.skipped + (~finite).astype(jnp.int32)
         metrics.update(grad_norm=grad_norm, update_skipped=(~finite).astype(jnp.float32),
                        skipped_total=skipped.astype(jnp.float32))

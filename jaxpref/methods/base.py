@@ -64,6 +64,11 @@ def encode_captions(text_encoder, text_params, input_ids, keys, dropout: float, 
     return jax.lax.stop_gradient(emb.astype(jnp.float32))
 
 
+def select(pred, on_true, on_false):
+    """Tree-wise ``where(pred, on_true, on_false)``: keep or replace a whole params-like tree under jit."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
 def stack(a, b):
     """Stacks winner-side and loser-side (or expert and negative) batches for one model call."""
     return jnp.concatenate([a, b], axis=0)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpref import diffusion, objectives
-from jaxpref.methods.base import NOISE, START, Method, draw, stack
+from jaxpref.methods.base import NOISE, START, Method, draw, select, stack
 
 EXPERT_TIMESTEPS = ("shared", "independent")  # "shared": expert noised at the negative's t_k (reference code)
 NEGATIVE_TARGETS = ("trajectory", "sample")    # "trajectory": (x_k, ε_θ(x_k)) as the reference code; "sample":
@@ -82,10 +82,6 @@ def empty_negatives_buffer(size: int, text_shape, latent_shape, num_steps: int) 
     )
 
 
-def _select(pred, on_true, on_false):
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
 class DRO(Method):
     data = "experts"
     state_sharding_rules = ((r"negatives/.*", "rows"),)  # trajectories split over devices like a batch
@@ -100,7 +96,7 @@ class DRO(Method):
         every = self.config.dro.refresh_every
         if every <= 0:
             return state
-        return state.replace(sampler=_select(micro_count % every == 0, params, state.sampler))
+        return state.replace(sampler=select(micro_count % every == 0, params, state.sampler))
 
     def loss(self, params, frozen, micro, rng, state: DROState):
         cfg = self.config.dro
