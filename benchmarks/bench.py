@@ -121,7 +121,7 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
                          f"{dtype}: use --attention xla")
     jdtype = config_lib.DTYPES[dtype]
     pipeline = random_pipeline(size, jdtype, None if attention == "xla" else attention, seed)
-    config = bench_config(size, objective, batch, dtype, remat, overrides)
+    config = bench_config(size, objective, batch, dtype, remat, overrides, attention)
     run = trainer.build_run(config, pipeline)
     info = {"overrides": list(overrides), "unet_params": count_params(pipeline.unet_params),
             "latent_shape": list(run.latent_shape), "text_shape": list(run.text_shape)}
@@ -305,7 +305,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(config_lib.DTYPES), default=None,
                         help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     parser.add_argument("--remat", action="store_true")
-    parser.add_argument("--attention", choices=["xla", "cudnn"], default="xla")
+    parser.add_argument("--attention", choices=["xla", "cudnn", "chunked"], default="xla")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 10; CPU 3)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, repeatable: --set dro.steps_per_trajectory=4 --set smpo.inversion=paper")

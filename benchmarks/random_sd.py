@@ -96,8 +96,10 @@ def random_pipeline(size: Size, dtype, attention_impl: Optional[str] = None, see
                                    scheduler_config=dict(SD15_SCHEDULER), folder="random-weights")
 
 
-def bench_config(size: Size, objective: str, batch: int, dtype: str, remat: bool, overrides=()):
-    """The run config of a benchmark: the base config with the objective's defaults, one micro-batch.
+def bench_config(size: Size, objective: str, batch: int, dtype: str, remat: bool, overrides=(),
+                 attention: str = "xla"):
+    """The run config of a benchmark: the base config with the objective's defaults, one micro-batch,
+    the attention backend named (not "auto": a table row says which kernel it timed).
 
     overrides: "key.path=value" strings (``--set dro.steps_per_trajectory=4``), values read as Python
     literals where they parse, else as strings.
@@ -107,6 +109,7 @@ def bench_config(size: Size, objective: str, batch: int, dtype: str, remat: bool
     c.dtype = dtype
     c.reference_dtype = "bfloat16"
     c.remat = remat
+    c.attention = attention
     c.batch_size, c.grad_accum = batch, 1
     c.data.resolution = size.latent * 2 ** (len(size.vae_channels) - 1)
     for item in overrides:

@@ -7,8 +7,10 @@ images by HPSv2/PickScore are the experts; the policy's own DPM-Solver++ 20-step
 min((1+s)/(10+s), 0.9999); checkpoints and the final export hold EMA weights. Negatives are the released
 code's form (``dro.negative_target="trajectory"``: a recorded step x_k with target ε_θ(x_k); θ = φ, so
 their error and gradient are ~0 and the hinge is a trust region on denoising the experts);
-``"sample"`` (the policy's generated x0, noised at t) gives the negative term a gradient (docs/methods.md
-§2 explains the logged expert_gap, negative_gap, implicit_acc and active_hinge).
+kept here so that this run reproduces the released code. ``"sample"`` (the policy's generated x0, noised
+at t; the base default) gives the negative term a gradient and gained 2.5x the trajectory form's held-out
+reward in the embedded ablation (README), not yet measured on SD1.5: ``--config.dro.negative_target=sample``
+(docs/methods.md §2 and the README explain the logged expert_gap, negative_gap, implicit_acc and active_hinge).
 
 Data: a local diffusers SD1.5 folder (``model_path``) and the DRO expert set built from the Pick-a-Pic
 v2 parquet shards (``python -m jaxpref.data.experts ...``, see README).
@@ -33,7 +35,8 @@ def get_config():
                        grad_clip=1.0, decay_steps=1600)
     c.ema.update(enabled=True, max_decay=0.9999)
     c.dro.update(margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0,
-                 buffer_size=16, steps_per_trajectory=1, refresh_every=0, expert_timestep="shared")
+                 buffer_size=16, steps_per_trajectory=1, refresh_every=0, expert_timestep="shared",
+                 negative_target="trajectory")
     c.data.update(name="pickapic_v2", resolution=512)
     c.checkpoint.update(every=100, keep=3)
     c.eval.update(every=200, num_prompts=64, sampler="ddpm", num_steps=50, guidance_scale=7.5)

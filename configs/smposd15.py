@@ -7,7 +7,9 @@ DDIM grid, one renoise iteration, two predictions averaged: ``smpo.inversion="co
 default so a run reproduces the released code; "paper" lands exactly on t; "consistent" inverts along a
 per-sample grid ending at t with two ReNoise iterations, so latent, timestep and target agree: the
 released form lands on the grid level at or above t while the models are told t, docs/methods.md §3)
-instead of forward noise. β = 2000, AdamW lr 1.024e-5, 100 warmup, wd 1e-2, clip 1.0,
+instead of forward noise. On the embedded world no inversion helped (100 updates, seeds 0-2: none
++0.031, code and consistent below the base model; README, the ablation); unmeasured on SD1.5, where the
+paper reports the inversion's gain. β = 2000, AdamW lr 1.024e-5, 100 warmup, wd 1e-2, clip 1.0,
 1024 pairs per update, 200 updates. Policy and reference start from an SFT checkpoint (SD1.5 fine-tuned
 on preferred images): point ``model_path`` at it.
 

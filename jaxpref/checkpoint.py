@@ -3,20 +3,45 @@
 A checkpoint holds the whole ``TrainState`` (params, optimizer state, EMA, step, DRO's negatives
 buffer) as sharded arrays, plus JSON metadata (the data loader's state, the run's rng seed). Restoring
 takes the *target* shardings, so a state saved on 8 devices restores on 1, 2 or 4.
+
+Also what keeps a workdir whole: ``check_workdir`` (a bad ``--workdir`` fails before anything slow),
+``WorkdirLock`` (one run writes a workdir at a time), and a save that fails in the background stopping
+the run (``CheckpointSaveError``) instead of training on without checkpoints.
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
+import json
 import os
 import signal
+import socket
+import tempfile
 import threading
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+LOCK_FILE = "lock"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (full disk, lost mount, permissions): the run stops."""
+
+
+class WorkdirLocked(RuntimeError):
+    """Another live run holds the workdir."""
 
 
 class CheckpointManager:
-    """Thin wrapper over ``orbax.checkpoint.CheckpointManager`` for one run's workdir."""
+    """Thin wrapper over ``orbax.checkpoint.CheckpointManager`` for one run's workdir.
+
+    Orbax keeps a failed background save's error until someone waits for it; ``check_saves`` (called every
+    step, free while a save runs) waits as soon as the save is done, so a full disk stops the run at the
+    next step with the OS error, not steps later as unrelated noise.
+    """
 
     def __init__(self, workdir: str, *, keep: int = 3, every: int = 0, async_save: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -24,6 +49,8 @@ class CheckpointManager:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._unconfirmed = None   # the step of a save started but not yet known to have succeeded
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -33,8 +60,20 @@ class CheckpointManager:
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
         """Starts an async save (orbax writes to a temp dir and renames it when complete: atomic)."""
-        return self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                meta=ocp.args.JsonSave(meta)), force=force)
+        self.wait()  # orbax waits for the previous save anyway; this names its failure
+        try:
+            started = self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                       meta=ocp.args.JsonSave(meta)), force=force)
+        except Exception as e:  # noqa: BLE001 - whatever the filesystem raised, named with the path
+            raise self._save_error(step, e) from e
+        if started:
+            self._unconfirmed = step
+        return started
+
+    def check_saves(self):
+        """Raises CheckpointSaveError once a background save has failed; returns at once while one runs."""
+        if self._unconfirmed is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def restore(self, step: int, target_shapes: Any, target_shardings: Any) -> tuple[Any, dict]:
         """Restores ``step`` onto the given shardings (any mesh): returns (state, meta)."""
@@ -53,11 +92,98 @@ class CheckpointManager:
         return out["state"], dict(out["meta"])
 
     def wait(self):
-        self._manager.wait_until_finished()
+        """Waits for the save in flight; CheckpointSaveError (with the OS error and the path) if it failed."""
+        step, self._unconfirmed = self._unconfirmed, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax re-raises the writer thread's error as it was
+            raise self._save_error(step, e) from e
 
     def close(self):
-        self._manager.wait_until_finished()
+        """Waits for the last save and closes; after a failed save, only closes (its error was raised)."""
+        if self._failed:
+            try:
+                self._manager.close()
+            except Exception as e:  # noqa: BLE001 - the failure was already raised; say what closing met
+                logging.warning("closing %s after a failed save: %s", self.directory, e)
+            return
+        self.wait()
         self._manager.close()
+
+    def _save_error(self, step, error: Exception) -> CheckpointSaveError:
+        self._failed = True
+        latest = self._manager.latest_step()
+        kept = (f"checkpoint {latest} ({self.directory}/{latest}) is intact: rerun the same command to resume from "
+                "it" if latest is not None else "no earlier checkpoint exists: rerun the same command to start over")
+        return CheckpointSaveError(f"saving checkpoint {step} to {self.directory} failed: {error}. The run stopped; "
+                                   f"{kept} once the cause is fixed (a full disk: free space or pass another "
+                                   "--workdir)")
+
+
+def check_workdir(workdir: str):
+    """Creates ``workdir`` (or checks the folder there) and that this process can write in it: run before the
+    model and the data load, so a bad ``--workdir`` fails in seconds."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} is a file, not a folder; pass a new folder or a run's workdir")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise ValueError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); pass a folder this user "
+                         "can write (checkpoints, metrics and the exported model go there)") from e
+
+
+class WorkdirLock:
+    """One run writes a workdir at a time: an exclusive ``flock`` on ``<workdir>/lock``, held for the run.
+
+    The kernel drops the lock when its process ends, however it ends (SIGKILL, OOM, a crash), so a stale
+    lock never blocks the next run; the file's text (host, pid, start time) only names the holder. The
+    file is never deleted: a run that opened it just before a deletion would lock a file nobody else sees.
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._file = None
+
+    def acquire(self) -> "WorkdirLock":
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read()
+            f.close()
+            raise WorkdirLocked(_locked_message(self.workdir, holder)) from None
+        except OSError as e:  # a filesystem without locks (some network mounts): say so and go on
+            f.close()
+            logging.warning("%s: cannot lock (%s); make sure no other run uses this workdir", self.path, e)
+            return self
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                            "started": datetime.datetime.now().isoformat(timespec="seconds")}))
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self):
+        if self._file is not None:
+            self._file.truncate(0)   # the holder is gone: a later message must not name it
+            self._file.close()       # closing drops the flock
+            self._file = None
+
+
+def _locked_message(workdir: str, holder_text: str) -> str:
+    try:
+        holder = json.loads(holder_text)
+        who = f"host {holder['host']}, pid {holder['pid']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        who = "holder not yet recorded"
+    return (f"{workdir} is in use by another run ({who}). Two runs on one workdir overwrite each other's checkpoints "
+            "and metrics. Wait for that run to finish, stop it (SIGTERM: it checkpoints and exits), or pass another "
+            "--workdir")
 
 
 def load_policy_params(workdir: str, unet_shapes: Any = None, use_ema: bool = True, step: int | None = None):

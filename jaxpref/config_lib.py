@@ -18,6 +18,7 @@ from jaxpref import objectives, optim, sharding
 from jaxpref.methods import METHODS
 from jaxpref.methods.dro import EXPERT_TIMESTEPS, NEGATIVE_TARGETS
 from jaxpref.methods.smpo import INVERSIONS as SMPO_INVERSIONS
+from jaxpref.models import attention
 from jaxpref.models.pipeline import EMBEDDED_TINY
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -25,12 +26,14 @@ DATASETS = ("shapes", "pickapic_v2")
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:
-    """``configs/<name>.py``'s ``get_config()``: "tiny", "dposd15", "drosd15", "smposd15", ..."""
+    """``configs/<name>.py``'s ``get_config()``: "tiny", "dposd15", "drosd15", "smposd15", ...; "tiny:smpo"
+    passes "smpo" to ``get_config`` as ``--config=configs/tiny.py:smpo`` does."""
+    name, _, arg = name.partition(":")
     try:
         module = importlib.import_module(f"jaxpref.configs.{name}")
     except ModuleNotFoundError as e:
         raise ValueError(f"no config {name!r} in configs/ (a file configs/{name}.py with get_config())") from e
-    return module.get_config()
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def config_path(name: str) -> str:
@@ -40,22 +43,23 @@ def config_path(name: str) -> str:
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every key a run understands, with its default; what each means: ``KEY_HELP`` (``--print_config``)."""
     c = ml_collections.ConfigDict()
     c.objective = "dro"
     c.seed = 0
-    # A diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or
-    # "embedded:tiny" for the shipped tiny model of the shapes world.
     c.model_path = EMBEDDED_TINY
-    c.reference_path = ""            # frozen reference; "" = same weights as model_path
-    c.dtype = "bfloat16"             # compute dtype; params stay fp32
-    c.reference_dtype = "bfloat16"   # storage dtype of the frozen reference params
-    c.remat = False                  # gradient checkpointing per UNet block
-    c.sample_posterior = True        # x0 = sample of the VAE posterior (False: its mean)
-    c.prompt_dropout = 0.2           # a pair's caption becomes "" (negatives too)
+    c.reference_path = ""
+    c.dtype = "bfloat16"
+    c.reference_dtype = "bfloat16"
+    c.remat = False
+    c.attention = "auto"
+    c.sample_posterior = True
+    c.prompt_dropout = 0.2
 
-    c.batch_size = 256               # pairs per optimizer update, all devices, all micro-batches
-    c.grad_accum = 1                 # micro-batches per update (a lax.scan inside the step)
-    c.total_steps = 1000             # optimizer updates
+    c.batch_size = 256
+    c.grad_accum = 1
+    c.total_steps = 1000
+    c.max_consecutive_skips = 20
 
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0,
@@ -66,45 +70,131 @@ def base_config() -> ml_collections.ConfigDict:
     c.smpo = ml_collections.ConfigDict(dict(
         beta=2000.0, gamma=10.0,
         reward_min=objectives.PICKSCORE_MIN, reward_max=objectives.PICKSCORE_MAX,  # over Pick-a-Pic v2
-        inversion="code",            # "code": as JaydenLyh/SmPO runs it; "paper": lands exactly on t;
-                                     # "consistent": latent, timestep and target at one level (docs/methods.md §3);
-                                     # "none": no inversion, DPO's forward noise (the inversion ablation)
-        inversion_steps=5,           # grid steps (the per-sample grid's steps in "consistent")
-        inversion_iterations=2,      # "consistent": ReNoise iterations K per step (0 = plain DDIM inversion)
-        inversion_window=(0, 3),     # "consistent": average ε of iterations a <= i < b for the final update
-        inversion_noise_regularization=False))  # "consistent": ReNoise's noise regularisation of ε
+        inversion="code", inversion_steps=5, inversion_iterations=2, inversion_window=(0, 3),
+        inversion_noise_regularization=False))
     c.dro = ml_collections.ConfigDict(dict(
-        margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0,
-        buffer_size=4,               # trajectories kept (global); >= pairs per micro-batch / steps_per_trajectory
-        steps_per_trajectory=1,      # recorded steps of one trajectory used as negatives (reference: 1)
-        refresh_every=0,             # micro-steps between θ <- φ; 0 = θ is φ (refreshed every update)
-        expert_timestep="shared",    # "shared": expert noised at the negative's t_k (reference code); "independent"
-        negative_target="trajectory"))  # "trajectory": recorded (x_k, ε_θ(x_k)) (reference code); "sample": the
-                                        # generated x0 noised at t_k with the expert's ε, target ε (docs/methods.md §2)
+        margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0, buffer_size=4,
+        steps_per_trajectory=1, refresh_every=0, expert_timestep="shared", negative_target="sample"))
 
     c.data = ml_collections.ConfigDict(dict(
-        name="shapes",               # "shapes" (embedded) or "pickapic_v2"
-        data_dir="",                 # where the built datasets live ("" = ~/.cache/jaxpref/data)
-        source_dir="",               # pickapic_v2: the folder of downloaded parquet shards
-        split="train",
-        resolution=32,
-        cache_dir="",                # a latent cache folder (python -m jaxpref.data.cache): the step runs no VAE
-        scores_dir="",               # SmPO on pickapic_v2: reward scores folder (python -m jaxpref.data.scores)
-        experts_dir="",              # DRO on pickapic_v2: expert set folder (python -m jaxpref.data.experts)
-        experts_k=500,               # DRO on shapes: size of the expert set built on first use
-        worker_count=0))
+        name="shapes", data_dir="", source_dir="", split="train", resolution=32, cache_dir="", scores_dir="",
+        experts_dir="", experts_k=500, worker_count=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-    # (regex over a leaf's path, rule), first match wins (jaxpref.sharding): state and frozen params.
     c.sharding_rules = sharding.DEFAULT_RULES
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, export_unet=True))
     c.log = ml_collections.ConfigDict(dict(every=10, sample_every=0, sample_prompts=4))
     c.eval = ml_collections.ConfigDict(dict(
-        every=0,                     # updates between evaluations (0: only the final base-vs-trained one)
-        prompts="shapes",            # a prompt-set spec (jaxpref.prompts.load_prompts): parti:/x.tsv, hpdv2:/dir, ...
-        rewards="shapes",            # reward specs (jaxpref.rewards.load_scorers): pickscore=/dir,hpsv2=/file, ...
-        num_prompts=32, images_per_prompt=1, sampler="ddim", num_steps=25, guidance_scale=3.0, batch_size=32,
-        final=True))
+        every=0, prompts="shapes", rewards="shapes", num_prompts=32, images_per_prompt=1, sampler="ddim",
+        num_steps=25, guidance_scale=3.0, batch_size=32, final=True))
     return c
+
+
+# One line per key of base_config(): what it does (printed by ``python -m jaxpref.train --print_config``).
+KEY_HELP = {
+    "objective": f"the method trained: one of {tuple(METHODS)}",
+    "seed": "the run's rng seed (noise, timesteps, prompt dropout, DRO's sampling)",
+    "model_path": "a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or "
+                  "'embedded:tiny' for the shipped tiny model of the shapes world",
+    "reference_path": "the frozen reference UNet (a pipeline or UNet folder); '' = model_path's starting weights",
+    "dtype": f"compute dtype {tuple(DTYPES)}; params stay fp32",
+    "reference_dtype": "storage dtype of the frozen reference params",
+    "remat": "gradient checkpointing per UNet block (less memory, more compute)",
+    "attention": f"the UNet's attention backend, one of {attention.BACKENDS}: 'auto' = cuDNN flash on GPU where it "
+                 "applies, else 'chunked' (O(block x tokens) memory) for long sequences and 'xla' (dense) for short",
+    "sample_posterior": "x0 = a sample of the VAE posterior (False: its mean)",
+    "prompt_dropout": "probability that a pair's caption becomes '' (negatives too)",
+    "batch_size": "pairs per optimizer update, all devices and micro-batches together",
+    "grad_accum": "micro-batches per update (a lax.scan inside the step)",
+    "total_steps": "optimizer updates of the whole run (a resumed run continues to it)",
+    "max_consecutive_skips": "stop the run (non-zero exit, no export) after this many updates in a row were "
+                             "skipped for a non-finite loss or gradient: it has diverged; 0 = never stop",
+    "optimizer.name": f"one of {optim.OPTIMIZERS}",
+    "optimizer.lr": "peak learning rate",
+    "optimizer.b1": "Adam's first-moment decay",
+    "optimizer.b2": "Adam's second-moment decay",
+    "optimizer.eps": "Adam's epsilon",
+    "optimizer.weight_decay": "decoupled weight decay (adamw, adafactor)",
+    "optimizer.grad_clip": "clip the gradient's global norm to this before the optimizer; <= 0: no clip",
+    "optimizer.warmup_steps": "linear warmup from 0 over this many updates",
+    "optimizer.schedule": f"after warmup, one of {optim.SCHEDULES} (decay to 0)",
+    "optimizer.decay_steps": "updates (warmup included) over which cosine/linear decay to 0",
+    "ema.enabled": "keep an EMA of the policy (checkpoints and the export then report the EMA)",
+    "ema.max_decay": "cap of DRO's EMA decay min((1 + s) / (10 + s), max_decay)",
+    "dpo.beta": "DPO's β (KL weight; the loss uses β/2)",
+    "smpo.beta": "SmPO's β",
+    "smpo.gamma": "SmPO's γ scaling the smoothed preference 2p - 1",
+    "smpo.reward_min": "reward score mapped to preference 0 (PickScore's minimum over Pick-a-Pic v2)",
+    "smpo.reward_max": "reward score mapped to preference 1 (PickScore's maximum over Pick-a-Pic v2)",
+    "smpo.inversion": f"one of {SMPO_INVERSIONS}: 'code' as JaydenLyh/SmPO runs it; 'paper' lands exactly on t; "
+                      "'consistent' keeps latent, timestep and target at one level; 'none' uses DPO's forward "
+                      "noise (the inversion ablation); docs/methods.md §3",
+    "smpo.inversion_steps": "inversion grid steps (the per-sample grid's steps in 'consistent')",
+    "smpo.inversion_iterations": "'consistent': ReNoise iterations K per step (0 = plain DDIM inversion)",
+    "smpo.inversion_window": "'consistent': average ε of iterations a <= i < b for the final update",
+    "smpo.inversion_noise_regularization": "'consistent': ReNoise's noise regularisation of ε",
+    "dro.margin": "DRO's hinge margin",
+    "dro.sampler": "sampler that generates DRO's negatives",
+    "dro.num_inference_steps": "sampler steps of one negative trajectory",
+    "dro.guidance_scale": "classifier-free guidance of the negatives' sampling (1 = none)",
+    "dro.buffer_size": "trajectories kept (global); >= pairs per micro-batch / steps_per_trajectory",
+    "dro.steps_per_trajectory": "recorded steps of one trajectory used as negatives (reference: 1)",
+    "dro.refresh_every": "micro-steps between θ <- φ; 0 = θ is φ (refreshed every update)",
+    "dro.expert_timestep": f"one of {EXPERT_TIMESTEPS}: 'shared' noises the expert at the negative's t_k "
+                           "(reference code)",
+    "dro.negative_target": f"one of {NEGATIVE_TARGETS}: 'sample' (default: the ablation's best) = the generated x0 "
+                           "noised at t_k with the expert's ε; 'trajectory' = recorded (x_k, ε_θ(x_k)) (reference "
+                           "code; configs/drosd15.py) (docs/methods.md §2)",
+    "data.name": f"one of {DATASETS}",
+    "data.data_dir": "where the built datasets live ('' = ~/.cache/jaxpref/data)",
+    "data.source_dir": "pickapic_v2: the folder of downloaded parquet shards",
+    "data.split": "dataset split trained on",
+    "data.resolution": "image side in pixels (latents are this / the VAE's downsampling)",
+    "data.cache_dir": "a latent cache folder (python -m jaxpref.data.cache): the step runs no VAE",
+    "data.scores_dir": "SmPO on pickapic_v2: reward scores folder (python -m jaxpref.data.scores)",
+    "data.experts_dir": "DRO on pickapic_v2: expert set folder (python -m jaxpref.data.experts)",
+    "data.experts_k": "DRO on shapes: size of the expert set built on first use",
+    "data.worker_count": "grain worker processes (0: decode in this process's read threads)",
+    "mesh.data": "devices on the data axis (-1: fill)",
+    "mesh.fsdp": "devices on the fsdp axis (params sharded over it; -1: fill)",
+    "sharding_rules": "(regex over a leaf's path, rule), first match wins (jaxpref.sharding): state and frozen "
+                      "params",
+    "checkpoint.every": "updates between checkpoints (0: only the last; SIGTERM also saves)",
+    "checkpoint.keep": "checkpoints kept (oldest deleted first)",
+    "checkpoint.export_unet": "write the trained UNet (diffusers format) to <workdir>/export/unet at the end",
+    "log.every": "updates between metric rows (metrics.jsonl, TensorBoard, the console)",
+    "log.sample_every": "updates between sample grids in <workdir>/samples (0: none)",
+    "log.sample_prompts": "held-out prompts in a sample grid",
+    "eval.every": "updates between evaluations (0: only the final base-vs-trained one)",
+    "eval.prompts": "a prompt-set spec (jaxpref.prompts.load_prompts): shapes, parti:/x.tsv, hpdv2:/dir, ...",
+    "eval.rewards": "reward specs (jaxpref.rewards.load_scorers): shapes, pickscore=/dir, hpsv2=/file, ...",
+    "eval.num_prompts": "prompts per evaluation",
+    "eval.images_per_prompt": "images generated per prompt",
+    "eval.sampler": "sampler of the evaluation images",
+    "eval.num_steps": "sampler steps of an evaluation image",
+    "eval.guidance_scale": "classifier-free guidance of the evaluation images",
+    "eval.batch_size": "images generated at once",
+    "eval.final": "evaluate base vs trained at the end (report, before/after grid, reward curve)",
+}
+
+
+def describe(config) -> str:
+    """Every key of ``config`` with its value (and base_config()'s default where it differs) and its one-line
+    meaning (``python -m jaxpref.train --print_config``)."""
+    base, lines = base_config(), []
+    for key in _flat_keys(config):
+        value, default = _lookup(config, key), _lookup(base, key)
+        changed = "" if value == default else f"   (base default: {default!r})"
+        lines.append(f"{key} = {value!r}{changed}\n    {KEY_HELP.get(key, '(not a key of base_config(): a typo?)')}")
+    return "\n".join(lines)
+
+
+def _lookup(config, key: str):
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _fail(key, value, why):
@@ -123,6 +213,7 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
     for key in ("dtype", "reference_dtype"):
         if config[key] not in DTYPES:
             _fail(key, config[key], f"supported {tuple(DTYPES)}")
+    _check_attention(config)
     if config.optimizer.name not in optim.OPTIMIZERS:
         _fail("optimizer.name", config.optimizer.name, f"supported {optim.OPTIMIZERS}")
     if config.optimizer.schedule not in optim.SCHEDULES:
@@ -134,6 +225,8 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
         _fail("batch_size", config.batch_size,
               f"a micro-batch of {micro} pairs does not divide over {num_devices} devices; "
               f"make batch_size / grad_accum a multiple of {num_devices}")
+    if not isinstance(config.max_consecutive_skips, int) or config.max_consecutive_skips < 0:
+        _fail("max_consecutive_skips", config.max_consecutive_skips, "a number of updates >= 0 (0: never stop)")
     if not 0.0 <= config.prompt_dropout < 1.0:
         _fail("prompt_dropout", config.prompt_dropout, "a probability in [0, 1)")
     if config.objective == "dro":
@@ -170,6 +263,16 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
     if config.mesh.data == 0 or config.mesh.fsdp == 0 or (config.mesh.data < 0 and config.mesh.fsdp < 0):
         _fail("mesh", dict(config.mesh), "each axis a positive size or -1 (fill), at most one -1")
     return config
+
+
+def _check_attention(config):
+    try:
+        attention.check_backend(config.attention)
+    except ValueError as e:
+        _fail("attention", config.attention, str(e))
+    if config.attention == "cudnn" and config.dtype != "bfloat16":
+        _fail("attention", "cudnn", f"cuDNN flash attention runs in bf16; set config.dtype='bfloat16' (is "
+                                    f"{config.dtype!r}) or use 'auto'")
 
 
 def _check_smpo_inversion(s):

@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from ml_collections import config_flags
 from PIL import Image
 
-from jaxpref import diffusion, export, prompts as prompts_lib, rewards, sharding
+from jaxpref import diffusion, export, figures, prompts as prompts_lib, rewards, sharding
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.models import pipeline as pipeline_lib
 from jaxpref.prompts import PromptSet
@@ -454,15 +454,27 @@ def base_vs_trained(run, unet_params, workdir: str, mesh=None) -> tuple[dict, di
     return base, trained
 
 
+def reward_curve(workdir: str, base: Mapping[str, float]) -> str | None:
+    """reward_curve.png from the run's intermediate evaluations (config.eval.every) and the base model."""
+    metric = main_reward(base)
+    points = figures.eval_history(os.path.join(workdir, "metrics.jsonl"), metric)
+    if len(points) < 2:
+        return None
+    points = [(0, base[metric])] + points
+    return figures.reward_curve(points, os.path.join(workdir, "reward_curve.png"), base=base[metric],
+                                label=f"held-out {metric}")
+
+
 def before_after_grid(workdir):
-    paths = [os.path.join(workdir, d, "grid.png") for d in ("eval_base", "eval_trained")]
-    if not all(os.path.isfile(p) for p in paths):
-        return
-    top, bottom = (np.asarray(Image.open(p).convert("RGB")) for p in paths)
-    width = max(top.shape[1], bottom.shape[1])
-    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)))
-    sep = np.full((4, width, 3), 255, np.uint8)
-    Image.fromarray(np.concatenate([pad(top), sep, pad(bottom)])).save(os.path.join(workdir, "before_after.png"))
+    """before_after.png: base | trained side by side, a row per held-out prompt (``figures.before_after``)."""
+    dirs = [os.path.join(workdir, d) for d in ("eval_base", "eval_trained")]
+    if all(os.path.isfile(os.path.join(d, "images", "00000_00.png")) for d in dirs):
+        figures.before_after(*dirs, os.path.join(workdir, "before_after.png"))
+
+
+def main_reward(metrics: Mapping[str, float]) -> str:
+    """The first reward's "<name>/mean" key of an evaluation's metrics (the one the run reports)."""
+    return next(k for k in metrics if k.endswith("/mean") and not k.startswith(("generate/", "score/")))
 
 
 def print_report(base: dict, trained: dict, workdir: str):

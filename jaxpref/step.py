@@ -86,7 +86,8 @@ def make_train_step(config, method: Method, optimizer: optax.GradientTransformat
         else:
             (grads, method_state), metrics = jax.lax.scan(
                 micro_step, carry, (micro_batches, jnp.arange(num_micro)))
-            metrics = jax.tree_util.tree_map(jnp.mean, metrics)
+            # Diagnostics may be NaN in a micro-batch that lacks their case (a t bucket); the loss may not.
+            metrics = {k: jnp.mean(v) if k == "loss" else jnp.nanmean(v) for k, v in metrics.items()}
         grad_norm = optax.global_norm(grads)
         # A finite loss and gradient norm (one reduction) is the whole check: per-leaf checks of the new
         # params multiply XLA compile time several-fold for nothing (AdamW of finite grads is finite).

@@ -5,7 +5,7 @@ Session fixtures (one per test process):
   world              (tiny random SD folder, data dir with the shapes pairs), built once for all xdist
                      workers (a file lock under the run's shared base temp dir)
   reference          the uninterrupted 1-device DPO run 0 -> 6 on it (test_train, test_checkpoint,
-                     test_sharding compare against it): (workdir, summary)
+                     test_sharding, test_faults compare against it): (workdir, summary)
   compiled_steps     a dict the step tests keep their compiled steps in (same config, same program)
   sd15_unet_shapes   SD1.5's UNet param shapes (eval_shape, no weights)
 """
@@ -29,7 +29,7 @@ import train_helpers as th  # noqa: E402
 # Test files whose tests use the session's reference run: one xdist worker runs them all, so the run is
 # computed once. Every other file is its own group (its module fixtures are built once), except the
 # embedded end-to-end runs, one group per objective so they spread over the workers.
-_REFERENCE_GROUP = {"test_train.py", "test_checkpoint.py", "test_sharding.py"}
+_REFERENCE_GROUP = {"test_train.py", "test_checkpoint.py", "test_sharding.py", "test_faults.py"}
 
 
 def pytest_collection_modifyitems(config, items):

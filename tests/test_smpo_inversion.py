@@ -15,7 +15,7 @@ from jaxpref.data.tokenizer import tokenize
 from jaxpref.diffusion import (NoiseRegularization, NoiseSchedule, invert, smpo_consistent_levels, smpo_invert,
                                smpo_landing_timestep)
 from jaxpref.methods.base import NOISE, POSTERIOR, TIMESTEP, draw, pair_keys
-from jaxpref.methods.smpo import INVERSIONS
+from jaxpref.methods.smpo import INVERSIONS, T_BUCKETS as SMPO_T_BUCKETS
 from jaxpref.models import load_pipeline
 from tiny_sd import build_tiny_sd
 
@@ -222,3 +222,18 @@ def test_consistent_smpo_step_evaluates_the_policy_where_the_latent_is(tmp_path)
     pred = eps_fn(inv.latents, inv.timestep, jnp.asarray(stack(text, text)))
     assert float(metrics["tau_err"]) == pytest.approx(float(jnp.mean((pred - inv.target) ** 2)), rel=1e-4)
     assert float(metrics["tau_sq"]) == pytest.approx(float(jnp.mean(inv.target ** 2)), rel=1e-4)
+
+    # The diagnostics by t bucket (step 0 is a log step, so the forward-noise error is computed too).
+    noise = np.asarray(draw(keys, NOISE, lambda k: jax.random.normal(k, shape[2:], jnp.float32)))
+    t2, noise2 = stack(t, t), stack(noise, noise)
+    x_t = run.schedule.q_sample(jnp.asarray(stack(x0[:, 0], x0[:, 1])), t2, jnp.asarray(noise2))
+    noise_err = np.mean((np.asarray(eps_fn(x_t, t2, jnp.asarray(stack(text, text)))) - noise2) ** 2, axis=(1, 2, 3))
+    tau_sq = np.mean(np.asarray(inv.target) ** 2, axis=(1, 2, 3))
+    assert float(metrics["noise_err"]) == pytest.approx(noise_err.mean(), rel=1e-4)
+    for lo, hi in zip(SMPO_T_BUCKETS, (*SMPO_T_BUCKETS[1:], 1000)):
+        inside = (t2 >= lo) & (t2 < hi)
+        if inside.any():
+            assert float(metrics[f"tau_sq/t{lo}"]) == pytest.approx(tau_sq[inside].mean(), rel=1e-4)
+            assert float(metrics[f"noise_err/t{lo}"]) == pytest.approx(noise_err[inside].mean(), rel=1e-4)
+        else:
+            assert np.isnan(float(metrics[f"tau_sq/t{lo}"]))

@@ -190,7 +190,7 @@ def test_nan_batch_skips_the_update(build):
 
 
 def test_dro_step_fills_buffer_and_negatives_are_the_samplers_own_predictions(build):
-    run, state, frozen, train_step = build("dro")
+    run, state, frozen, train_step = build("dro", **{"dro.negative_target": "trajectory"})
     batch = make_batch(run, pairs=False)
     new_state, metrics = train_step(state, batch, jax.random.PRNGKey(0), frozen)
     buf = new_state.method_state.negatives
@@ -213,7 +213,8 @@ def test_dro_step_fills_buffer_and_negatives_are_the_samplers_own_predictions(bu
 def test_training_lowers_each_loss_on_a_fixed_pair_set(build, objective):
     overrides = dict(ADAM)
     if objective == "dro":
-        overrides.update({"dro.refresh_every": 1000})  # stale θ: the negatives' term gets a gradient
+        # The reference form with a stale θ: the negatives' term gets a gradient.
+        overrides.update({"dro.refresh_every": 1000, "dro.negative_target": "trajectory"})
     run, state, frozen, train_step = build(objective, **overrides)
     batch = make_batch(run, seed=5, pairs=objective != "dro")
     losses = []

@@ -166,6 +166,8 @@ def test_shipped_config_builds_and_validates(name, sd15_unet_shapes):
         negatives = state.method_state.negatives
         assert negatives.latents.shape == (config.dro.buffer_size, config.dro.num_inference_steps, *latent_shape)
         assert negatives.text.shape == (config.dro.buffer_size, *text_shape)
+    elif config.objective == "smpo":   # the micro-step count (its inversion diagnostics run on log steps)
+        assert state.method_state.shape == () and state.method_state.dtype == np.int32
     else:
         assert state.method_state is None
 

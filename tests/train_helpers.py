@@ -43,9 +43,8 @@ def tiny_dpo_config(model_path: str, data_dir: str, **overrides):
     """DPO on the shapes world with the tiny random pipeline: 8 pairs, 6 steps, fp32, a loss every step."""
     from jaxpref import config_lib
 
-    c = config_lib.load_config("tiny")
+    c = config_lib.load_config("tiny:dpo")
     c.model_path = model_path
-    c.objective = "dpo"
     c.batch_size = 8
     c.total_steps = 6
     c.prompt_dropout = 0.25

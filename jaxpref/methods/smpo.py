@@ -19,11 +19,21 @@ from jaxpref.methods.base import NOISE, Method, draw, stack
 INVERSIONS = (*diffusion.SMPO_MODES, "none")  # "none": forward noise, the ablation without inversion
 
 
+T_BUCKETS = (0, 250, 500, 750)  # diagnostics by training timestep: [0, 250), [250, 500), ...
+
+
 class SmPO(Method):
     pair_order = "reward"
     needs_rewards = True
 
-    def loss(self, params, frozen, micro, rng, method_state):
+    def init_state(self, params, *, text_shape, latent_shape):
+        """The micro-step count: the inversion diagnostics run on the loop's log steps only."""
+        return jnp.zeros((), jnp.int32)
+
+    def begin_micro_step(self, micro_count_state, params, micro_count):
+        return jnp.asarray(micro_count, jnp.int32)
+
+    def loss(self, params, frozen, micro, rng, micro_count):
         cfg = self.config.smpo
         text2, x0_2, t2 = self.pairs(frozen, micro)
         b = x0_2.shape[0] // 2
@@ -36,9 +46,34 @@ class SmPO(Method):
         prob_w = objectives.smpo_preference(rewards[:, 0], rewards[:, 1], cfg.reward_min, cfg.reward_max)
         loss, metrics = objectives.smpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], cfg.beta, prob_w,
                                              cfg.gamma)
-        # How noise-like the targets are (forward noise: E τ² = 1) and how well the policy predicts them.
-        metrics.update(tau_sq=jnp.mean(jnp.square(tau)), tau_err=jnp.mean(err))
-        return loss, (metrics, method_state)
+        metrics.update(self.diagnostics(params, micro, x0_2, t2, text2, tau, err, micro_count))
+        return loss, (metrics, micro_count)
+
+    def diagnostics(self, params, micro, x0_2, t2, text2, tau, err, micro_count) -> dict:
+        """How noise-like the targets are and how well the policy predicts them, by t bucket: mean τ²
+        (forward noise: 1), the policy's error on (x̃, t) against τ, and on the same x0 forward-noised at
+        the same t against ε (an inversion that is consistent keeps the first near the second). The
+        forward-noise call runs on log steps only (NaN on the others, which the loop does not log)."""
+        tau_sq = jnp.mean(jnp.square(tau), axis=(1, 2, 3))
+        err = jax.lax.stop_gradient(err)
+        if self.config.smpo.inversion == "none":
+            noise_err = err
+        else:
+            step = micro_count // self.config.grad_accum
+            every = max(int(self.config.log.every), 1)
+            x_t, noise = self.noised_pairs(micro["keys"], x0_2, t2)
+            forward = lambda: objectives.denoising_error(self.eps(jax.lax.stop_gradient(params), x_t, t2, text2),
+                                                         noise)
+            noise_err = jax.lax.cond(((step + 1) % every == 0) | (step == 0), forward,
+                                     lambda: jnp.full_like(err, jnp.nan))
+        out = {"tau_sq": jnp.mean(tau_sq), "tau_err": jnp.mean(err), "noise_err": jnp.mean(noise_err)}
+        edges = (*T_BUCKETS, self.num_train_timesteps)
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            mask = ((t2 >= lo) & (t2 < hi)).astype(jnp.float32)
+            mean = lambda v: jnp.sum(v * mask) / jnp.sum(mask)   # NaN when no pair drew a t in the bucket
+            out.update({f"tau_sq/t{lo}": mean(tau_sq), f"tau_err/t{lo}": mean(err),
+                        f"noise_err/t{lo}": mean(noise_err)})
+        return out
 
     def invert(self, params, keys, x0_2, t2, text2) -> diffusion.SmPOInversion:
         """``smpo_invert`` of the [2B] stack with the policy. Noise regularisation ("consistent" only) draws

@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxpref.models import attention as attention_lib
 
 Dtype = Any
 
@@ -18,9 +19,8 @@ Dtype = Any
 def attention(q, k, v, num_heads: int, dtype: Dtype = jnp.float32, implementation: Optional[str] = None):
     """Multi-head scaled dot-product attention; q: [B, T, D], k/v: [B, S, D] -> [B, T, D].
 
-    Goes through ``jax.nn.dot_product_attention``: its XLA path takes the logits and the softmax in
-    fp32 whatever ``dtype`` is (diffusers' ``upcast_attention`` always on); ``implementation='cudnn'``
-    asks for cuDNN flash attention on GPU (bf16/fp16 only).
+    ``implementation`` is a backend of ``jaxpref.models.attention`` (None: 'xla'). Every backend takes the
+    logits and the softmax in fp32 whatever ``dtype`` is (diffusers' ``upcast_attention`` always on).
     """
     b, t, d = q.shape
     s = k.shape[1]
@@ -28,7 +28,7 @@ def attention(q, k, v, num_heads: int, dtype: Dtype = jnp.float32, implementatio
     q = q.reshape(b, t, num_heads, head_dim).astype(dtype)
     k = k.reshape(b, s, num_heads, head_dim).astype(dtype)
     v = v.reshape(b, s, num_heads, v.shape[-1] // num_heads).astype(dtype)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    out = attention_lib.dot_product_attention(q, k, v, implementation or "xla")
     return out.reshape(b, t, -1)
 
 

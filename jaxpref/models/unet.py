@@ -254,7 +254,8 @@ class UNet2DConditionModel(nn.Module):
     Field names and defaults are diffusers' config keys, except ``num_attention_heads``: the number of
     heads per block, which diffusers configs spell ``attention_head_dim`` (see ``unet_from_config``).
     ``remat`` checkpoints every resnet and transformer block (same param names).
-    ``attention_impl``: None/'xla' or 'cudnn' (flash attention on GPU, bf16 only).
+    ``attention_impl``: a backend of ``jaxpref.models.attention`` ('auto', 'xla', 'cudnn', 'chunked';
+    None: 'xla').
     """
     sample_size: Optional[int] = None  # metadata: the latent side the checkpoint was trained at
     in_channels: int = 4

@@ -37,28 +37,47 @@ _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Reads a .safetensors file into {name: array} (memory-mapped, zero-copy until used)."""
+    """Reads a .safetensors file into {name: array} (memory-mapped, zero-copy until used).
+
+    Every tensor's bytes are checked against the file size and its dtype and shape before any is mapped,
+    so a truncated download fails naming the file and the tensor, not as a bare reshape error.
+    """
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such safetensors file")
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
         (header_len,) = struct.unpack("<Q", raw)
+        if 8 + header_len > size:
+            raise ValueError(f"{path} is truncated or corrupt (its header needs bytes 8..{8 + header_len}, file has "
+                             f"{size}); download or export it again")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
     header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    out = {}
+    base = 8 + header_len
     for name, info in header.items():
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        out[name] = data[start:end].view(dtype).reshape(info["shape"])
-    return out
+        _check_tensor_bytes(path, name, info, base, size)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=base) if size > base else np.zeros(0, np.uint8)
+    return {name: data[info["data_offsets"][0]:info["data_offsets"][1]].view(np.dtype(_ST_DTYPES[info["dtype"]]))
+            .reshape(info["shape"]) for name, info in header.items()}
+
+
+def _check_tensor_bytes(path: str, name: str, info: dict, base: int, size: int):
+    """Raises unless the header's entry for ``name`` fits in the file and its byte span equals dtype x shape."""
+    if info.get("dtype") not in _ST_DTYPES:
+        raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+    start, end = (int(v) for v in info["data_offsets"])
+    if not 0 <= start <= end or base + end > size:
+        raise ValueError(f"{path} is truncated or corrupt (tensor {name} needs bytes {base + start}..{base + end}, "
+                         f"file has {size}); download or export it again")
+    want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+    if end - start != want:
+        raise ValueError(f"{path} is corrupt (tensor {name}: {info['dtype']} {list(info['shape'])} is {want} bytes, "
+                         f"its data offsets {start}..{end} span {end - start}); download or export it again")
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):

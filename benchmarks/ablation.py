@@ -1,0 +1,183 @@
+"""Ablation of the seed methods' own mechanisms on the embedded world (tiny model, shapes reward, CPU).
+
+  python benchmarks/ablation.py                                   # every variant, seeds 0 1 2, ~60 min on 2 cores
+  python benchmarks/ablation.py --variants dro/sample,dpo --seeds 0 --steps 100 --set optimizer.lr=3e-4
+
+Each variant is ``configs/tiny.py:<objective>`` with a few keys changed (``VARIANTS``) and one optimizer
+for all (``BUDGET``: AdamW, constant lr 1e-4), trained by the same loop as ``python -m jaxpref.train``
+for ``--steps`` updates per seed, evaluated on the held-out prompts every
+``--eval-every`` updates (32 prompts x 4 images, the world's analytic reward). ``--set key=value``
+changes the shared settings of every variant (the budget is the same for all of them). Writes
+``--out`` (JSON: per variant and seed the reward curve, final gain over the base model, win rate and
+steps/s; per variant mean ± std over seeds) and the plot beside it (held-out reward vs step, mean ± std
+band per variant), and prints the table the README shows.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxpref import config_lib, train as train_lib  # noqa: E402
+from jaxpref.models import load_pipeline, resolve_model_path  # noqa: E402
+
+# variant -> config keys it changes on top of configs/tiny.py (and --set).
+VARIANTS = {
+    "dpo": {"objective": "dpo"},
+    "smpo/none": {"objective": "smpo", "smpo.inversion": "none"},
+    "smpo/code": {"objective": "smpo", "smpo.inversion": "code"},
+    "smpo/paper": {"objective": "smpo", "smpo.inversion": "paper"},
+    "smpo/consistent": {"objective": "smpo", "smpo.inversion": "consistent"},
+    "dro/trajectory": {"objective": "dro", "dro.negative_target": "trajectory"},
+    "dro/sample": {"objective": "dro", "dro.negative_target": "sample"},
+    "dro/trajectory+stale": {"objective": "dro", "dro.negative_target": "trajectory", "dro.refresh_every": 10},
+    "dro/sample+stale": {"objective": "dro", "dro.negative_target": "sample", "dro.refresh_every": 10},
+}
+# The same optimizer for every variant (configs/tiny.py's DPO/SmPO setting; the demo's DRO is tuned apart).
+BUDGET = {"optimizer.lr": 1e-4, "optimizer.schedule": "constant", "optimizer.warmup_steps": 10}
+METRIC = "shapes/mean"
+
+
+def parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def set_key(config, key: str, value):
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    if leaf not in node:
+        raise ValueError(f"--set {key}: no such config key (see jaxpref.config_lib.base_config)")
+    node[leaf] = value
+
+
+def variant_config(name: str, seed: int, steps: int, eval_every: int, shared: dict):
+    changes = VARIANTS[name]
+    c = config_lib.load_config(f"tiny:{changes['objective']}")
+    for key, value in {**BUDGET, **shared, **changes}.items():
+        set_key(c, key, value)
+    c.seed, c.total_steps = seed, steps
+    c.eval.every = eval_every
+    c.checkpoint.update(every=0, keep=1, export_unet=False)
+    return c
+
+
+def eval_curve(workdir: str, base: float) -> list[tuple[int, float]]:
+    """(step, held-out mean reward) from the run's metrics.jsonl, the base model as step 0."""
+    curve = [(0, base)]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get(f"eval/{METRIC}") is not None:
+                curve.append((row["step"], row[f"eval/{METRIC}"]))
+    return sorted(dict(curve).items())
+
+
+def run_one(name, seed, args, shared, pipeline, root) -> dict:
+    workdir = os.path.join(root, name.replace("/", "_"), f"seed{seed}")
+    config = variant_config(name, seed, args.steps, args.eval_every, shared)
+    start = time.perf_counter()
+    summary = train_lib.train(config, workdir, pipeline=pipeline)
+    base, trained = summary["base"][METRIC], summary["trained"][METRIC]
+    out = {"seed": seed, "base": base, "trained": trained, "gain": trained - base,
+           "win_rate": summary["trained"]["shapes/win_rate"], "steps_per_sec": summary["steps_per_sec"],
+           "wall_seconds": time.perf_counter() - start, "curve": eval_curve(workdir, base)}
+    print(f"{name} seed {seed}: gain {out['gain']:+.4f} win {out['win_rate']:.3f} "
+          f"{out['steps_per_sec']:.2f} steps/s ({out['wall_seconds']:.0f} s)", flush=True)
+    return out
+
+
+def aggregate(runs: list[dict]) -> dict:
+    stat = lambda k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+    (gain, gain_std), (win, win_std), (sps, _) = stat("gain"), stat("win_rate"), stat("steps_per_sec")
+    return {"gain_mean": gain, "gain_std": gain_std, "win_rate_mean": win, "win_rate_std": win_std,
+            "steps_per_sec": sps, "seeds": [r["seed"] for r in runs]}
+
+
+def table(results: dict) -> str:
+    lines = ["| variant | gain in held-out reward (mean ± std) | win rate | steps/s |", "| --- | --- | --- | --- |"]
+    for name, v in results.items():
+        a = v["summary"]
+        lines.append(f"| {name} | {a['gain_mean']:+.4f} ± {a['gain_std']:.4f} | "
+                     f"{a['win_rate_mean']:.3f} ± {a['win_rate_std']:.3f} | {a['steps_per_sec']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, v in results.items():
+        steps = [s for s, _ in v["runs"][0]["curve"]]
+        values = np.array([[r for _, r in run["curve"]] for run in v["runs"]])
+        mean, std = values.mean(0), values.std(0)
+        line, = ax.plot(steps, mean, marker="o", ms=3, label=name, ls="--" if name.startswith("dro") else "-")
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("update")
+    ax.set_ylabel(f"held-out {METRIC} reward")
+    seeds = len(next(iter(results.values()))["runs"])
+    ax.set_title(f"embedded world, tiny model: mean ± std over {seeds} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a configs/tiny.py key changed for every variant, e.g. optimizer.lr=3e-4")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                 "ablation_tiny.json"))
+    p.add_argument("--workdir", default="", help="run folders (default: a temporary folder)")
+    args = p.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known {list(VARIANTS)}")
+    shared = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    for key, value in shared.items():  # a typo fails here, before anything trains
+        set_key(config_lib.load_config("tiny"), key, value)
+    pipeline = load_pipeline(resolve_model_path("embedded:tiny"))
+    root = args.workdir or tempfile.mkdtemp(prefix="ablation_")
+    results = {}
+    for name in names:
+        runs = [run_one(name, s, args, shared, pipeline, root) for s in args.seeds]
+        results[name] = {"changes": VARIANTS[name], "runs": runs, "summary": aggregate(runs)}
+        write(results, args, shared)
+    print(table(results))
+
+
+def write(results, args, shared):
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    meta = {"device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
+                      f"{os.cpu_count()} cores)", "steps": args.steps, "eval_every": args.eval_every,
+            "seeds": args.seeds, "budget": BUDGET, "shared_changes": shared,
+            "base_config": "configs/tiny.py:<objective>", "metric": METRIC}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "variants": results}, f, indent=1)
+    plot(results, os.path.splitext(args.out)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()

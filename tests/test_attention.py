@@ -1,0 +1,157 @@
+"""The attention backends against dense attention: forward, gradient, the config switch and the memory win."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpref import config_lib, trainer
+from jaxpref.models import attention
+from jaxpref.models import pipeline as pipeline_lib
+from jaxpref.models.unet import BasicTransformerBlock
+
+# (queries, keys, heads, head dim, query block, key block): SD1.5's head dims 40/80/160, SDXL's 64,
+# cross-attention on 77 text tokens, token counts that no block divides.
+CASES = [
+    (300, 300, 2, 40, 128, 64),    # self-attention, neither count a multiple of its block
+    (96, 77, 2, 160, 32, 32),      # cross-attention, 77 keys in 3 blocks (the last padded)
+    (130, 77, 3, 80, 64, 128),     # cross-attention, all 77 keys in one block, queries padded
+    (64, 64, 2, 64, 512, 1024),    # one block each (blocks larger than the sequence)
+]
+
+
+def _qkv(t, s, n, h, dtype=jnp.float32, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return tuple(jax.random.normal(key, (2, length, n, h), jnp.float32).astype(dtype)
+                 for key, length in zip(keys, (t, s, s)))
+
+
+def _dense(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+def _grads(fn, q, k, v):
+    """d/d(q, k, v) of a loss that weighs every output element differently."""
+    return jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), (0, 1, 2))(q, k, v)
+
+
+def _rel(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+@pytest.mark.parametrize("t,s,n,h,qb,kb", CASES)
+def test_chunked_equals_dense_forward_and_gradient(t, s, n, h, qb, kb):
+    q, k, v = _qkv(t, s, n, h)
+    chunked = jax.jit(lambda q, k, v: attention.chunked_attention(q, k, v, qb, kb))
+    out = chunked(q, k, v)
+    assert out.shape == (2, t, n, h) and out.dtype == jnp.float32
+    assert _rel(out, _dense(q, k, v)) < 1e-5
+    for got, want in zip(_grads(chunked, q, k, v), _grads(_dense, q, k, v)):
+        assert _rel(got, want) < 1e-5
+
+
+def test_chunked_in_bfloat16_keeps_fp32_softmax():
+    q, k, v = _qkv(200, 77, 2, 40, jnp.bfloat16)
+    out = attention.chunked_attention(q, k, v, 64, 32)
+    assert out.dtype == jnp.bfloat16
+    exact = _dense(*(x.astype(jnp.float32) for x in (q, k, v)))
+    assert _rel(out.astype(jnp.float32), exact) < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["xla", "chunked", "auto"])
+def test_every_backend_equals_dense(backend):
+    q, k, v = _qkv(40, 77, 2, 40)
+    assert _rel(attention.dot_product_attention(q, k, v, backend), _dense(q, k, v)) < 1e-5
+    for got, want in zip(_grads(lambda *a: attention.dot_product_attention(*a, backend), q, k, v),
+                         _grads(_dense, q, k, v)):
+        assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_equals_dense_in_bfloat16():
+    q, k, v = _qkv(256, 77, 2, 40, jnp.bfloat16)
+    exact = _dense(*(x.astype(jnp.float32) for x in (q, k, v)))
+    assert _rel(attention.dot_product_attention(q, k, v, "cudnn").astype(jnp.float32), exact) < 2e-2
+
+
+def test_auto_picks_by_platform_dtype_and_length():
+    short = jnp.zeros((1, 64, 2, 40), jnp.bfloat16)
+    long = jnp.zeros((1, 1024, 2, 40), jnp.bfloat16)
+    assert attention.resolve("auto", short, short, "cpu") == "xla"
+    assert attention.resolve("auto", long, long, "cpu") == "chunked"
+    assert attention.resolve("auto", long, long, "tpu") == "chunked"
+    assert attention.resolve("auto", long, long, "gpu") == "cudnn"
+    assert attention.resolve("auto", long.astype(jnp.float32), long, "gpu") == "chunked"  # cuDNN: bf16/fp16 only
+    odd = jnp.zeros((1, 64, 2, 36), jnp.bfloat16)  # head dim not a multiple of 8
+    assert attention.resolve("auto", odd, odd, "gpu") == "xla"
+    assert attention.resolve("xla", long, long, "gpu") == "xla"
+
+
+def test_unknown_or_unbuilt_backends_are_refused():
+    q = jnp.zeros((1, 4, 1, 8))
+    with pytest.raises(ValueError, match="supported"):
+        attention.dot_product_attention(q, q, q, "flash")
+    with pytest.raises(ValueError, match="not implemented yet"):
+        attention.dot_product_attention(q, q, q, "pallas_tpu")
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="needs a GPU"):
+            attention.dot_product_attention(q, q, q, "cudnn")
+
+
+def _config():
+    c = config_lib.base_config()
+    c.objective, c.batch_size = "dpo", 2
+    return c
+
+
+def test_config_validation_names_the_attention_key():
+    c = _config()
+    assert c.attention == "auto"
+    for value, why in (("flash", "supported"), ("pallas_tpu", "not implemented yet")):
+        c.attention = value
+        with pytest.raises(ValueError, match=rf"config\.attention='{value}'.*{why}"):
+            config_lib.validate(c, check_paths=False)
+    c.attention, c.dtype = "cudnn", "float32"
+    with pytest.raises(ValueError, match=r"config\.attention='cudnn'.*bfloat16"):
+        config_lib.validate(c, check_paths=False)
+    c.attention = "chunked"
+    config_lib.validate(c, check_paths=False)
+
+
+def test_the_config_reaches_the_trained_unet():
+    pipeline = pipeline_lib.load_pipeline(pipeline_lib.resolve_model_path(pipeline_lib.EMBEDDED_TINY))
+    c = _config()
+    c.attention = "chunked"
+    run = trainer.build_run(config_lib.validate(c, check_paths=False), pipeline)
+    assert run.method.unet.attention_impl == "chunked"
+
+
+def test_transformer_block_with_chunked_attention_matches_the_default(monkeypatch):
+    """The UNet's attention block (self- and cross-attention) through the module field the config sets."""
+    monkeypatch.setattr(attention, "Q_BLOCK", 24)  # 100 tokens: 5 query blocks, the last padded
+    monkeypatch.setattr(attention, "KV_BLOCK", 40)  # keys: 3 blocks of the tokens, 2 of the 77 text tokens
+    block = BasicTransformerBlock(heads=2, dim_head=40)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 100, 80)), jnp.float32)
+    text = jnp.asarray(rng.standard_normal((2, 77, 32)), jnp.float32)
+    params = jax.jit(block.init)(jax.random.PRNGKey(0), x, text)
+    want = jax.jit(block.apply)(params, x, text)
+    got = jax.jit(block.clone(attention_impl="chunked").apply)(params, x, text)
+    assert _rel(got, want) < 1e-5
+
+
+def test_chunked_lowers_compiled_temporaries():
+    """One SD1.5 top-block self-attention (4096 tokens, head dim 40), compiled for this CPU, never run.
+
+    Measured: 20.7x fewer temporaries forward (12.4 vs 256 MiB), 14.0x with the gradient (36.8 vs 513 MiB).
+    """
+    q = jax.ShapeDtypeStruct((1, 4096, 2, 40), jnp.float32)
+
+    def temporaries(fn, grad):
+        if grad:
+            fn = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) ** 2), (0, 1, 2))
+        return jax.jit(fn).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+    chunked = lambda q, k, v: attention.dot_product_attention(q, k, v, "chunked")  # noqa: E731
+    assert temporaries(_dense, False) >= 2 * 4096 * 4096 * 2 * 4  # fp32 logits and probabilities, 2 heads
+    assert temporaries(_dense, False) / temporaries(chunked, False) >= 10
+    assert temporaries(_dense, True) / temporaries(chunked, True) >= 5
