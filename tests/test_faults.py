@@ -281,7 +281,7 @@ def _fail_meta_write_of(step: int, monkeypatch):
 
 def test_a_failed_save_stops_the_run_at_the_next_step(world, tmp_path, monkeypatch):
     """Checkpoint 4's background write fails (ENOSPC). The loader of step 6's batch waits until that save has
-    ended, so the run must stop when step 6 starts: rows 1-5, no save 6, and a message with the OS error, the
+    ended, so the run must stop by the time step 6 starts: rows 1-4 or 1-5, no save 6, and a message with the OS error, the
     path and the intact checkpoint 2, which restores."""
     from jaxpref.data import feed
 
@@ -312,7 +312,9 @@ def test_a_failed_save_stops_the_run_at_the_next_step(world, tmp_path, monkeypat
     assert f"saving checkpoint 4 to {checkpoints} failed" in message and "No space left on device" in message
     assert f"checkpoint 2 ({checkpoints}/2) is intact" in message
     assert saves == [2, 4]
-    assert [r["step"] for r in _strict_rows(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3, 4, 5]
+    # Stopped within one step of the failed save's end: at step 5 or 6, depending on when the background
+    # write failed relative to step 5 (both seen on a busy 2-core CPU).
+    assert [r["step"] for r in _strict_rows(os.path.join(workdir, "metrics.jsonl"))] in ([1, 2, 3, 4], [1, 2, 3, 4, 5])
     assert th.checkpoint_steps(workdir) == [2]
     assert checkpoint_lib.load_policy_params(workdir) is not None
 
