@@ -12,7 +12,9 @@ Non-default settings get their own config name (e.g. 'pairs_resolution64'), so c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -138,5 +140,8 @@ def prepare_shapes(data_dir: str | os.PathLike, kind: str = "pairs", **overrides
     known = {c.name for c in Shapes.BUILDER_CONFIGS}
     builder = Shapes(config=cfg.name if cfg.name in known else cfg, data_dir=os.fspath(data_dir), file_format="array_record")
     if not builder.is_prepared():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        # TFDS prints "Downloading and preparing dataset ..." to stdout; nothing is downloaded: say what happens.
+        print(f"building the shapes/{kind} dataset into {os.fspath(data_dir)} (first use only)", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
