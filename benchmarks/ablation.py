@@ -15,7 +15,6 @@ band per variant), and prints the table the README shows.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import platform
@@ -48,28 +47,10 @@ BUDGET = {"optimizer.lr": 1e-4, "optimizer.schedule": "constant", "optimizer.war
 METRIC = "shapes/mean"
 
 
-def parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def set_key(config, key: str, value):
-    *path, leaf = key.split(".")
-    node = config
-    for part in path:
-        node = node[part]
-    if leaf not in node:
-        raise ValueError(f"--set {key}: no such config key (see jaxpref.config_lib.base_config)")
-    node[leaf] = value
-
-
 def variant_config(name: str, seed: int, steps: int, eval_every: int, shared: dict):
     changes = VARIANTS[name]
     c = config_lib.load_config(f"tiny:{changes['objective']}")
-    for key, value in {**BUDGET, **shared, **changes}.items():
-        set_key(c, key, value)
+    config_lib.apply_overrides(c, {**BUDGET, **shared, **changes}, source=f"variant {name}:")
     c.seed, c.total_steps = seed, steps
     c.eval.every = eval_every
     c.checkpoint.update(every=0, keep=1, export_unet=False)
@@ -155,9 +136,8 @@ def main():
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known {list(VARIANTS)}")
-    shared = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
-    for key, value in shared.items():  # a typo fails here, before anything trains
-        set_key(config_lib.load_config("tiny"), key, value)
+    shared = config_lib.parse_overrides(args.set)
+    config_lib.apply_overrides(config_lib.load_config("tiny"), shared)  # a typo fails here, before anything trains
     pipeline = load_pipeline(resolve_model_path("embedded:tiny"))
     root = args.workdir or tempfile.mkdtemp(prefix="ablation_")
     results = {}

@@ -3,7 +3,6 @@ benchmark, and a random cached-latent batch. Weights are random: a step's time d
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
 from typing import Optional
@@ -112,19 +111,7 @@ def bench_config(size: Size, objective: str, batch: int, dtype: str, remat: bool
     c.attention = attention
     c.batch_size, c.grad_accum = batch, 1
     c.data.resolution = size.latent * 2 ** (len(size.vae_channels) - 1)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected key.path=value, e.g. dro.steps_per_trajectory=4")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        node, *path = key.strip().split(".")[::-1]
-        target = c
-        for part in reversed(path):
-            target = target[part]
-        target[node] = value
+    config_lib.apply_overrides(c, config_lib.parse_overrides(overrides))
     c.dro.buffer_size = max(c.dro.buffer_size, batch // c.dro.steps_per_trajectory)
     return config_lib.validate(c)
 

@@ -8,6 +8,7 @@ trains, its cost and the expected result. A key that is not in ``base_config()``
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 
@@ -34,6 +35,38 @@ def load_config(name: str) -> ml_collections.ConfigDict:
     except ModuleNotFoundError as e:
         raise ValueError(f"no config {name!r} in configs/ (a file configs/{name}.py with get_config())") from e
     return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_overrides(items) -> dict:
+    """``["dro.margin=0.01", "objective=dpo"]`` -> ``{"dro.margin": 0.01, "objective": "dpo"}``: values read as
+    Python literals where they parse, else kept as strings (the ``--set`` flags of the benchmarks)."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key.path=value, e.g. dro.margin=0.01")
+        try:
+            out[key.strip()] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = text
+    return out
+
+
+def apply_overrides(config, overrides: dict, source: str = "--set"):
+    """Sets dotted keys (``{"dro.margin": 0.01}``) on ``config`` in place and returns it; a key that is not
+    already in the config is a typo and raises, naming ``source`` and the key."""
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        node = config
+        for part in path:
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ValueError(f"{source} {key}: no such config key (python -m jaxpref.train --print_config "
+                                 "lists them)")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"{source} {key}: no such config key (python -m jaxpref.train --print_config lists them)")
+        node[leaf] = value
+    return config
 
 
 def config_path(name: str) -> str:

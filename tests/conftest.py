@@ -5,7 +5,8 @@ Session fixtures (one per test process):
   world              (tiny random SD folder, data dir with the shapes pairs), built once for all xdist
                      workers (a file lock under the run's shared base temp dir)
   reference          the uninterrupted 1-device DPO run 0 -> 6 on it (test_train, test_checkpoint,
-                     test_sharding, test_faults compare against it): (workdir, summary)
+                     test_sharding, test_faults compare against it): (workdir, summary), trained once for
+                     all workers like ``world``
   compiled_steps     a dict the step tests keep their compiled steps in (same config, same program)
   sd15_unet_shapes   SD1.5's UNet param shapes (eval_shape, no weights)
 """
@@ -26,22 +27,24 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import train_helpers as th  # noqa: E402
 
-# Test files whose tests use the session's reference run: one xdist worker runs them all, so the run is
-# computed once. Every other file is its own group (its module fixtures are built once), except the
-# embedded end-to-end runs, one group per objective so they spread over the workers.
-_REFERENCE_GROUP = {"test_train.py", "test_checkpoint.py", "test_sharding.py", "test_faults.py"}
+# xdist groups: each file is one group (its module fixtures are built once), except the end-to-end tests
+# below, each its own group so that they spread over the workers. The slow tests are scheduled first (the
+# longest jobs first keeps the two workers' loads even at the end).
+_OWN_GROUP = {"test_cli_survives_sigkill_and_sigterm_and_exports", "test_two_processes_train_in_lockstep_and_resume",
+              "test_regeneration_is_byte_identical"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.path.name
-        if name in _REFERENCE_GROUP:
-            group = "reference_run"
-        elif name == "test_embedded.py" and hasattr(item, "callspec"):
+        if name == "test_embedded.py" and hasattr(item, "callspec"):
             group = f"embedded_{item.callspec.params.get('objective')}"
+        elif item.originalname in _OWN_GROUP:
+            group = item.originalname
         else:
             group = name
         item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def _shared_base(tmp_path_factory) -> pathlib.Path:
@@ -57,7 +60,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(world, tmp_path_factory):
-    return th.reference_run(world, str(tmp_path_factory.mktemp("reference") / "run"))
+    return th.shared_reference_run(world, _shared_base(tmp_path_factory) / "shared_reference")
 
 
 @pytest.fixture(scope="session")

@@ -29,13 +29,7 @@ def make_config(objective="dpo", **overrides):
     c.data.resolution = 32  # tiny VAE: 4x down -> 8x8 latents
     c.optimizer.update(name="adamw", lr=1e-3, warmup_steps=0, weight_decay=0.0, grad_clip=0.0)
     c.dro.update(buffer_size=4, num_inference_steps=4)
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config_lib.validate(c)
+    return config_lib.validate(config_lib.apply_overrides(c, overrides, source="make_config"))
 
 
 def make_batch(run, seed=0, num_pairs=4, pairs=True):

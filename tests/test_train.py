@@ -181,6 +181,19 @@ def test_unknown_config_key_is_named():
     assert "data.typo_dir" in str(err.value) and "optimizer.lrr" in str(err.value)
 
 
+def test_overrides_set_dotted_keys_and_name_a_typo():
+    """The benchmarks' ``--set key.path=value``: literals parsed, strings kept, an unknown key named."""
+    overrides = config_lib.parse_overrides(["dro.margin=0.01", "objective=dpo", "smpo.inversion_window=(0, 2)"])
+    assert overrides == {"dro.margin": 0.01, "objective": "dpo", "smpo.inversion_window": (0, 2)}
+    config = config_lib.apply_overrides(config_lib.load_config("tiny"), overrides)
+    assert (config.dro.margin, config.objective, config.smpo.inversion_window) == (0.01, "dpo", (0, 2))
+    for bad in ({"dro.marginn": 1.0}, {"drop.margin": 1.0}, {"dro.margin.x": 1.0}):
+        with pytest.raises(ValueError, match=f"--set {list(bad)[0]}: no such config key"):
+            config_lib.apply_overrides(config_lib.load_config("tiny"), bad)
+    with pytest.raises(ValueError, match="expected key.path=value"):
+        config_lib.parse_overrides(["dro.margin"])
+
+
 def _cli(*args, timeout=120):
     start = time.perf_counter()
     env = {**th.subprocess_env(), "JAX_LOG_COMPILES": "1"}  # any compile would print "Compiling ..."

@@ -54,13 +54,7 @@ def tiny_dpo_config(model_path: str, data_dir: str, **overrides):
     c.checkpoint.update(every=3, keep=10, export_unet=True)
     c.data.update(data_dir=data_dir, experts_k=64)
     c.eval.update(final=False, num_prompts=4, num_steps=4, images_per_prompt=1, batch_size=4)
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_lib.apply_overrides(c, overrides, source="tiny_dpo_config")
 
 
 def write_config_file(path: str, model_path: str, data_dir: str, **overrides) -> str:
@@ -330,6 +324,23 @@ def reference_run(world, workdir: str):
     from jaxpref import train as train_lib
 
     return workdir, train_lib.train(tiny_dpo_config(*world), workdir)
+
+
+def shared_reference_run(world, root) -> tuple[str, dict]:
+    """``reference_run`` computed once for all test processes (xdist workers) under ``root``: the first takes
+    a file lock and trains, the others wait and read its summary (JSON; floats round-trip exactly)."""
+    import fcntl
+    import pathlib
+
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    workdir, done = str(root / "run"), root / "summary.json"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            _, summary = reference_run(world, workdir)
+            done.write_text(json.dumps(summary))
+    return workdir, json.loads(done.read_text())
 
 
 def two_shard_reference(world, workdir: str):
