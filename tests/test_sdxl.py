@@ -1,0 +1,189 @@
+"""SDXL end to end on a tiny random StableDiffusionXLPipeline (tests/tiny_sd.py ``build_tiny_sdxl``), against
+diffusers PyTorch on the same folder: conditioning (encode_prompt, time ids, CFG's zeroed empty prompt), a
+full DDIM + CFG denoising run, the save -> from_pretrained round trip, one train step of each objective
+(DPO's first loss log 2), and 8 simulated devices against 1 (a child process).
+
+    python tests/test_sdxl.py FOLDER DATA FSDP   # the child: prints the DPO loss on a DATA x FSDP mesh
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import train_helpers as th
+from jaxpref import diffusion, sharding, step as step_lib, trainer
+from jaxpref.data.tokenizer import tokenize
+from jaxpref.models import conditioning, load_pipeline, save_pipeline
+from test_step import make_batch, make_config
+from tiny_sd import build_tiny_sdxl
+
+jax.config.update("jax_threefry_partitionable", True)
+
+PROMPTS = ["the cat", "a cat the cat the cat the cat the cat", ""]  # the second one is truncated
+
+
+def rel(ours, theirs) -> float:
+    theirs = np.asarray(theirs.detach().numpy() if isinstance(theirs, torch.Tensor) else theirs, np.float64)
+    return float(np.max(np.abs(np.asarray(ours, np.float64) - theirs)) / np.max(np.abs(theirs)))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return load_pipeline(folder)
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(folder):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    tp = StableDiffusionXLPipeline.from_pretrained(folder)
+    tp.scheduler = DDIMScheduler.from_config(tp.scheduler.config)  # the evaluation sampler, same schedule
+    return tp.set_progress_bar_config(disable=True) or tp
+
+
+def our_cond(pipe, prompts, size=(64, 64), crop=(0, 0), target=(64, 64)):
+    emb = pipe.text_encoder.apply({"params": pipe.text_encoder_params}, tokenize(pipe.tokenizer, prompts))
+    return conditioning.with_time_ids(emb, conditioning.time_ids(size, crop, target))
+
+
+def test_conditioning_equals_diffusers_encode_prompt_and_time_ids(pipe, torch_pipe):
+    assert pipe.is_sdxl and pipe.tokenizer_2.pad_token_id != pipe.tokenizer.pad_token_id
+    cond = our_cond(pipe, PROMPTS, (48, 40), (3, 5), (64, 56))
+    with torch.no_grad():
+        embeds, neg_embeds, pooled, neg_pooled = torch_pipe.encode_prompt(
+            PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    ids = torch_pipe._get_add_time_ids((48, 40), (3, 5), (64, 56), dtype=torch.float32,
+                                       text_encoder_projection_dim=pooled.shape[-1])
+    assert cond["context"].shape == (3, 12, 40) and cond["text_embeds"].shape == (3, 8)
+    assert rel(cond["context"], embeds) <= 1e-5
+    assert rel(cond["text_embeds"], pooled) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(cond["time_ids"]), np.broadcast_to(ids.numpy(), (3, 6)))
+    # force_zeros_for_empty_prompt: CFG's unconditional input is zeros, not the encoded "".
+    null = tokenize(pipe.tokenizer, [""])[0]
+    uncond = conditioning.unconditional(pipe.text_encoder, pipe.text_encoder_params, null, cond)
+    assert not neg_embeds.abs().max() and not neg_pooled.abs().max()
+    assert not np.abs(uncond["context"]).max() and not np.abs(uncond["text_embeds"]).max()
+    np.testing.assert_array_equal(uncond["time_ids"], cond["time_ids"])
+    assert np.abs(cond["context"][2]).max() > 0  # the encoded "" (training's prompt dropout) is not zero
+
+
+def test_tokenizers_that_differ_beyond_padding_are_refused(folder, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    config_path = bad / "tokenizer_2" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "model_max_length": 8}))
+    with pytest.raises(ValueError, match="tokenizer_2/ differ in more than the padding token"):
+        load_pipeline(str(bad))
+
+
+def test_ddim_cfg_denoising_matches_diffusers_latents(pipe, torch_pipe):
+    """DDIM 10 steps, CFG 5, same x_T: our sampler on our conditioning vs StableDiffusionXLPipeline."""
+    prompts, steps, scale = PROMPTS[:2], 10, 5.0
+    x_T = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    cond = our_cond(pipe, prompts)
+    null = tokenize(pipe.tokenizer, [""])[0]
+    uncond = conditioning.unconditional(pipe.text_encoder, pipe.text_encoder_params, null, cond)
+    schedule = diffusion.NoiseSchedule.from_config(pipe.scheduler_config)
+    eps_fn = lambda x, t, c: conditioning.apply_unet(pipe.unet, pipe.unet_params, x, t, c)
+    ours = jax.jit(lambda c, u, x: diffusion.sample(eps_fn, x, schedule, sampler="ddim", num_steps=steps,
+                                                    guidance_scale=scale, cond=c, uncond=u))(cond, uncond, x_T)
+    with torch.no_grad():
+        theirs = torch_pipe(prompts, num_inference_steps=steps, guidance_scale=scale, height=64, width=64,
+                            latents=torch.from_numpy(x_T).permute(0, 3, 1, 2), output_type="latent").images
+    assert rel(ours, theirs.permute(0, 2, 3, 1)) <= 1e-4
+
+
+def test_save_then_diffusers_from_pretrained_gives_identical_outputs(pipe, torch_pipe, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    save_pipeline(str(tmp_path / "out"), pipe)
+    again = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "out"))
+    assert type(again.scheduler).__name__ == "EulerDiscreteScheduler" and again.config.force_zeros_for_empty_prompt
+    with torch.no_grad():
+        a = torch_pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+        b = again.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+        x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 900])
+        added = {"text_embeds": a[2][:2], "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+        u1 = torch_pipe.unet(x, t, a[0][:2], added_cond_kwargs=added).sample
+        u2 = again.unet(x, t, a[0][:2], added_cond_kwargs=added).sample
+        v1, v2 = torch_pipe.vae.decode(x).sample, again.vae.decode(x).sample
+    for ours, theirs in ((a[0], b[0]), (a[2], b[2]), (u1, u2), (v1, v2)):
+        assert torch.equal(ours, theirs)
+    assert load_pipeline(str(tmp_path / "out")).is_sdxl
+
+
+def sdxl_run(pipe, objective, **overrides):
+    run = trainer.build_run(make_config(objective, **overrides), pipe)
+    state = step_lib.init_train_state(run.pipeline.unet_params, run.optimizer, run.config, run.method,
+                                      text_shape=run.text_shape, latent_shape=run.latent_shape)
+    return run, state, trainer.frozen_params(run)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "smpo", "dro"])
+def test_one_train_step_of_each_objective(pipe, objective):
+    overrides = {"prompt_dropout": 0.5, "dro.guidance_scale": 2.0} if objective == "dro" else {}
+    if objective == "smpo":
+        overrides = {"smpo.inversion_steps": 2}
+    run, state, frozen = sdxl_run(pipe, objective, **overrides)
+    if objective == "dro":  # the buffer holds SDXL's conditioning pytree, one row per trajectory
+        assert state.method_state.negatives.text["context"].shape == (4, 12, 40)
+    step = jax.jit(step_lib.make_train_step(run.config, run.method, run.optimizer))
+    batch = make_batch(run, pairs=objective != "dro")
+    new_state, metrics = step(state, batch, jax.random.PRNGKey(0), frozen)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["update_skipped"]) == 0
+    assert float(metrics["grad_norm"]) > 0
+    if objective == "dpo":  # policy = reference: Δθ = Δref, loss = −log σ(0)
+        assert float(metrics["loss"]) == pytest.approx(math.log(2), rel=1e-6)
+    if objective == "dro":
+        assert float(metrics["buffer_filled"]) == 4
+        assert np.abs(np.asarray(new_state.method_state.negatives.text["time_ids"])).max() == 32
+
+
+def mesh_dpo_loss(folder: str, data: int, fsdp: int) -> float:
+    """The first DPO loss (after one update, so the policy differs from the reference) of the tiny SDXL
+    pipeline on a data x fsdp mesh, the state and batch sharded as the train loop shards them."""
+    run, state, frozen = sdxl_run(load_pipeline(folder), "dpo", batch_size=8, **{"optimizer.lr": 1e-2})
+    run.config.unlock()
+    run.config.sharding_rules = th.fsdp_rules(64)
+    mesh = sharding.make_mesh(data, fsdp)
+    state, _, shardings = trainer.init_state(run, mesh)
+    batch = make_batch(run, num_pairs=8)
+    compiled = trainer.compile_train_step(run, mesh, state, batch, frozen)
+    losses = []
+    for i in range(2):
+        state, metrics = compiled(state, batch, jax.random.PRNGKey(i), frozen)
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def test_eight_devices_match_one(folder):
+    env = th.subprocess_env(8)
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), folder, "2", "4"], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert child.returncode == 0, child.stderr[-3000:]
+    eight = json.loads(child.stdout.strip().splitlines()[-1])
+    one = mesh_dpo_loss(folder, 1, 1)
+    assert eight["devices"] == 8
+    assert one[0] == pytest.approx(math.log(2), rel=1e-6)
+    np.testing.assert_allclose(eight["losses"], one, rtol=1e-4)
+    assert one[1] != one[0]
+
+
+if __name__ == "__main__":
+    losses = mesh_dpo_loss(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    print(json.dumps({"losses": losses, "devices": jax.device_count()}))
