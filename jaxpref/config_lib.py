@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.reference_path = ""
     c.dtype = "bfloat16"
     c.reference_dtype = "bfloat16"
+    c.vae_path = ""
+    c.vae_dtype = ""
     c.remat = False
     c.attention = "auto"
     c.sample_posterior = True
@@ -93,11 +95,15 @@ def base_config() -> ml_collections.ConfigDict:
 KEY_HELP = {
     "objective": f"the method trained: one of {tuple(METHODS)}",
     "seed": "the run's rng seed (noise, timesteps, prompt dropout, DRO's sampling)",
-    "model_path": "a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or "
+    "model_path": "a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL: also "
+                  "text_encoder_2/, tokenizer_2/), or "
                   "'embedded:tiny' for the shipped tiny model of the shapes world",
     "reference_path": "the frozen reference UNet (a pipeline or UNet folder); '' = model_path's starting weights",
     "dtype": f"compute dtype {tuple(DTYPES)}; params stay fp32",
     "reference_dtype": "storage dtype of the frozen reference params",
+    "vae_path": "a diffusers VAE folder used instead of model_path's vae/ (e.g. SDXL's fp16-fix VAE); '' = model_path's",
+    "vae_dtype": f"the VAE's compute dtype {tuple(DTYPES)}; '' = config.dtype (SDXL's original VAE overflows in half "
+                 "precision: use 'float32' or the fp16-fix VAE)",
     "remat": "gradient checkpointing per UNet block (less memory, more compute)",
     "attention": f"the UNet's attention backend, one of {attention.BACKENDS}: 'auto' = cuDNN flash on GPU where it "
                  "applies, else 'chunked' (O(block x tokens) memory) for long sequences and 'xla' (dense) for short",
@@ -213,6 +219,8 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
     for key in ("dtype", "reference_dtype"):
         if config[key] not in DTYPES:
             _fail(key, config[key], f"supported {tuple(DTYPES)}")
+    if config.vae_dtype and config.vae_dtype not in DTYPES:
+        _fail("vae_dtype", config.vae_dtype, f"supported {tuple(DTYPES)} or '' (= config.dtype)")
     _check_attention(config)
     if config.optimizer.name not in optim.OPTIMIZERS:
         _fail("optimizer.name", config.optimizer.name, f"supported {optim.OPTIMIZERS}")
@@ -300,6 +308,9 @@ def _check_paths(config):
               "tokenizer/, scheduler/) or use 'embedded:tiny'")
     if config.reference_path and not os.path.isdir(config.reference_path):
         _fail("reference_path", config.reference_path, "not a folder (leave empty to use model_path)")
+    if config.vae_path and not os.path.isfile(os.path.join(config.vae_path, "config.json")):
+        _fail("vae_path", config.vae_path, "not a diffusers VAE folder (config.json missing); leave empty to use "
+                                           "model_path's vae/")
     for key in ("cache_dir", "scores_dir", "experts_dir"):
         if config.data[key] and not os.path.isdir(os.path.expanduser(config.data[key])):
             _fail(f"data.{key}", config.data[key], "not a folder")

@@ -52,8 +52,9 @@ class Run:
 def build_run(config, pipeline: pipeline_lib.SDPipeline | None = None) -> Run:
     """Loads the models (unless given) and binds the method, schedule and optimizer."""
     if pipeline is None:
-        pipeline = pipeline_lib.load_pipeline(pipeline_lib.resolve_model_path(config.model_path),
-                                              config_lib.DTYPES[config.dtype])
+        pipeline = pipeline_lib.load_pipeline(
+            pipeline_lib.resolve_model_path(config.model_path), config_lib.DTYPES[config.dtype],
+            vae_path=config.vae_path, vae_dtype=config_lib.DTYPES.get(config.vae_dtype))
     unet = pipeline.unet.clone(remat=config.remat, attention_impl=config.attention)
     schedule = diffusion.NoiseSchedule.from_config(pipeline.scheduler_config)
     if schedule.prediction_type != "epsilon":

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import train_helpers as th
-from jaxpref import diffusion, sharding, step as step_lib, trainer
+from jaxpref import evaluate, export, sharding, step as step_lib, trainer
 from jaxpref.data.tokenizer import tokenize
-from jaxpref.models import conditioning, load_pipeline, save_pipeline
+from jaxpref.models import conditioning, load_pipeline
 from test_step import make_batch, make_config
 from tiny_sd import build_tiny_sdxl
 
@@ -91,40 +91,45 @@ def test_tokenizers_that_differ_beyond_padding_are_refused(folder, tmp_path):
         load_pipeline(str(bad))
 
 
-def test_ddim_cfg_denoising_matches_diffusers_latents(pipe, torch_pipe):
-    """DDIM 10 steps, CFG 5, same x_T: our sampler on our conditioning vs StableDiffusionXLPipeline."""
+def test_evaluate_generate_matches_diffusers_ddim_cfg_latents(pipe, torch_pipe):
+    """jaxpref.evaluate.generate (DDIM 10 steps, CFG 5, the seeds protocol) against StableDiffusionXLPipeline
+    started from the same x_T: output latents."""
     prompts, steps, scale = PROMPTS[:2], 10, 5.0
-    x_T = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
-    cond = our_cond(pipe, prompts)
-    null = tokenize(pipe.tokenizer, [""])[0]
-    uncond = conditioning.unconditional(pipe.text_encoder, pipe.text_encoder_params, null, cond)
-    schedule = diffusion.NoiseSchedule.from_config(pipe.scheduler_config)
-    eps_fn = lambda x, t, c: conditioning.apply_unet(pipe.unet, pipe.unet_params, x, t, c)
-    ours = jax.jit(lambda c, u, x: diffusion.sample(eps_fn, x, schedule, sampler="ddim", num_steps=steps,
-                                                    guidance_scale=scale, cond=c, uncond=u))(cond, uncond, x_T)
+    gen = evaluate.generate(pipe, prompts, sampler="ddim", num_steps=steps, guidance_scale=scale, seed=3,
+                            batch_size=2, height=32, width=32)
+    x_T = evaluate.initial_noise(gen.seeds[:, 0], (8, 8, 4))
     with torch.no_grad():
-        theirs = torch_pipe(prompts, num_inference_steps=steps, guidance_scale=scale, height=64, width=64,
-                            latents=torch.from_numpy(x_T).permute(0, 3, 1, 2), output_type="latent").images
-    assert rel(ours, theirs.permute(0, 2, 3, 1)) <= 1e-4
+        theirs = torch_pipe(prompts, num_inference_steps=steps, guidance_scale=scale, height=32, width=32,
+                            latents=torch.from_numpy(np.asarray(x_T)).permute(0, 3, 1, 2), output_type="latent").images
+    assert gen.images.shape == (2, 1, 32, 32, 3)
+    assert rel(gen.latents[:, 0], theirs.permute(0, 2, 3, 1)) <= 1e-4
 
 
-def test_save_then_diffusers_from_pretrained_gives_identical_outputs(pipe, torch_pipe, tmp_path):
+def test_export_then_diffusers_from_pretrained_gives_identical_outputs(folder, pipe, torch_pipe, tmp_path):
+    """A fine-tuned UNet exported with the SDXL base: StableDiffusionXLPipeline loads it, with our UNet params
+    and the base's other parts unchanged (same outputs as the base folder loaded by diffusers)."""
     from diffusers import StableDiffusionXLPipeline
 
-    save_pipeline(str(tmp_path / "out"), pipe)
-    again = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "out"))
+    from jaxpref.models.unet import save_unet
+
+    tuned = jax.tree_util.tree_map(lambda p: p + 0.01, pipe.unet_params)
+    save_unet(str(tmp_path / "tuned_unet"), pipe.unet, tuned)
+    out = export.export(str(tmp_path / "tuned_unet"), str(tmp_path / "out"), base=folder)
+    again = StableDiffusionXLPipeline.from_pretrained(out)
     assert type(again.scheduler).__name__ == "EulerDiscreteScheduler" and again.config.force_zeros_for_empty_prompt
     with torch.no_grad():
         a = torch_pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
         b = again.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
-        x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 900])
-        added = {"text_embeds": a[2][:2], "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-        u1 = torch_pipe.unet(x, t, a[0][:2], added_cond_kwargs=added).sample
-        u2 = again.unet(x, t, a[0][:2], added_cond_kwargs=added).sample
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
         v1, v2 = torch_pipe.vae.decode(x).sample, again.vae.decode(x).sample
-    for ours, theirs in ((a[0], b[0]), (a[2], b[2]), (u1, u2), (v1, v2)):
-        assert torch.equal(ours, theirs)
-    assert load_pipeline(str(tmp_path / "out")).is_sdxl
+        added = {"text_embeds": b[2][:2], "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+        theirs = again.unet(x, torch.tensor([10, 900]), b[0][:2], added_cond_kwargs=added).sample
+    for ours, loaded in ((a[0], b[0]), (a[2], b[2]), (v1, v2)):
+        assert torch.equal(ours, loaded)
+    cond = {"context": b[0][:2].numpy(), "text_embeds": b[2][:2].numpy(), "time_ids": added["time_ids"].numpy()}
+    ours = conditioning.apply_unet(pipe.unet, tuned, x.permute(0, 2, 3, 1).numpy(), jnp.array([10, 900]), cond)
+    assert rel(ours, theirs.permute(0, 2, 3, 1)) <= 1e-5
+    assert load_pipeline(out).is_sdxl
 
 
 def sdxl_run(pipe, objective, **overrides):
@@ -134,8 +139,9 @@ def sdxl_run(pipe, objective, **overrides):
     return run, state, trainer.frozen_params(run)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "smpo", "dro"])
-def test_one_train_step_of_each_objective(pipe, objective):
+@pytest.mark.parametrize("objective", ["smpo", "dro"])  # DPO's step: test_eight_devices_match_one
+def test_one_train_step_of_smpo_and_dro(pipe, objective):
+    """SmPO inverts and DRO samples (with CFG, SDXL's zeroed uncond) on the conditioning pytree."""
     overrides = {"prompt_dropout": 0.5, "dro.guidance_scale": 2.0} if objective == "dro" else {}
     if objective == "smpo":
         overrides = {"smpo.inversion_steps": 2}
@@ -147,8 +153,6 @@ def test_one_train_step_of_each_objective(pipe, objective):
     new_state, metrics = step(state, batch, jax.random.PRNGKey(0), frozen)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["update_skipped"]) == 0
     assert float(metrics["grad_norm"]) > 0
-    if objective == "dpo":  # policy = reference: Δθ = Δref, loss = −log σ(0)
-        assert float(metrics["loss"]) == pytest.approx(math.log(2), rel=1e-6)
     if objective == "dro":
         assert float(metrics["buffer_filled"]) == 4
         assert np.abs(np.asarray(new_state.method_state.negatives.text["time_ids"])).max() == 32
@@ -157,7 +161,8 @@ def test_one_train_step_of_each_objective(pipe, objective):
 def mesh_dpo_loss(folder: str, data: int, fsdp: int) -> float:
     """The first DPO loss (after one update, so the policy differs from the reference) of the tiny SDXL
     pipeline on a data x fsdp mesh, the state and batch sharded as the train loop shards them."""
-    run, state, frozen = sdxl_run(load_pipeline(folder), "dpo", batch_size=8, **{"optimizer.lr": 1e-2})
+    run, state, frozen = sdxl_run(load_pipeline(folder), "dpo", batch_size=8,
+                                  **{"optimizer.lr": 1e-2, "dpo.beta": 500.0, "prompt_dropout": 0.25})
     run.config.unlock()
     run.config.sharding_rules = th.fsdp_rules(64)
     mesh = sharding.make_mesh(data, fsdp)
@@ -172,16 +177,20 @@ def mesh_dpo_loss(folder: str, data: int, fsdp: int) -> float:
 
 
 def test_eight_devices_match_one(folder):
-    env = th.subprocess_env(8)
-    child = subprocess.run([sys.executable, os.path.abspath(__file__), folder, "2", "4"], env=env,
-                           capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert child.returncode == 0, child.stderr[-3000:]
-    eight = json.loads(child.stdout.strip().splitlines()[-1])
-    one = mesh_dpo_loss(folder, 1, 1)
+    """DPO on SDXL: the first loss is log 2 (policy = reference), and a data=2 x fsdp=4 mesh of 8 simulated
+    devices gives the 1-device losses of both steps (the second after a sharded update)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    child = subprocess.Popen([sys.executable, os.path.join(here, "test_sdxl.py"), folder, "2", "4"],
+                             env=th.subprocess_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=here)
+    one = mesh_dpo_loss(folder, 1, 1)  # while the child compiles
+    out, err = child.communicate(timeout=600)
+    assert child.returncode == 0, err[-3000:]
+    eight = json.loads(out.strip().splitlines()[-1])
     assert eight["devices"] == 8
-    assert one[0] == pytest.approx(math.log(2), rel=1e-6)
+    assert one[0] == pytest.approx(math.log(2), abs=2e-5)  # fp32 rounding of the two forwards, times β/2
     np.testing.assert_allclose(eight["losses"], one, rtol=1e-4)
-    assert one[1] != one[0]
+    assert abs(one[1] - one[0]) > 1e-4
 
 
 if __name__ == "__main__":
