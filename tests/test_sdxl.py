@@ -196,3 +196,48 @@ def test_eight_devices_match_one(folder):
 if __name__ == "__main__":
     losses = mesh_dpo_loss(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
     print(json.dumps({"losses": losses, "devices": jax.device_count()}))
+
+
+def test_adafactor_is_the_sdxl_scripts_optimizer():
+    """optimizer.name="adafactor" = transformers.Adafactor(scale_parameter=False, relative_step=False), what the
+    DPO and SmPO SDXL scripts train with (lr-scaled decoupled weight decay, update RMS clipped to 1)."""
+    import ml_collections
+    import optax
+    from transformers.optimization import Adafactor
+
+    from jaxpref import optim
+
+    cfg = ml_collections.ConfigDict(dict(name="adafactor", lr=1e-2, weight_decay=1e-2, grad_clip=0.0,
+                                         warmup_steps=0, schedule="constant", decay_steps=10))
+    rng = np.random.default_rng(0)
+    start = {"w": rng.standard_normal((256, 160)).astype(np.float32), "b": rng.standard_normal(160).astype(np.float32)}
+    torch_params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in start.items()}
+    reference = Adafactor(list(torch_params.values()), lr=1e-2, weight_decay=1e-2, clip_threshold=1.0,
+                          scale_parameter=False, relative_step=False)
+    opt = optim.make_optimizer(cfg)
+    params = jax.tree_util.tree_map(jnp.asarray, start)
+    state = opt.init(params)
+    for _ in range(3):
+        grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()}
+        for k, p in torch_params.items():
+            p.grad = torch.tensor(grads[k])
+        reference.step()
+        updates, state = opt.update(jax.tree_util.tree_map(jnp.asarray, grads), state, params)
+        params = optax.apply_updates(params, updates)
+    for k, p in torch_params.items():
+        moved = p.detach().numpy() - start[k]
+        assert np.abs(np.asarray(params[k]) - p.detach().numpy()).max() <= 1e-4 * np.abs(moved).max()
+
+
+def test_vae_path_and_dtype_replace_the_pipelines_vae(folder, tmp_path):
+    """config.vae_path (e.g. SDXL's fp16-fix VAE) and vae_dtype reach load_pipeline; a bad path is named."""
+    from jaxpref.models.vae import save_vae
+
+    pipe = load_pipeline(folder)
+    other = jax.tree_util.tree_map(lambda p: p * 1.5, pipe.vae_params)
+    save_vae(str(tmp_path / "vae_fix"), pipe.vae, other)
+    swapped = load_pipeline(folder, vae_path=str(tmp_path / "vae_fix"), vae_dtype=jnp.bfloat16)
+    assert swapped.vae.dtype == jnp.bfloat16 and swapped.unet.dtype == jnp.float32
+    np.testing.assert_array_equal(jax.tree_util.tree_leaves(swapped.vae_params)[0], jax.tree_util.tree_leaves(other)[0])
+    with pytest.raises(ValueError, match="vae_path="):
+        load_pipeline(folder, vae_path=str(tmp_path / "missing"))
