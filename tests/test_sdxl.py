@@ -241,3 +241,92 @@ def test_vae_path_and_dtype_replace_the_pipelines_vae(folder, tmp_path):
     np.testing.assert_array_equal(jax.tree_util.tree_leaves(swapped.vae_params)[0], jax.tree_util.tree_leaves(other)[0])
     with pytest.raises(ValueError, match="vae_path="):
         load_pipeline(folder, vae_path=str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: each image's crop recorded as SDXL's time ids (loader, latent cache) and fed to the conditioning.
+
+RES = 16
+SIZES = [(40, 62), (50, 30)]  # (h, w) of rows 0, 2 / 1, 3: wide with an odd resize margin (its mirrored crop
+                              # starts elsewhere), tall
+
+
+def _pair_rows(n=4):
+    from jaxpref.data import common
+
+    rng = np.random.default_rng(0)
+    image = lambda h, w: common.encode_image(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    return [{"caption": "the cat", "jpg_0": image(*SIZES[i % 2]), "jpg_1": image(*SIZES[i % 2]),
+             "label_0": np.float32(1), "reward_0": np.float32(np.nan), "reward_1": np.float32(np.nan)}
+            for i in range(n)]
+
+
+def _resized(data: bytes) -> np.ndarray:
+    """The oracle: PIL's bilinear resize of the shorter side to RES, computed here without our helpers."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        size = (RES, round(h * RES / w)) if w <= h else (round(w * RES / h), RES)
+        return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR), np.uint8)
+
+
+def _check_crop(image, time_ids, data):
+    """image is the RES crop at time_ids' (top, left) of the resized source, or of its mirror image."""
+    resized = _resized(data)
+    h0, w0, top, left, th, tw = (int(v) for v in time_ids)
+    assert (h0, w0, th, tw) == (*SIZES[0 if _resized(data).shape[1] > RES else 1], RES, RES)
+    crops = [r[top:top + RES, left:left + RES] for r in (resized, resized[:, ::-1])]
+    assert any(np.array_equal(image, c) for c in crops), (time_ids, resized.shape)
+
+
+def test_loader_and_cache_record_each_images_crop_as_time_ids(tmp_path, monkeypatch):
+    from jaxpref.data import build_latent_cache, cache, make_loader, open_source
+    from jaxpref.data.sources import Source
+
+    from test_data_derived import encode
+
+    rows = _pair_rows()
+    src = Source(rows, name="mem/pairs", split="train", kind="pairs")
+    seen_flip = set()
+    for crop in ("center", "random"):
+        batch = next(make_loader(src, 4, resolution=RES, crop=crop, time_ids=True, shuffle=False, seed=1,
+                                 process_index=0, process_count=1))
+        assert batch["time_ids"].shape == (4, 2, 6)
+        for b in range(4):
+            for k in range(2):
+                _check_crop(batch["images"][b, k], batch["time_ids"][b, k], rows[b][f"jpg_{k}"])
+                top, left = (int(v) for v in batch["time_ids"][b, k, 2:4])
+                mirrored = _resized(rows[b][f"jpg_{k}"])[:, ::-1][top:top + RES, left:left + RES]
+                seen_flip.add(bool(np.array_equal(batch["images"][b, k], mirrored)))
+    assert seen_flip == {True, False}
+    # The latent cache stores the center crop's ids and its mirror's; the loader picks them with the flip.
+    monkeypatch.setattr(cache, "open_source", lambda *a, **k: src)
+    build_latent_cache("mem", tmp_path / "cache", encode, resolution=RES, shard_size=4, flips=True)
+    cached = open_source(str(tmp_path / "cache"))
+    assert cached[0]["time_ids"].tolist() == [[40, 62, 0, 4, 16, 16]] * 2        # resized to 16 x 25
+    assert cached[0]["time_ids_flip"].tolist() == [[40, 62, 0, 5, 16, 16]] * 2
+    assert cached[1]["time_ids"].tolist() == cached[1]["time_ids_flip"].tolist() == [[50, 30, 5, 0, 16, 16]] * 2
+    batch = next(make_loader(cached, 4, time_ids=True, shuffle=False, seed=1, process_index=0, process_count=1))
+    for b in range(4):
+        flipped = np.array_equal(batch["latent_mean"][b], cached[b]["latent_mean_flip"])
+        np.testing.assert_array_equal(batch["time_ids"][b], cached[b]["time_ids_flip" if flipped else "time_ids"])
+    with pytest.raises(ValueError, match="no time_ids"):
+        old = Source([{k: v for k, v in cached[i].items() if not k.startswith("time_ids")} for i in range(4)],
+                     name="old cache", split="train", kind="latents", meta=cached.meta)
+        next(make_loader(old, 4, time_ids=True, shuffle=False, process_index=0, process_count=1))
+
+
+def test_pairs_condition_each_image_on_its_own_time_ids(pipe):
+    """A batch's time_ids [B, 2, 6] reach the UNet's conditioning per image (winners first)."""
+    run = trainer.build_run(make_config("dpo"), pipe)
+    batch = make_batch(run, num_pairs=2)
+    ids = np.arange(24, dtype=np.float32).reshape(2, 2, 6)
+    micro = dict(batch, time_ids=ids, keys=jnp.zeros((2, 2), jnp.uint32))
+    text2, _, _ = run.method.pairs(trainer.frozen_params(run), micro)
+    np.testing.assert_array_equal(text2["time_ids"], np.concatenate([ids[:, 0], ids[:, 1]]))
+    np.testing.assert_array_equal(text2["context"][:2], text2["context"][2:])
+    default, _, _ = run.method.pairs(trainer.frozen_params(run), dict(batch, keys=micro["keys"]))
+    assert default["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 4

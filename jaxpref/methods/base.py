@@ -133,13 +133,15 @@ class Method:
         ref_pred = jax.lax.stop_gradient(self.eps(ref_params, x, t, text))
         return err, objectives.denoising_error(ref_pred, target)
 
-    def captions(self, frozen, micro):
+    def captions(self, frozen, micro, time_ids=None):
+        """The conditioning of the micro-batch's captions; SDXL's time ids [B, 6] default to ``time_ids``."""
         return encode_captions(self.text_encoder, frozen["text"], micro["input_ids"], micro["keys"],
-                               self.config.prompt_dropout, self.null_ids, self.time_ids(micro))
+                               self.config.prompt_dropout, self.null_ids,
+                               self.time_ids(micro) if time_ids is None else time_ids)
 
     def time_ids(self, micro):
-        """SDXL's per-image time ids: the batch's own (``time_ids`` [B, 6], from the crop each image was
-        cut with) or, when the feed has none, ``default_time_ids`` of the training resolution."""
+        """SDXL's per-image time ids: the batch's own (``time_ids`` [B, 6], or [B, 2, 6] for pairs, from the
+        crop each image was cut with) or, when the feed has none, ``default_time_ids`` of the resolution."""
         if "time_ids" in micro:
             return micro["time_ids"]
         return conditioning.default_time_ids(self.config.data.resolution)
@@ -166,7 +168,13 @@ class Method:
     def pairs(self, frozen, micro):
         """A micro-batch of preference pairs stacked for one model call: (text2 [2B, L, D] or SDXL's dict of
         [2B, ...], x0_2 [2B, h, w, c], t2 [2B]), winners first, one t per pair."""
-        text = self.captions(frozen, micro)
+        ids = jnp.asarray(self.time_ids(micro))
+        if ids.ndim == 3:  # SDXL, each image of a pair with its own crop: one caption encoding, two time ids
+            text = self.captions(frozen, micro, ids[:, 0])
+            text2 = stack(text, conditioning.with_time_ids(text, ids[:, 1]))
+        else:
+            text = self.captions(frozen, micro)
+            text2 = stack(text, text)
         x0 = self.latents(micro)                                   # [B, 2, h, w, c], winner first
         t = self.timesteps(micro["keys"])
-        return stack(text, text), stack(x0[:, 0], x0[:, 1]), stack(t, t)
+        return text2, stack(x0[:, 0], x0[:, 1]), stack(t, t)
