@@ -8,8 +8,9 @@ used 2048" pairs per update (1 per GPU x 128 accumulation x 16 GPUs): lr 2.048e-
 ``train.py`` gives, for ``--sdxl``: Adafactor (scale_parameter=False, relative_step=False, clip 1.0,
 weight decay 1e-2; our ``optimizer.name="adafactor"`` is that optimizer), gradient checkpointing (remat),
 1024 px, prompt dropout 0.2 (a dropped caption is encoded as "", nothing zeroed), center crop and random
-flip (``--random_crop`` is off by default), grad-norm clip 1.0, and time ids fixed at (1024, 1024, 0, 0,
-1024, 1024) for every image (``conditioning.default_time_ids``; a feed that records crops sends its own).
+flip (``--random_crop`` is off by default; ``--config.data.crop=random`` for ours), grad-norm clip 1.0, and
+time ids fixed at (1024, 1024, 0, 0, 1024, 1024) for every image (``data.time_ids="fixed"``;
+``"crop"`` feeds each image's recorded size and crop, as diffusers' own SDXL script).
 Ours: 1 pair per chip per micro-batch on a 4-chip v5p-8 / v4-8 (2048 pairs = 512 micro-batches x 4);
 its per-chip memory is not measured yet (benchmarks/NOTES.md).
 
@@ -42,7 +43,7 @@ def get_config():
     c.optimizer.update(name="adafactor", lr=2.048e-5, weight_decay=1e-2, warmup_steps=200, schedule="constant",
                        grad_clip=1.0, decay_steps=2000)
     c.dpo.beta = 5000.0
-    c.data.update(name="pickapic_v2", resolution=1024)
+    c.data.update(name="pickapic_v2", resolution=1024, crop="center", time_ids="fixed")
     c.checkpoint.update(every=200, keep=3)
     c.eval.update(every=500, num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=5.0, batch_size=8)
     return c

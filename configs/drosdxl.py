@@ -42,7 +42,7 @@ def get_config():
     c.dro.update(margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0,
                  buffer_size=16, steps_per_trajectory=1, refresh_every=0, expert_timestep="shared",
                  negative_target="trajectory")
-    c.data.update(name="pickapic_v2", resolution=1024)
+    c.data.update(name="pickapic_v2", resolution=1024, crop="center", time_ids="crop")
     c.checkpoint.update(every=100, keep=3)
     c.eval.update(every=200, num_prompts=64, sampler="ddpm", num_steps=50, guidance_scale=7.5, batch_size=8)
     return c

@@ -9,7 +9,7 @@ warmup steps, lr 1e-8 scaled by the pairs per update (1 per GPU x 128 accumulati
 ``train.py`` gives, for ``--sdxl``: 10 inversion steps (``inverse_scheduler.set_timesteps(10)``; 5 for
 SD1.5), Adafactor (scale_parameter=False, relative_step=False, clip 1.0, weight decay 1e-2), gradient
 checkpointing, γ = 10 (hard-coded in the loss), 1024 px, prompt dropout 0.2 ("" encoded), center crop,
-grad-norm clip 1.0, time ids fixed at (1024, 1024, 0, 0, 1024, 1024).
+grad-norm clip 1.0, time ids fixed at (1024, 1024, 0, 0, 1024, 1024) (``data.time_ids="fixed"``).
 Ours: 1 pair per chip per micro-batch on a 4-chip v5p-8 (1024 = 256 micro-batches x 4); per-chip memory
 not measured yet (benchmarks/NOTES.md).
 
@@ -39,7 +39,7 @@ def get_config():
     c.optimizer.update(name="adafactor", lr=1.024e-5, weight_decay=1e-2, warmup_steps=100, schedule="constant",
                        grad_clip=1.0, decay_steps=200)
     c.smpo.update(beta=5000.0, gamma=10.0, inversion="code", inversion_steps=10)
-    c.data.update(name="pickapic_v2", resolution=1024)
+    c.data.update(name="pickapic_v2", resolution=1024, crop="center", time_ids="fixed")
     c.checkpoint.update(every=50, keep=3)
     c.eval.update(every=100, num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=5.0, batch_size=8)
     return c

@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         name="shapes", data_dir="", source_dir="", split="train", resolution=32, cache_dir="", scores_dir="",
-        experts_dir="", experts_k=500, worker_count=0))
+        experts_dir="", experts_k=500, worker_count=0, crop="center", time_ids="crop"))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.sharding_rules = sharding.DEFAULT_RULES
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, export_unet=True))
@@ -160,6 +160,11 @@ KEY_HELP = {
     "data.experts_dir": "DRO on pickapic_v2: expert set folder (python -m jaxpref.data.experts)",
     "data.experts_k": "DRO on shapes: size of the expert set built on first use",
     "data.worker_count": "grain worker processes (0: decode in this process's read threads)",
+    "data.crop": "how a resized training image is cut to resolution x resolution: 'center' or 'random' (a latent "
+                 "cache is center-cropped when built)",
+    "data.time_ids": "SDXL's size conditioning in training: 'crop' = each image's original size and crop top-left "
+                     "as recorded by the loader or cache (diffusers' SDXL script, DRO); 'fixed' = (res, res, 0, 0, "
+                     "res, res) for every image (the Diffusion-DPO and SmPO SDXL scripts)",
     "mesh.data": "devices on the data axis (-1: fill)",
     "mesh.fsdp": "devices on the fsdp axis (params sharded over it; -1: fill)",
     "sharding_rules": "(regex over a leaf's path, rule), first match wins (jaxpref.sharding): state and frozen "
@@ -219,6 +224,10 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
     for key in ("dtype", "reference_dtype"):
         if config[key] not in DTYPES:
             _fail(key, config[key], f"supported {tuple(DTYPES)}")
+    if config.data.crop not in ("center", "random"):
+        _fail("data.crop", config.data.crop, "supported ('center', 'random')")
+    if config.data.time_ids not in ("crop", "fixed"):
+        _fail("data.time_ids", config.data.time_ids, "supported ('crop', 'fixed')")
     if config.vae_dtype and config.vae_dtype not in DTYPES:
         _fail("vae_dtype", config.vae_dtype, f"supported {tuple(DTYPES)} or '' (= config.dtype)")
     _check_attention(config)
