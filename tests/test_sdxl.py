@@ -100,7 +100,7 @@ def test_evaluate_generate_matches_diffusers_ddim_cfg_latents(pipe, torch_pipe):
     x_T = evaluate.initial_noise(gen.seeds[:, 0], (8, 8, 4))
     with torch.no_grad():
         theirs = torch_pipe(prompts, num_inference_steps=steps, guidance_scale=scale, height=32, width=32,
-                            latents=torch.from_numpy(np.asarray(x_T)).permute(0, 3, 1, 2), output_type="latent").images
+                            latents=torch.from_numpy(np.array(x_T)).permute(0, 3, 1, 2), output_type="latent").images
     assert gen.images.shape == (2, 1, 32, 32, 3)
     assert rel(gen.latents[:, 0], theirs.permute(0, 2, 3, 1)) <= 1e-4
 
