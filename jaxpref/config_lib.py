@@ -84,6 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.reference_path = ""
     c.dtype = "bfloat16"
     c.reference_dtype = "bfloat16"
+    c.vae_path = ""
+    c.vae_dtype = ""
     c.remat = False
     c.attention = "auto"
     c.sample_posterior = True
@@ -111,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         name="shapes", data_dir="", source_dir="", split="train", resolution=32, cache_dir="", scores_dir="",
-        experts_dir="", experts_k=500, worker_count=0))
+        experts_dir="", experts_k=500, worker_count=0, crop="center", time_ids="crop"))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.sharding_rules = sharding.DEFAULT_RULES
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, export_unet=True))
@@ -126,11 +128,15 @@ def base_config() -> ml_collections.ConfigDict:
 KEY_HELP = {
     "objective": f"the method trained: one of {tuple(METHODS)}",
     "seed": "the run's rng seed (noise, timesteps, prompt dropout, DRO's sampling)",
-    "model_path": "a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or "
+    "model_path": "a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL: also "
+                  "text_encoder_2/, tokenizer_2/), or "
                   "'embedded:tiny' for the shipped tiny model of the shapes world",
     "reference_path": "the frozen reference UNet (a pipeline or UNet folder); '' = model_path's starting weights",
     "dtype": f"compute dtype {tuple(DTYPES)}; params stay fp32",
     "reference_dtype": "storage dtype of the frozen reference params",
+    "vae_path": "a diffusers VAE folder used instead of model_path's vae/ (e.g. SDXL's fp16-fix VAE); '' = model_path's",
+    "vae_dtype": f"the VAE's compute dtype {tuple(DTYPES)}; '' = config.dtype (SDXL's original VAE overflows in half "
+                 "precision: use 'float32' or the fp16-fix VAE)",
     "remat": "gradient checkpointing per UNet block (less memory, more compute)",
     "attention": f"the UNet's attention backend, one of {attention.BACKENDS}: 'auto' = cuDNN flash on GPU where it "
                  "applies, else 'chunked' (O(block x tokens) memory) for long sequences and 'xla' (dense) for short",
@@ -187,6 +193,11 @@ KEY_HELP = {
     "data.experts_dir": "DRO on pickapic_v2: expert set folder (python -m jaxpref.data.experts)",
     "data.experts_k": "DRO on shapes: size of the expert set built on first use",
     "data.worker_count": "grain worker processes (0: decode in this process's read threads)",
+    "data.crop": "how a resized training image is cut to resolution x resolution: 'center' or 'random' (a latent "
+                 "cache is center-cropped when built)",
+    "data.time_ids": "SDXL's size conditioning in training: 'crop' = each image's original size and crop top-left "
+                     "as recorded by the loader or cache (diffusers' SDXL script, DRO); 'fixed' = (res, res, 0, 0, "
+                     "res, res) for every image (the Diffusion-DPO and SmPO SDXL scripts)",
     "mesh.data": "devices on the data axis (-1: fill)",
     "mesh.fsdp": "devices on the fsdp axis (params sharded over it; -1: fill)",
     "sharding_rules": "(regex over a leaf's path, rule), first match wins (jaxpref.sharding): state and frozen "
@@ -246,6 +257,12 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
     for key in ("dtype", "reference_dtype"):
         if config[key] not in DTYPES:
             _fail(key, config[key], f"supported {tuple(DTYPES)}")
+    if config.data.crop not in ("center", "random"):
+        _fail("data.crop", config.data.crop, "supported ('center', 'random')")
+    if config.data.time_ids not in ("crop", "fixed"):
+        _fail("data.time_ids", config.data.time_ids, "supported ('crop', 'fixed')")
+    if config.vae_dtype and config.vae_dtype not in DTYPES:
+        _fail("vae_dtype", config.vae_dtype, f"supported {tuple(DTYPES)} or '' (= config.dtype)")
     _check_attention(config)
     if config.optimizer.name not in optim.OPTIMIZERS:
         _fail("optimizer.name", config.optimizer.name, f"supported {optim.OPTIMIZERS}")
@@ -333,6 +350,9 @@ def _check_paths(config):
               "tokenizer/, scheduler/) or use 'embedded:tiny'")
     if config.reference_path and not os.path.isdir(config.reference_path):
         _fail("reference_path", config.reference_path, "not a folder (leave empty to use model_path)")
+    if config.vae_path and not os.path.isfile(os.path.join(config.vae_path, "config.json")):
+        _fail("vae_path", config.vae_path, "not a diffusers VAE folder (config.json missing); leave empty to use "
+                                           "model_path's vae/")
     for key in ("cache_dir", "scores_dir", "experts_dir"):
         if config.data[key] and not os.path.isdir(os.path.expanduser(config.data[key])):
             _fail(f"data.{key}", config.data[key], "not a folder")

@@ -11,7 +11,8 @@ Protocol (Diffusion-DRO's): image k of prompt i starts from x_T drawn with seed 
 prompt, seed): results do not depend on the batch size or on the number of devices (up to float
 summation order: measured 5e-5 on latents between batch sizes). Batches are split over all devices
 on the batch axes of the training mesh (``jaxpref.sharding.make_mesh``). Classifier-free guidance uses the empty prompt (or
-``negative_prompt``) as the unconditional input, as diffusers' pipelines do.
+``negative_prompt``) as the unconditional input, as diffusers' pipelines do; SDXL (``force_zeros_for_empty_prompt``)
+uses zeros instead of the encoded empty prompt and time ids (H, W, 0, 0, H, W), as StableDiffusionXLPipeline.
 
 Outputs in ``--out``: images/<prompt>_<k>.png, grid.png, scores.npz (per image, [n_prompts, k] per reward),
 metrics.json and metrics.md (mean / median / std per reward, per category when the set has them, and
@@ -38,7 +39,7 @@ from PIL import Image
 
 from jaxpref import diffusion, export, figures, prompts as prompts_lib, rewards, sharding
 from jaxpref.data.tokenizer import tokenize
-from jaxpref.models import pipeline as pipeline_lib
+from jaxpref.models import conditioning, pipeline as pipeline_lib
 from jaxpref.prompts import PromptSet
 from jaxpref.rewards.scorer import Scorer, as_prompts
 
@@ -104,16 +105,34 @@ def _text_encoder_fn(text_encoder):
     return jax.jit(lambda params, ids: text_encoder.apply({"params": params}, ids))
 
 
-def encode_prompts(pipe: pipeline_lib.SDPipeline, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """prompts -> text embeddings [B, L, D] float32 (last hidden state; what SD1.x/2.x condition on)."""
+def encode_prompts(pipe: pipeline_lib.SDPipeline, prompts: Sequence[str], batch_size: int = 64):
+    """prompts -> text embeddings [B, L, D] float32 (last hidden state; what SD1.x/2.x condition on), or for
+    SDXL the dict {context [B, L, D1 + D2], text_embeds [B, P]} (``jaxpref.models.conditioning``)."""
     ids = tokenize(pipe.tokenizer, prompts)
     run = _text_encoder_fn(pipe.text_encoder)
     out = []
     for s in range(0, len(ids), batch_size):
         chunk = ids[s:s + batch_size]
         padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), axis=0)])
-        out.append(np.asarray(run(pipe.text_encoder_params, padded), np.float32)[:len(chunk)])
-    return np.concatenate(out)
+        emb = run(pipe.text_encoder_params, padded)
+        out.append(jax.tree_util.tree_map(lambda e: np.asarray(e, np.float32)[:len(chunk)], emb))
+    return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *out)
+
+
+def prompt_conditioning(pipe: pipeline_lib.SDPipeline, prompts: Sequence[str], negative_prompt: str,
+                        image_size: tuple) -> tuple:
+    """(cond for each prompt [N, ...], uncond for one image [...]) as numpy pytrees, diffusers' way: SDXL adds
+    time ids (H, W, 0, 0, H, W) and, with force_zeros_for_empty_prompt and no negative prompt, zeros as uncond."""
+    cond = encode_prompts(pipe, prompts)
+    if not pipe.is_sdxl:
+        return cond, encode_prompts(pipe, [negative_prompt])[0]
+    ids = conditioning.time_ids(image_size, (0, 0), image_size)
+    cond = {**cond, "time_ids": np.broadcast_to(ids, (len(prompts), 6))}
+    if negative_prompt == "" and pipe.text_encoder.force_zeros_for_empty_prompt:
+        uncond = {k: np.zeros_like(v[0]) for k, v in cond.items() if k != "time_ids"}
+    else:
+        uncond = jax.tree_util.tree_map(lambda e: e[0], encode_prompts(pipe, [negative_prompt]))
+    return cond, {**uncond, "time_ids": ids}
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -125,15 +144,16 @@ def to_uint8(images: jax.Array) -> jax.Array:
 def _generate_fn(unet, vae, schedule, sampler: str, num_steps: int, guidance_scale: float, eta: float,
                  shape: tuple):
     """jit(unet_params, vae_params, seeds [B], cond [B, L, D], uncond [B, L, D]) -> (latents [B, h, w, c],
-    uint8 images [B, H, W, 3]).
+    uint8 images [B, H, W, 3]); cond and uncond may be SDXL's conditioning pytrees (leaves [B, ...]).
 
     ``sample`` is vmapped over images so each one draws its noise from its own seed (a batch-of-one
     trajectory per image); XLA batches the vmapped UNet as one [2B, ...] call per step.
     """
     def one(unet_params, x_T, rng, cond, uncond):
-        eps_fn = lambda x, t, c: unet.apply({"params": unet_params}, x, t, c)
+        eps_fn = lambda x, t, c: conditioning.apply_unet(unet, unet_params, x, t, c)
+        one_row = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)
         return diffusion.sample(eps_fn, x_T[None], schedule, sampler=sampler, num_steps=num_steps,
-                                guidance_scale=guidance_scale, rng=rng, cond=cond[None], uncond=uncond[None],
+                                guidance_scale=guidance_scale, rng=rng, cond=one_row(cond), uncond=one_row(uncond),
                                 eta=eta)[0]
 
     def run(unet_params, vae_params, seeds, cond, uncond):
@@ -208,10 +228,11 @@ def generate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, *, unet_para
     seeds = image_seeds(n, k, seed)                      # [N, K]
     flat_seeds = seeds.T.reshape(-1)                     # job j = k·N + i, seed + j
     flat_prompt = np.tile(np.arange(n), k)
-    cond_table = encode_prompts(pipe, texts)             # [N, L, D]
-    uncond = encode_prompts(pipe, [negative_prompt])[0]  # [L, D]
+    factor = 2 ** (len(pipe.vae.block_out_channels) - 1)
+    cond_table, uncond = prompt_conditioning(pipe, texts, negative_prompt, (shape[0] * factor, shape[1] * factor))
     params = _on_mesh((pipe.unet_params if unet_params is None else unet_params, pipe.vae_params), replicated)
-    uncond_batch = jax.device_put(np.broadcast_to(uncond, (batch, *uncond.shape)), rows)
+    uncond_batch = jax.device_put(jax.tree_util.tree_map(lambda u: np.broadcast_to(u, (batch, *u.shape)), uncond),
+                                  rows)
 
     latents, images, pending = [], [], None
 
@@ -226,7 +247,8 @@ def generate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, *, unet_para
         keep = len(idx)
         idx = np.concatenate([idx, np.full(batch - keep, idx[-1])])  # pad: repeat the last job
         out = run(params[0], params[1], jax.device_put(flat_seeds[idx], rows),
-                  jax.device_put(cond_table[flat_prompt[idx]], rows), uncond_batch)
+                  jax.device_put(jax.tree_util.tree_map(lambda c: c[flat_prompt[idx]], cond_table), rows),
+                  uncond_batch)
         if pending is not None:  # copy the previous batch while this one runs (async dispatch)
             collect(pending)
         pending = (out, keep)

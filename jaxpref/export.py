@@ -18,6 +18,7 @@ A fine-tune never changes the UNet's shapes, so a policy whose params do not mat
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Optional
 
@@ -116,7 +117,9 @@ def main(argv) -> None:
     del argv
     f = flags.FLAGS
     path = export(f.checkpoint, f.out, f.base, use_ema=f.use_ema, overwrite=f.overwrite)
-    print(f"exported {f.checkpoint} -> {path} (diffusers StableDiffusionPipeline)", flush=True)
+    with open(os.path.join(path, "model_index.json")) as index:
+        kind = json.load(index)["_class_name"]
+    print(f"exported {f.checkpoint} -> {path} (diffusers {kind})", flush=True)
 
 
 def _define_flags() -> None:

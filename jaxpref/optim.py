@@ -39,7 +39,11 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     if cfg.name == "adamw":
         opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     elif cfg.name == "adafactor":
-        opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None)
+        # transformers.Adafactor(scale_parameter=False, relative_step=False), what the Diffusion-DPO and SmPO
+        # SDXL scripts train with: factored second moments (decay 0.8), update RMS clipped to 1, no momentum,
+        # no parameter-scale multiplier, weight decay decoupled and scaled by the learning rate (as adamw's).
+        opt = optax.chain(optax.scale_by_factored_rms(decay_rate=0.8, epsilon=1e-30), optax.clip_by_block_rms(1.0),
+                          optax.add_decayed_weights(cfg.weight_decay), optax.scale_by_learning_rate(lr))
     elif cfg.name == "sgd":
         opt = optax.sgd(lr)
     else:

@@ -10,6 +10,8 @@ Batch layout (leading axis: pairs of the whole update, ``config.batch_size`` of 
   latent_mean    [B, 2, h, w, c]    VAE posterior mean (pairs: winner first); [B, h, w, c] for experts
   latent_std     like latent_mean   VAE posterior std (x0 = scale · (mean + std · n) per step)
   rewards        [B, 2]             methods with ``needs_rewards``: reward-model scores of (winner, loser)
+  time_ids       [B, 2, 6] / [B, 6] SDXL only, optional: each image's (original size, crop top-left, target
+                                    size); without it every image gets (res, res, 0, 0, res, res)
 ``frozen`` holds what never trains: ``{'ref': reference UNet params, 'text': text encoder params}``.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ import numpy as np
 from jaxpref import config_lib, diffusion, optim, sharding, step as step_lib
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.methods import Method, get_method
-from jaxpref.models import pipeline as pipeline_lib
+from jaxpref.models import conditioning, pipeline as pipeline_lib
 from jaxpref.models.unet import load_unet
 
 
@@ -44,15 +44,17 @@ class Run:
 
     @property
     def text_shape(self):
-        """(L, D) of the caption embeddings."""
-        return (self.null_ids.shape[0], self.pipeline.unet.cross_attention_dim)
+        """(L, D) of the caption embeddings; for SDXL a dict of the conditioning's row shapes."""
+        return conditioning.cond_shapes(self.pipeline.text_encoder, self.null_ids.shape[0],
+                                        self.pipeline.unet.cross_attention_dim)
 
 
 def build_run(config, pipeline: pipeline_lib.SDPipeline | None = None) -> Run:
     """Loads the models (unless given) and binds the method, schedule and optimizer."""
     if pipeline is None:
-        pipeline = pipeline_lib.load_pipeline(pipeline_lib.resolve_model_path(config.model_path),
-                                              config_lib.DTYPES[config.dtype])
+        pipeline = pipeline_lib.load_pipeline(
+            pipeline_lib.resolve_model_path(config.model_path), config_lib.DTYPES[config.dtype],
+            vae_path=config.vae_path, vae_dtype=config_lib.DTYPES.get(config.vae_dtype))
     unet = pipeline.unet.clone(remat=config.remat, attention_impl=config.attention)
     schedule = diffusion.NoiseSchedule.from_config(pipeline.scheduler_config)
     if schedule.prediction_type != "epsilon":

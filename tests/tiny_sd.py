@@ -12,7 +12,8 @@ import tempfile
 
 import torch
 
-from jaxpref.models.presets import SD15_SCHEDULER, TEST_TINY_TEXT_ENCODER, TEST_TINY_UNET, TEST_TINY_VAE
+from jaxpref.models.presets import (SD15_SCHEDULER, TEST_TINY_SDXL_UNET, TEST_TINY_TEXT_ENCODER, TEST_TINY_TEXT_ENCODER_2,
+                                     TEST_TINY_UNET, TEST_TINY_VAE)
 
 MAX_LENGTH = TEST_TINY_TEXT_ENCODER["max_position_embeddings"]  # the tiny tokenizer's model_max_length
 
@@ -88,5 +89,34 @@ def build_tiny_sd(folder: str, seed: int = 0) -> str:
     pipe = StableDiffusionPipeline(vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed + 1),
                                    tokenizer=tokenizer, unet=tiny_unet(seed + 2), scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return randomize_(UNet2DConditionModel(**TEST_TINY_SDXL_UNET), seed)
+
+
+def build_tiny_sdxl(folder: str, seed: int = 0) -> str:
+    """Writes a random tiny diffusers StableDiffusionXLPipeline folder and returns it: as SDXL base, an Euler
+    scheduler with "leading" spacing, a second tokenizer that differs only in its padding token, VAE
+    scaling_factor 0.13025."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as src:
+        tokenizer = tiny_tokenizer(src)
+        tokenizer_2 = CLIPTokenizer(os.path.join(src, "vocab.json"), os.path.join(src, "merges.txt"),
+                                    model_max_length=MAX_LENGTH, pad_token="a</w>")
+    scheduler = EulerDiscreteScheduler.from_config(
+        {k: v for k, v in SD15_SCHEDULER.items() if k != "skip_prk_steps"}, timestep_spacing="leading",
+        interpolation_type="linear")
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(seed, scaling_factor=0.13025), text_encoder=tiny_text_encoder(seed + 1), tokenizer=tokenizer,
+        text_encoder_2=tiny_text_encoder(seed + 3, with_projection=True, **TEST_TINY_TEXT_ENCODER_2),
+        tokenizer_2=tokenizer_2, unet=tiny_sdxl_unet(seed + 2), scheduler=scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -11,6 +11,8 @@ images fail to decode are skipped and listed in meta.json's report. Read it back
 Record layout (pairs; single-image sources drop the leading 2):
   latent_mean, latent_std  [2, h, w, c] cache dtype (unscaled VAE posterior; latent = mean + std * eps)
   latent_mean_flip, ...    the same for horizontally flipped images (with --flips; the loader picks one)
+  time_ids, time_ids_flip  float32 [2, 6] / [6]: each image's (original size, center-crop top-left, target
+                           size), SDXL's size conditioning (and that of the flipped crop)
   input_ids int32 [L], caption str, label_0/label_1 (pairs) or reward, reward_0/reward_1, index int64.
 """
 from __future__ import annotations
@@ -90,7 +92,7 @@ def build_latent_cache(dataset: str, out_dir: str | os.PathLike, encode_fn: Enco
                 def decode(item):
                     i, rec = item
                     try:
-                        return [common.decode_image(rec[c], resolution) for c in cols]
+                        return [common.decode_image_with_time_ids(rec[c], resolution) for c in cols]
                     except Exception as e:  # noqa: BLE001 - corrupt data is skipped, not fatal
                         return f"corrupt image: {type(e).__name__}: {e}"
 
@@ -101,7 +103,7 @@ def build_latent_cache(dataset: str, out_dir: str | os.PathLike, encode_fn: Enco
                         skipped.append((i, ims))
                 if not good:
                     continue
-                images = np.stack([im for _, _, ims in good for im in ims])
+                images = np.stack([im for _, _, ims in good for im, _ in ims])
                 if flips:
                     images = np.concatenate([images, images[:, :, ::-1]])
                 mean, std = encode_fn(images)
@@ -115,6 +117,10 @@ def build_latent_cache(dataset: str, out_dir: str | os.PathLike, encode_fn: Enco
                     if flips:
                         r["latent_mean_flip"], r["latent_std_flip"] = squeeze(mean[n:][sl]), squeeze(std[n:][sl])
                     r.update(input_ids=ids[j], caption=common.as_str(rec.get("caption", "")), index=np.int64(i))
+                    time_ids = squeeze(np.stack([t for _, t in good[j][2]]))  # SDXL's size conditioning
+                    r["time_ids"] = time_ids
+                    if flips:
+                        r["time_ids_flip"] = common.flipped_time_ids(time_ids)
                     for k in ("label_0", "label_1", "reward_0", "reward_1", "reward"):
                         if k in rec:
                             r[k] = np.float32(rec[k])

@@ -75,15 +75,44 @@ def decode_image(data: bytes, resolution: int | None = None, center_crop: bool =
 
     center_crop=False leaves the resized (possibly non-square) image. Raises on corrupt data.
     """
+    return decode_image_with_time_ids(data, resolution, center_crop)[0]
+
+
+def decode_image_with_time_ids(data: bytes, resolution: int | None = None,
+                               center_crop: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``decode_image`` plus SDXL's size conditioning of the result: float32 [6] = (original h, w before the
+    resize, crop top, crop left in the resized image, target h, w), diffusers' convention. Without
+    center_crop the crop is (0, 0) and the target (resolution, resolution): a random crop sets it later
+    (``with_crop``)."""
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
+        w0, h0 = im.size
+        top = left = 0
         if resolution is not None:
             im = resize_shorter(im, resolution)
             if center_crop:
                 w, h = im.size
                 left, top = (w - resolution) // 2, (h - resolution) // 2
                 im = im.crop((left, top, left + resolution, top + resolution))
-        return np.asarray(im, np.uint8)
+        target = (resolution, resolution) if resolution is not None else (h0, w0)
+        return np.asarray(im, np.uint8), np.asarray((h0, w0, top, left, *target), np.float32)
+
+
+def with_crop(time_ids: np.ndarray, top: int, left: int) -> np.ndarray:
+    """time_ids [..., 6] with the crop top-left replaced."""
+    out = np.array(time_ids, np.float32, copy=True)
+    out[..., 2], out[..., 3] = top, left
+    return out
+
+
+def flipped_time_ids(time_ids: np.ndarray) -> np.ndarray:
+    """time_ids [..., 6] of the horizontally flipped crop: its left edge in the flipped resized image is
+    W - target w - left (as diffusers' SDXL script, which flips before it crops, records it)."""
+    time_ids = np.asarray(time_ids, np.float32)
+    h0, w0, target_h, target_w = time_ids[..., 0], time_ids[..., 1], time_ids[..., 4], time_ids[..., 5]
+    resized_w = np.where(w0 <= h0, target_w, np.maximum(target_w, np.round(w0 * target_w / h0)))  # resize_shorter
+    resized_w = np.where((target_h == h0) & (target_w == w0), w0, resized_w)  # stored size: no resize, no crop
+    return with_crop(time_ids, time_ids[..., 2], resized_w - target_w - time_ids[..., 3])
 
 
 def resize_shorter(im, resolution: int):

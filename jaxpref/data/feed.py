@@ -57,10 +57,11 @@ class TrainFeed:
         tokenizer_dir = os.path.join(run.pipeline.folder, "tokenizer")
         self.needs_rewards = method.needs_rewards
         self.loader = loader.make_loader(
-            source, config.batch_size, seed=config.seed, resolution=config.data.resolution,
+            source, config.batch_size, seed=config.seed, resolution=config.data.resolution, crop=config.data.crop,
             random_flip=True, order=method.pair_order, require_rewards=method.needs_rewards,
             tokenizer=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
-            max_length=run.null_ids.shape[0], worker_count=config.data.worker_count)
+            max_length=run.null_ids.shape[0], worker_count=config.data.worker_count,
+            time_ids=run.pipeline.is_sdxl and config.data.time_ids == "crop")
         vae = run.pipeline.vae
         self._encode = jax.jit(lambda params, images: vae_lib.posterior(vae, params, images))
         self._vae_params = jax.device_put(run.pipeline.vae_params, sharding.replicated(mesh))
@@ -80,6 +81,8 @@ class TrainFeed:
             batch["images"] = np.asarray(local["images"], np.uint8)
         if self.needs_rewards:
             batch["rewards"] = np.asarray(local["rewards"], np.float32)
+        if "time_ids" in local:  # SDXL: each image's size and crop
+            batch["time_ids"] = np.asarray(local["time_ids"], np.float32)
         batch = sharding.put_global_batch(self.mesh, batch)
         if "images" in batch:
             batch["latent_mean"], batch["latent_std"] = self._latents(batch.pop("images"))

@@ -14,6 +14,9 @@ Batches (B = global batch size; leading axis sharded; winner first for pairs):
 - latents: latent_mean, latent_std [B, 2, h, w, c] (pairs) or [B, h, w, c] (images) in the cache dtype (VAE
            posterior, unscaled: multiply samples by the VAE scaling factor yourself), input_ids, and the
            label / rewards / reward fields as above.
+- with ``time_ids=True`` (SDXL): time_ids float32 [B, 2, 6] (pairs) or [B, 6]: per image (original h, w,
+           crop top, left, target h, w) of the crop it was cut with (center, or the random crop, or the
+           cache's center crop; mirrored with the flip), what the UNet's size conditioning reads.
 
 Each host reads a contiguous 1/process_count of the records (grain ShardOptions, drop_remainder), shuffles
 it with `seed` (a new order each epoch) and draws augmentations (a horizontal flip shared by both images
@@ -59,8 +62,8 @@ def _finite_rewards(source: Source, n: int = 8) -> bool:
 class _Prepared:
     """Source wrapper run in grain's read threads: decode, resize, tokenize; everything deterministic."""
 
-    def __init__(self, source: Source, resolution, crop, tokenizer, max_length, keep_captions):
-        self.source, self.resolution, self.crop = source, resolution, crop
+    def __init__(self, source: Source, resolution, crop, tokenizer, max_length, keep_captions, time_ids=False):
+        self.source, self.resolution, self.crop, self.time_ids = source, resolution, crop, time_ids
         self.tokenizer, self.max_length, self.keep_captions = tokenizer, max_length, keep_captions
         lo_hi = source.reward_range
         self.lo, self.span = (lo_hi[0], max(lo_hi[1] - lo_hi[0], 1e-12)) if lo_hi else (None, None)
@@ -71,8 +74,19 @@ class _Prepared:
     def __repr__(self) -> str:  # grain checks it on set_state: a state only restores onto the same data
         return f"_Prepared({self.source!r})"
 
-    def _img(self, data: bytes) -> np.ndarray:
+    def _img(self, data: bytes):
+        """uint8 [H, W, 3], or with time_ids (image, time_ids [6])."""
+        if self.time_ids:
+            return common.decode_image_with_time_ids(data, self.resolution, self.crop == "center")
         return common.decode_image(data, self.resolution, self.crop == "center")
+
+    def _images(self, out: dict, *encoded) -> None:
+        decoded = [self._img(e) for e in encoded]
+        stack = np.stack if len(decoded) > 1 else (lambda xs: xs[0])
+        if self.time_ids:
+            out["images"], out["time_ids"] = stack([d[0] for d in decoded]), stack([d[1] for d in decoded])
+        else:
+            out["images"] = stack(decoded)
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
@@ -85,14 +99,21 @@ class _Prepared:
             for k in ("latent_mean", "latent_std", "latent_mean_flip", "latent_std_flip"):
                 if k in rec:
                     out[k] = rec[k]
+            if self.time_ids:
+                if "time_ids" not in rec:
+                    raise ValueError(f"{self.source}: this latent cache has no time_ids (SDXL's crop conditioning); "
+                                     "rebuild it with python -m jaxpref.data.cache, which records them")
+                out["time_ids"] = np.asarray(rec["time_ids"], np.float32)
+                if "time_ids_flip" in rec:
+                    out["time_ids_flip"] = np.asarray(rec["time_ids_flip"], np.float32)
             layout = self.source.meta.get("layout", "pairs")
         else:
             out["input_ids"] = _ids(self.tokenizer, caption, self.max_length)
             layout = kind
             if kind == "pairs":
-                out["images"] = np.stack([self._img(rec["jpg_0"]), self._img(rec["jpg_1"])])
+                self._images(out, rec["jpg_0"], rec["jpg_1"])
             else:
-                out["images"] = self._img(rec["jpg"])
+                self._images(out, rec["jpg"])
         if layout == "pairs":
             out["label"] = np.float32(rec.get("label_0", 1.0))
             out["label_1"] = np.float32(rec.get("label_1", 1.0 - out["label"]))
@@ -130,7 +151,8 @@ class _Augment(grain.RandomMapTransform):
                 if self.order == "reward":
                     swap = el["rewards"][1] > el["rewards"][0]
             if swap:
-                for k in ("images", "latent_mean", "latent_std", "latent_mean_flip", "latent_std_flip", "rewards"):
+                for k in ("images", "latent_mean", "latent_std", "latent_mean_flip", "latent_std_flip", "rewards",
+                          "time_ids", "time_ids_flip"):
                     if k in el:
                         el[k] = _swap(el[k])
                 el["label"] = np.float32(1.0 - el["label"])
@@ -141,14 +163,20 @@ class _Augment(grain.RandomMapTransform):
             h, w = im.shape[-3:-1]
             top, left = int(u[2] * (h - self.resolution + 1)), int(u[3] * (w - self.resolution + 1))
             el["images"] = np.ascontiguousarray(im[..., top:top + self.resolution, left:left + self.resolution, :])
+            if "time_ids" in el:
+                el["time_ids"] = common.with_crop(el["time_ids"], top, left)
         flip = self.random_flip and u[0] < 0.5
         if "images" in el and flip:  # one flip for both images of a pair (W is axis -2)
             el["images"] = np.ascontiguousarray(el["images"][..., ::-1, :])
+            if "time_ids" in el:
+                el["time_ids"] = common.flipped_time_ids(el["time_ids"])
         if "latent_mean" in el:
             if flip and "latent_mean_flip" in el:
                 el["latent_mean"], el["latent_std"] = el["latent_mean_flip"], el["latent_std_flip"]
-            el.pop("latent_mean_flip", None)
-            el.pop("latent_std_flip", None)
+                if "time_ids_flip" in el:
+                    el["time_ids"] = el["time_ids_flip"]
+            for k in ("latent_mean_flip", "latent_std_flip", "time_ids_flip"):
+                el.pop(k, None)
         return el
 
 
@@ -181,7 +209,7 @@ def make_loader(source: Source, global_batch_size: int, *, seed: int = 0, shuffl
                 tokenizer: str | os.PathLike | None = None, max_length: int | None = None,
                 resolution: int | None = None, crop: str = "center", random_flip: bool = True,
                 order: str = "label", require_rewards: bool = False,
-                keep_captions: bool = False, sharding=None, process_index: int | None = None,
+                keep_captions: bool = False, time_ids: bool = False, sharding=None, process_index: int | None = None,
                 process_count: int | None = None, worker_count: int = 0, read_threads: int = 4) -> Loader:
     """Batches from `source` (see module docstring for layouts).
 
@@ -190,6 +218,7 @@ def make_loader(source: Source, global_batch_size: int, *, seed: int = 0, shuffl
     resolution: resize the shorter side to this, then crop ('center' or 'random'); None keeps stored size.
     order: 'label' (winner first by label_0, DPO), 'reward' (higher reward first, SmPO) or 'none'.
     require_rewards: fail fast if the source has no finite rewards (run python -m jaxpref.data.scores).
+    time_ids: also yield each image's SDXL size conditioning (module docstring).
     sharding: a NamedSharding for the batch axis; with it batches are global jax.Arrays, without numpy.
     process_index / process_count: default jax.process_index() / jax.process_count() (override in tests).
     worker_count: grain worker processes (0: decode in this process's read threads). Batches do not depend
@@ -217,7 +246,7 @@ def make_loader(source: Source, global_batch_size: int, *, seed: int = 0, shuffl
             flags.FLAGS.mark_as_parsed()
     tok = None if tokenizer is None else os.fspath(tokenizer)
     lo_hi = source.reward_range
-    prepared = _Prepared(source, resolution, crop, tok, max_length, keep_captions)
+    prepared = _Prepared(source, resolution, crop, tok, max_length, keep_captions, time_ids)
     shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
     sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=shuffle,
                                  num_epochs=num_epochs, seed=int(seed))

@@ -55,9 +55,11 @@ _FIXED = {
 #   lower_order_final / euler_at_final: with solver_order 2 and final_sigmas_type "zero" diffusers
 #     takes a first-order final step either way;
 #   dynamic_thresholding_ratio / sample_max_value: only read when thresholding=True;
-#   flow_shift / time_shift_type: only read with flow sigmas or dynamic shifting.
+#   flow_shift / time_shift_type: only read with flow sigmas or dynamic shifting;
+#   interpolation_type / sigma_min / sigma_max / timestep_type: EulerDiscreteScheduler's sigma options (SDXL
+#     ships an Euler config); none of our samplers is Euler, they read only the betas and the spacing.
 _INERT = ("skip_prk_steps", "lower_order_final", "euler_at_final", "dynamic_thresholding_ratio", "sample_max_value",
-          "flow_shift", "time_shift_type")
+          "flow_shift", "time_shift_type", "interpolation_type", "sigma_min", "sigma_max", "timestep_type")
 
 
 def _unsupported(key: str, value: Any, supported) -> ValueError:

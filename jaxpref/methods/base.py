@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpref import objectives
+from jaxpref.models import conditioning
 
 # Per-pair randomness: each pair draws from its own key (fold_in(step rng, pair index)), so a pair's t,
 # ε and dropout do not depend on the micro-batch split or the mesh: accumulating 4 micro-batches equals
@@ -56,12 +57,17 @@ def drop_captions(input_ids, keys, dropout: float, null_ids):
     return jnp.where(drop[:, None], jnp.asarray(null_ids)[None, :], input_ids)
 
 
-def encode_captions(text_encoder, text_params, input_ids, keys, dropout: float, null_ids):
-    """Caption embeddings with prompt dropout. input_ids: [B, L]; null_ids: [L]. Returns [B, L, D] fp32,
-    no gradient."""
+def encode_captions(text_encoder, text_params, input_ids, keys, dropout: float, null_ids, time_ids=None):
+    """The UNet's conditioning with prompt dropout, fp32, no gradient. input_ids: [B, L]; null_ids: [L].
+
+    SD: caption embeddings [B, L, D]. SDXL: the ``conditioning`` dict with ``time_ids`` [B, 6] or [6]; a
+    dropped caption is encoded as "" by both encoders and its time ids are kept, as Diffusion-DPO's and
+    diffusers' SDXL training scripts do (nothing is zeroed: that is the pipelines' CFG at inference).
+    """
     input_ids = drop_captions(input_ids, keys, dropout, null_ids)
     emb = text_encoder.apply({"params": text_params}, input_ids)
-    return jax.lax.stop_gradient(emb.astype(jnp.float32))
+    emb = conditioning.with_time_ids(jax.tree_util.tree_map(lambda e: e.astype(jnp.float32), emb), time_ids)
+    return jax.lax.stop_gradient(emb)
 
 
 def select(pred, on_true, on_false):
@@ -70,8 +76,9 @@ def select(pred, on_true, on_false):
 
 
 def stack(a, b):
-    """Stacks winner-side and loser-side (or expert and negative) batches for one model call."""
-    return jnp.concatenate([a, b], axis=0)
+    """Stacks winner-side and loser-side (or expert and negative) batches for one model call (leaf-wise
+    for a pytree such as SDXL's conditioning)."""
+    return jax.tree_util.tree_map(lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
 
 
 class Method:
@@ -111,8 +118,9 @@ class Method:
 
     # -- Pieces the methods share.
     def eps(self, params, x, t, text):
-        """ε(x, t, c) in the module's compute dtype, returned as fp32. x: [B, h, w, c], t: [B]."""
-        return self.unet.apply({"params": params}, x, t, text).astype(jnp.float32)
+        """ε(x, t, c) in the module's compute dtype, returned as fp32. x: [B, h, w, c], t: [B]; text: the
+        conditioning pytree (``jaxpref.models.conditioning``)."""
+        return conditioning.apply_unet(self.unet, params, x, t, text).astype(jnp.float32)
 
     def eps_fn(self, params):
         """A no-gradient ``eps_fn(x, t, cond)`` for the samplers and inversion in ``jaxpref.diffusion``."""
@@ -125,9 +133,23 @@ class Method:
         ref_pred = jax.lax.stop_gradient(self.eps(ref_params, x, t, text))
         return err, objectives.denoising_error(ref_pred, target)
 
-    def captions(self, frozen, micro):
+    def captions(self, frozen, micro, time_ids=None):
+        """The conditioning of the micro-batch's captions; SDXL's time ids [B, 6] default to ``time_ids``."""
         return encode_captions(self.text_encoder, frozen["text"], micro["input_ids"], micro["keys"],
-                               self.config.prompt_dropout, self.null_ids)
+                               self.config.prompt_dropout, self.null_ids,
+                               self.time_ids(micro) if time_ids is None else time_ids)
+
+    def time_ids(self, micro):
+        """SDXL's per-image time ids: the batch's own (``time_ids`` [B, 6], or [B, 2, 6] for pairs, from the
+        crop each image was cut with) or, when the feed has none, ``default_time_ids`` of the resolution."""
+        if "time_ids" in micro:
+            return micro["time_ids"]
+        return conditioning.default_time_ids(self.config.data.resolution)
+
+    def unconditional(self, frozen, cond):
+        """CFG's unconditional input for ``cond``'s batch (``conditioning.unconditional``), no gradient."""
+        return jax.lax.stop_gradient(
+            conditioning.unconditional(self.text_encoder, frozen["text"], self.null_ids, cond))
 
     def latents(self, micro):
         return sample_latents(micro["keys"], micro["latent_mean"], micro["latent_std"], self.scaling_factor,
@@ -144,9 +166,15 @@ class Method:
         return self.schedule.q_sample(x0_2, t2, noise2), noise2
 
     def pairs(self, frozen, micro):
-        """A micro-batch of preference pairs stacked for one model call: (text2 [2B, L, D], x0_2 [2B, h, w, c],
-        t2 [2B]), winners first, one t per pair."""
-        text = self.captions(frozen, micro)
+        """A micro-batch of preference pairs stacked for one model call: (text2 [2B, L, D] or SDXL's dict of
+        [2B, ...], x0_2 [2B, h, w, c], t2 [2B]), winners first, one t per pair."""
+        ids = jnp.asarray(self.time_ids(micro))
+        if ids.ndim == 3:  # SDXL, each image of a pair with its own crop: one caption encoding, two time ids
+            text = self.captions(frozen, micro, ids[:, 0])
+            text2 = stack(text, conditioning.with_time_ids(text, ids[:, 1]))
+        else:
+            text = self.captions(frozen, micro)
+            text2 = stack(text, text)
         x0 = self.latents(micro)                                   # [B, 2, h, w, c], winner first
         t = self.timesteps(micro["keys"])
-        return stack(text, text), stack(x0[:, 0], x0[:, 1]), stack(t, t)
+        return text2, stack(x0[:, 0], x0[:, 1]), stack(t, t)

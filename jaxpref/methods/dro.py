@@ -40,7 +40,7 @@ class NegativesBuffer:
     step's (t_k, x_k, ε_θ(x_k)) and the sampler's output. Rows are overwritten oldest first; ``filled``
     counts valid rows.
     """
-    text: jax.Array        # [N, L, D]
+    text: Any              # [N, L, D], or SDXL's conditioning dict of [N, ...]
     x0: jax.Array          # [N, h, w, c] expert latent paired with the row's prompt
     timesteps: jax.Array   # [N, S] int32
     latents: jax.Array     # [N, S, h, w, c]
@@ -53,7 +53,7 @@ class NegativesBuffer:
 class PickedNegatives(NamedTuple):
     """One buffer row and step per pair (``DRO.pick_negatives``): the row's prompt, expert and generated x0,
     and the step's (t_k, x_k, ε_θ(x_k)); ``keys`` are the pairs' keys."""
-    text: jax.Array        # [B, L, D]
+    text: Any              # [B, L, D], or SDXL's conditioning dict of [B, ...]
     x0: jax.Array          # [B, h, w, c]
     timesteps: jax.Array   # [B] int32
     latents: jax.Array     # [B, h, w, c]
@@ -69,9 +69,11 @@ class DROState:
 
 
 def empty_negatives_buffer(size: int, text_shape, latent_shape, num_steps: int) -> NegativesBuffer:
-    """An empty buffer of ``size`` trajectories. text_shape: (L, D); latent_shape: (h, w, c)."""
+    """An empty buffer of ``size`` trajectories. text_shape: (L, D), or a dict of row shapes for SDXL's
+    conditioning (``conditioning.cond_shapes``); latent_shape: (h, w, c)."""
     return NegativesBuffer(
-        text=jnp.zeros((size, *text_shape), jnp.float32),
+        text=jax.tree_util.tree_map(lambda s: jnp.zeros((size, *s), jnp.float32), text_shape,
+                                    is_leaf=lambda s: isinstance(s, tuple)),
         x0=jnp.zeros((size, *latent_shape), jnp.float32),
         timesteps=jnp.zeros((size, num_steps), jnp.int32),
         latents=jnp.zeros((size, num_steps, *latent_shape), jnp.float32),
@@ -136,15 +138,11 @@ class DRO(Method):
         offset p per trajectory. x_T is drawn from the first pair's key of each trajectory.
         """
         cfg = self.config.dro
-        n_traj = text.shape[0] // cfg.steps_per_trajectory
-        text, x0, keys = text[:n_traj], x0[:n_traj], keys[:n_traj]
+        n_traj = x0.shape[0] // cfg.steps_per_trajectory
+        text, x0, keys = jax.tree_util.tree_map(lambda a: a[:n_traj], text), x0[:n_traj], keys[:n_traj]
         grid = diffusion.dro_timestep_grid(rng, n_traj, cfg.num_inference_steps, self.num_train_timesteps)
         x_T = draw(keys, START, lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))
-        uncond = None
-        if cfg.guidance_scale != 1.0:
-            null = jnp.broadcast_to(jnp.asarray(self.null_ids)[None], (n_traj, self.null_ids.shape[0]))
-            uncond = jax.lax.stop_gradient(
-                self.text_encoder.apply({"params": frozen["text"]}, null).astype(jnp.float32))
+        uncond = self.unconditional(frozen, text) if cfg.guidance_scale != 1.0 else None
         final, traj = diffusion.sample(self.eps_fn(sampler_params), x_T, self.schedule, sampler=cfg.sampler,
                                    num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                    rng=rng, cond=text, uncond=uncond, timesteps=grid, return_trajectory=True)
@@ -152,7 +150,7 @@ class DRO(Method):
         rows = (buffer.cursor + jnp.arange(n_traj)) % size
         put = lambda dst, src: dst.at[rows].set(jax.lax.stop_gradient(src).astype(dst.dtype))
         return buffer.replace(
-            text=put(buffer.text, text), x0=put(buffer.x0, x0),
+            text=jax.tree_util.tree_map(put, buffer.text, text), x0=put(buffer.x0, x0),
             timesteps=put(buffer.timesteps, jnp.swapaxes(traj.timesteps, 0, 1)),
             latents=put(buffer.latents, jnp.swapaxes(traj.latents, 0, 1)),
             eps=put(buffer.eps, jnp.swapaxes(traj.eps, 0, 1)),
@@ -175,6 +173,7 @@ class DRO(Method):
             jax.random.split(k_steps, n_traj))
         rows = jnp.repeat(rows, cfg.steps_per_trajectory)
         steps = steps.reshape(-1)
-        return PickedNegatives(text=buffer.text[rows], x0=buffer.x0[rows], timesteps=buffer.timesteps[rows, steps],
+        return PickedNegatives(text=jax.tree_util.tree_map(lambda a: a[rows], buffer.text), x0=buffer.x0[rows],
+                               timesteps=buffer.timesteps[rows, steps],
                                latents=buffer.latents[rows, steps], eps=buffer.eps[rows, steps],
                                final=buffer.final[rows], keys=keys)

@@ -11,6 +11,7 @@ _EXPORTS = {
     "save_clip": "clip", "save_text_encoder": "clip",
     "SDPipeline": "pipeline", "load_pipeline": "pipeline", "save_pipeline": "pipeline",
     "resolve_model_path": "pipeline", "EMBEDDED_TINY": "pipeline",
+    "SDXLTextEncoders": "conditioning",
 }
 __all__ = sorted(_EXPORTS)
 

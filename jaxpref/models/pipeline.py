@@ -1,8 +1,10 @@
-"""A Stable Diffusion (1.x / 2.x) diffusers folder <-> our Flax parts.
+"""A Stable Diffusion (1.x / 2.x / XL) diffusers folder <-> our Flax parts.
 
 ``load_pipeline`` reads unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers
-``StableDiffusionPipeline`` folder; ``save_pipeline`` writes one back (e.g. with fine-tuned UNet
-params) that ``diffusers.StableDiffusionPipeline.from_pretrained`` loads, so trained models leave
+``StableDiffusionPipeline`` folder, plus text_encoder_2/ and tokenizer_2/ of a
+``StableDiffusionXLPipeline`` one (the two encoders become one ``SDXLTextEncoders`` module, see
+``jaxpref.models.conditioning``); ``save_pipeline`` writes one back (e.g. with fine-tuned UNet
+params) that diffusers' ``from_pretrained`` loads, so trained models leave
 this repo in the format everyone else uses. ``resolve_model_path`` turns the model name "embedded:tiny" into
 the tiny SD folder shipped in the package (jaxpref/assets/tiny_sd).
 """
@@ -16,13 +18,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxpref.models import clip, unet as unet_lib, vae as vae_lib
+from jaxpref.models import clip, conditioning, unet as unet_lib, vae as vae_lib
 
 Dtype = Any
 
 _REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Optional components of a StableDiffusionPipeline that we neither need nor write.
 _OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder")
+_SDXL = ("text_encoder_2", "tokenizer_2")
 
 EMBEDDED_TINY = "embedded:tiny"
 # The shipped tiny model (written by ``python -m jaxpref.tiny.train_base``).
@@ -41,6 +44,11 @@ class SDPipeline:
     tokenizer: Any  # transformers.CLIPTokenizer
     scheduler_config: dict
     folder: str
+    tokenizer_2: Any = None  # SDXL only (text_encoder is then an SDXLTextEncoders holding both encoders)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return isinstance(self.text_encoder, conditioning.SDXLTextEncoders)
 
 
 def resolve_model_path(path: str) -> str:
@@ -63,39 +71,64 @@ def _read_model_index(folder: str) -> dict:
     missing = [c for c in _REQUIRED if not (isinstance(index.get(c), list) and index[c][0] is not None)]
     if missing:
         raise ValueError(f"{path}: components {missing} are missing or null; an SD pipeline needs {list(_REQUIRED)}")
-    extra = [k for k, v in index.items() if not k.startswith("_") and k not in _REQUIRED + _OPTIONAL
-             and isinstance(v, list) and v[0] is not None]
+    present = lambda c: isinstance(index.get(c), list) and index[c][0] is not None
+    extra = [k for k in index if not k.startswith("_") and k not in _REQUIRED + _OPTIONAL + _SDXL and present(k)]
     if extra:
         raise ValueError(f"{path}: components {extra} are not supported by load_pipeline (only "
-                         f"{list(_REQUIRED)}; an SDXL folder has text_encoder_2 and needs its own loader)")
-    for component in _REQUIRED:
+                         f"{list(_REQUIRED + _SDXL)})")
+    sdxl = [c for c in _SDXL if present(c)]
+    if sdxl and len(sdxl) != len(_SDXL):
+        raise ValueError(f"{path}: an SDXL pipeline needs both {list(_SDXL)}; found only {sdxl}")
+    for component in _REQUIRED + tuple(sdxl):
         sub = os.path.join(folder, component)
         if not os.path.isdir(sub):
             raise ValueError(f"{sub}: missing, though model_index.json lists {component} as {index[component]}")
     return index
 
 
-def load_pipeline(folder: str, dtype: Dtype = jnp.float32) -> SDPipeline:
-    """Reads a diffusers SD pipeline folder; ``dtype`` is the compute dtype of all three models."""
+def _load_tokenizer(folder: str):
     from transformers import CLIPTokenizer
 
-    _read_model_index(folder)
-    unet, unet_params = unet_lib.load_unet(os.path.join(folder, "unet"), dtype)
-    vae, vae_params = vae_lib.load_vae(os.path.join(folder, "vae"), dtype)
-    text_encoder, text_params = clip.load_text_encoder(os.path.join(folder, "text_encoder"), dtype)
-    tokenizer_dir = os.path.join(folder, "tokenizer")
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+        return CLIPTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{tokenizer_dir}: cannot load a CLIPTokenizer ({e}); expected vocab.json + merges.txt "
+        raise ValueError(f"{folder}: cannot load a CLIPTokenizer ({e}); expected vocab.json + merges.txt "
                          "or tokenizer.json") from e
+
+
+def load_pipeline(folder: str, dtype: Dtype = jnp.float32, *, vae_path: str = "",
+                  vae_dtype: Dtype | None = None) -> SDPipeline:
+    """Reads a diffusers SD or SDXL pipeline folder; ``dtype`` is the compute dtype of the UNet and the text
+    encoders, ``vae_dtype`` the VAE's (default ``dtype``). ``vae_path``: a VAE folder used instead of the
+    pipeline's vae/ (e.g. SDXL's fp16-fix VAE, which stays finite in half precision)."""
+    index = _read_model_index(folder)
+    unet, unet_params = unet_lib.load_unet(os.path.join(folder, "unet"), dtype)
+    vae_folder = vae_path or os.path.join(folder, "vae")
+    if vae_path and not os.path.isfile(os.path.join(vae_path, "config.json")):
+        raise ValueError(f"vae_path={vae_path!r}: no config.json there (expected a diffusers AutoencoderKL folder)")
+    vae, vae_params = vae_lib.load_vae(vae_folder, dtype if vae_dtype is None else vae_dtype)
+    text_encoder, text_params = clip.load_text_encoder(os.path.join(folder, "text_encoder"), dtype)
+    tokenizer = _load_tokenizer(os.path.join(folder, "tokenizer"))
+    tokenizer_2 = None
+    if isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None:
+        encoder_2, params_2 = clip.load_text_encoder(os.path.join(folder, "text_encoder_2"), dtype)
+        if not encoder_2.with_projection:
+            raise ValueError(f"{folder}/text_encoder_2: expected CLIPTextModelWithProjection (its pooled "
+                             "projection is SDXL's text_embeds)")
+        tokenizer_2 = _load_tokenizer(os.path.join(folder, "tokenizer_2"))
+        conditioning.check_tokenizers(tokenizer, tokenizer_2, folder)
+        text_encoder = conditioning.SDXLTextEncoders(
+            text_encoder, encoder_2, eos_token_id=int(tokenizer.eos_token_id),
+            pad_token_id_2=int(tokenizer_2.pad_token_id),
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+        text_params = {"text_encoder": text_params, "text_encoder_2": params_2}
     scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
     if not os.path.isfile(scheduler_path):
         raise ValueError(f"{scheduler_path}: missing scheduler config")
     with open(scheduler_path) as f:
         scheduler_config = json.load(f)
     return SDPipeline(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer,
-                      scheduler_config, folder)
+                      scheduler_config, folder, tokenizer_2)
 
 
 def _diffusers_version() -> str:
@@ -106,7 +139,8 @@ def _diffusers_version() -> str:
 
 
 def save_pipeline(folder: str, pipeline: SDPipeline, unet_params=None) -> None:
-    """Writes a full diffusers StableDiffusionPipeline folder (fp32 safetensors, no safety checker).
+    """Writes a full diffusers StableDiffusionPipeline (or StableDiffusionXLPipeline) folder, fp32
+    safetensors, no safety checker.
 
     ``unet_params`` (e.g. the fine-tuned ones) replace ``pipeline.unet_params`` when given.
     """
@@ -114,21 +148,33 @@ def save_pipeline(folder: str, pipeline: SDPipeline, unet_params=None) -> None:
     os.makedirs(folder, exist_ok=True)
     unet_lib.save_unet(os.path.join(folder, "unet"), pipeline.unet, unet_params)
     vae_lib.save_vae(os.path.join(folder, "vae"), pipeline.vae, pipeline.vae_params)
-    clip.save_text_encoder(os.path.join(folder, "text_encoder"), pipeline.text_encoder,
-                           pipeline.text_encoder_params)
+    encoders = {"text_encoder": (pipeline.text_encoder, pipeline.text_encoder_params)}
+    if pipeline.is_sdxl:
+        encoders = {name: (getattr(pipeline.text_encoder, name), pipeline.text_encoder_params[name])
+                    for name in ("text_encoder", "text_encoder_2")}
+    for name, (module, params) in encoders.items():
+        clip.save_text_encoder(os.path.join(folder, name), module, params)
     pipeline.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     scheduler_class = pipeline.scheduler_config.get("_class_name", "PNDMScheduler")
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump({**pipeline.scheduler_config, "_class_name": scheduler_class}, f, indent=2, sort_keys=True)
-    text_class = "CLIPTextModelWithProjection" if pipeline.text_encoder.with_projection else "CLIPTextModel"
+    text_class = lambda m: "CLIPTextModelWithProjection" if m.with_projection else "CLIPTextModel"
     index = {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", text_class], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", text_class(encoders["text_encoder"][0])],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", scheduler_class],
         "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
         "requires_safety_checker": False,
     }
+    if pipeline.is_sdxl:
+        pipeline.tokenizer_2.save_pretrained(os.path.join(folder, "tokenizer_2"))
+        for key in ("safety_checker", "feature_extractor", "requires_safety_checker"):
+            index.pop(key)
+        index.update({"_class_name": "StableDiffusionXLPipeline",
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "force_zeros_for_empty_prompt": pipeline.text_encoder.force_zeros_for_empty_prompt})
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)

@@ -219,3 +219,13 @@ TEST_TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_b
 TEST_TINY_TEXT_ENCODER = dict(vocab_size=58, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                               num_attention_heads=2, max_position_embeddings=12, projection_dim=8, bos_token_id=0,
                               eos_token_id=1, pad_token_id=1)
+# The tests' tiny random SDXL pipeline (tests/tiny_sd.py ``build_tiny_sdxl``): the same tiny vocabulary for
+# both encoders (the second one wider and with a projection, as SDXL's OpenCLIP-bigG), context 16 + 24 = 40,
+# text_time embeddings of the projected pooled text (8) and 6 time ids (4 channels each).
+TEST_TINY_TEXT_ENCODER_2 = dict(TEST_TINY_TEXT_ENCODER, hidden_size=24, intermediate_size=48)
+TEST_TINY_SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16 + 24,
+                           attention_head_dim=2, use_linear_projection=True, addition_embed_type="text_time",
+                           addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
+                           norm_num_groups=4)
