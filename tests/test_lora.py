@@ -162,7 +162,9 @@ def lora_run(world, tmp_path_factory):
 
 def test_lora_run_trains_only_the_adapters(lora_run, pipe, world):
     workdir, summary = lora_run
-    assert abs(summary["history"][0]["loss"] - math.log(2)) < 1e-6     # B = 0: policy = reference at step 1
+    # B = 0: policy = reference at step 1, log 2 up to fp32 rounding of the two forwards (fused apart) times
+    # β/2 = 250, the full fine-tune's tolerance (test_train); bit-exact equality is test_fresh_adapters_...
+    assert summary["history"][0]["loss"] == pytest.approx(math.log(2), abs=2e-5)
     shapes = jax.eval_shape(lambda p: lora.init_adapters(jax.random.PRNGKey(0), p, lora_config()), pipe.unet_params)
     adapters = checkpoint_lib.load_policy_params(workdir, shapes, use_ema=False)
     assert all(str(getattr(p[-1], "key", p[-1])) in ("lora_A", "lora_B")
