@@ -239,3 +239,25 @@ def test_dro_and_smpo_steps_train_adapters(objective, pipe):
                zip(jax.tree_util.tree_leaves(start), jax.tree_util.tree_leaves(state.params)))
     if objective == "dro":
         assert jax.tree_util.tree_structure(state.method_state.sampler) == jax.tree_util.tree_structure(start)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lora.rank", 0, "config.lora.rank=0"),
+    ("lora.target_modules", ("to_q", "proj_in"), "config.lora.target_modules"),
+    ("lora.dropout", 1.0, "config.lora.dropout"),
+    ("reference_path", "/some/unet", "config.reference_path.*is the reference"),
+    ("lora.init_from", "/no/such/lora.safetensors", "config.lora.init_from"),
+])
+def test_bad_lora_config_fails_naming_the_key(key, value, message):
+    from jaxpref import config_lib
+
+    c = config_lib.load_config("tiny:dpo")
+    c.lora.enabled = True
+    config_lib.validate(c)
+    node, *path = key.split(".")[::-1]
+    target = c
+    for part in reversed(path):
+        target = target[part]
+    target[node] = value
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(c)
