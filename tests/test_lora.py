@@ -95,6 +95,11 @@ def test_merged_equals_unmerged(pipe):
         unmerged = np.asarray(lora.apply(pipe.unet.clone(remat=remat), lora.policy(adapters, pipe.unet_params, cfg),
                                          *(jnp.asarray(v) for v in inputs)))
         assert rel(unmerged, merged) <= 1e-5
+    # lora.dropout drops the branch's inputs in training (a key given) and nowhere else.
+    dropped = lora.policy(adapters, pipe.unet_params, lora_config(target_modules=lora.SUPPORTED_TARGETS, dropout=0.5),
+                          jax.random.PRNGKey(3))
+    assert rel(ours(pipe, dropped, inputs), merged) > 1e-3
+    assert rel(ours(pipe, lora.without_dropout(dropped), inputs), merged) <= 1e-5
 
 
 def test_diffusers_loads_our_export(pipe, world, tmp_path):
