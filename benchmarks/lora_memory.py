@@ -37,6 +37,17 @@ def abstract_run(size_name: str, pairs: int, lora_rank: int, attention: str, rem
     return run, mesh, state, shardings, frozen_shapes(run), jax.eval_shape(lambda: make_batch(run, pairs))
 
 
+def device_name() -> str:
+    """The device in words; on XLA:CPU also the host's processor (its model from /proc/cpuinfo)."""
+    d = jax.devices()[0]
+    name = f"{d.platform}: {d.device_kind}"
+    if d.platform == "cpu" and os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+        name += f" (XLA:CPU on {model}, {os.cpu_count()} cores)" if model else ""
+    return name
+
+
 def state_bytes(state, shardings, frozen) -> dict:
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     rep = lambda tree: jax.tree_util.tree_map(lambda _: one, tree)  # noqa: E731
@@ -59,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="state bytes only")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    result = {"device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}", "size": args.size,
+    result = {"device": device_name(), "size": args.size,
               "objective": "dpo", "dtype": "bfloat16 compute, fp32 params, bf16 frozen base", "remat": True,
               "pairs": args.pairs, "lora_rank": args.rank, "attention": args.attention, "state": {}}
     for name, rank in (("full", 0), ("lora", args.rank)):
