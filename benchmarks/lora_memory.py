@@ -26,11 +26,12 @@ from random_sd import SIZES, bench_config, make_batch, random_pipeline
 V5E_HBM = 16 * 2 ** 30  # one TPU v5e chip
 
 
-def abstract_run(size_name: str, pairs: int, lora_rank: int, attention: str, remat: bool = True):
+def abstract_run(size_name: str, pairs: int, lora_rank: int, attention: str, grad_accum: int = 1, remat: bool = True):
     """(run, state shapes, state shardings, frozen shapes, batch shapes) on one device, LoRA when rank > 0."""
     size = SIZES[size_name]
     pipeline = random_pipeline(size, jnp.bfloat16, with_params=False)
-    overrides = (f"lora.enabled={lora_rank > 0}", f"lora.rank={max(lora_rank, 1)}", f"lora.alpha={float(max(lora_rank, 1))}")
+    overrides = (f"lora.enabled={lora_rank > 0}", f"lora.rank={max(lora_rank, 1)}", f"lora.alpha={float(max(lora_rank, 1))}",
+                 f"grad_accum={grad_accum}")
     run = trainer.build_run(bench_config(size, "dpo", pairs, "bfloat16", remat, overrides, attention), pipeline)
     mesh = fsdp_mesh(1)
     state, shardings = trainer.abstract_state(run, mesh)
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="sd15")
     p.add_argument("--pairs", type=int, default=4, help="pairs per step (one micro-batch)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (pairs / grad_accum each)")
     p.add_argument("--attention", default="auto",
                    help="the UNet's attention backend; 'auto' picks 'chunked' off GPU for 64x64 latents, as on a TPU "
                         "(the dense 'xla' path materialises 4096^2 maps: NOTES.md)")
@@ -72,13 +74,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = {"device": device_name(), "size": args.size,
               "objective": "dpo", "dtype": "bfloat16 compute, fp32 params, bf16 frozen base", "remat": True,
-              "pairs": args.pairs, "lora_rank": args.rank, "attention": args.attention, "state": {}}
+              "pairs": args.pairs, "grad_accum": args.grad_accum, "lora_rank": args.rank, "attention": args.attention, "state": {}}
     for name, rank in (("full", 0), ("lora", args.rank)):
         _, _, state, sh, frozen, _ = abstract_run(args.size, args.pairs, rank, args.attention)
         result["state"][name] = state_bytes(state, sh, frozen)
         result["state"][name]["trained_params"] = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
     if not args.no_compile:
-        run, mesh, state, _, frozen, batch = abstract_run(args.size, args.pairs, args.rank, args.attention)
+        run, mesh, state, _, frozen, batch = abstract_run(args.size, args.pairs, args.rank, args.attention,
+                                                              args.grad_accum)
         start = time.perf_counter()
         compiled = trainer.compile_train_step(run, mesh, state, batch, frozen, jax.ShapeDtypeStruct((2,), jnp.uint32))
         m = compiled.memory_analysis()
@@ -97,7 +100,8 @@ def main(argv=None) -> int:
 
 def format_table(result: dict) -> str:
     gib = lambda b: f"{b / 2 ** 30:.3f}"  # noqa: E731
-    lines = [f"{result['size']} DPO, {result['pairs']} pairs, {result['attention']} attention, one device "
+    lines = [f"{result['size']} DPO, {result['pairs']} pairs in {result['grad_accum']} micro-batch(es), "
+             f"{result['attention']} attention, one device "
              f"({result['device']}), GiB",
              f"{'':6} {'trained':>11} {'params':>8} {'opt':>8} {'base/ref':>9} {'text':>7} {'state':>8}"]
     for name, s in result["state"].items():
