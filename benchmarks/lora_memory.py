@@ -7,6 +7,7 @@ compiled by ``trainer.compile_train_step`` from ShapeDtypeStructs with its ``mem
 follow CPU fusion and scheduling decisions, so they are an estimate of a TPU's, not a measurement.
 
   nice -n 10 python benchmarks/lora_memory.py --pairs 4 --json benchmarks/results/lora_memory_sd15.json
+  nice -n 10 python benchmarks/lora_memory.py --pairs 4 --grad-accum 2 --json benchmarks/results/lora_memory_sd15_ga2.json
 """
 from __future__ import annotations
 
