@@ -300,8 +300,8 @@ def _check_lora(config):
     if not c.target_modules or unknown:
         _fail("lora.target_modules", tuple(c.target_modules), f"choose from {lora.SUPPORTED_TARGETS}")
     if config.reference_path:
-        _fail("reference_path", config.reference_path, "with config.lora.enabled the frozen base UNet is the reference; "
-                                                       "leave reference_path empty")
+        _fail("reference_path", config.reference_path,
+              "with config.lora.enabled the frozen base UNet is the reference; leave reference_path empty")
 
 
 def _check_smpo_inversion(s):

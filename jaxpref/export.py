@@ -179,7 +179,8 @@ def main(argv) -> None:
     del argv
     f = flags.FLAGS
     path = export(f.checkpoint, f.out, f.base, use_ema=f.use_ema, overwrite=f.overwrite, merge=f.merge)
-    what = "diffusers LoRA: pipe.load_lora_weights" if path.endswith(".safetensors") else "diffusers StableDiffusionPipeline"
+    lora_file = path.endswith(".safetensors")
+    what = "diffusers LoRA: pipe.load_lora_weights" if lora_file else "diffusers StableDiffusionPipeline"
     print(f"exported {f.checkpoint} -> {path} ({what})", flush=True)
 
 

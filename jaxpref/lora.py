@@ -72,7 +72,8 @@ def with_trainable(params, trainable_params):
 
 
 def module_name(path: tuple[str, ...]) -> str:
-    """A Flax module path as diffusers names the torch module: ('up_blocks_1', ..., 'to_out_0') -> 'up_blocks.1....to_out.0'."""
+    """A Flax module path as diffusers names the torch module: ('up_blocks_1', ..., 'to_out_0') ->
+    'up_blocks.1....to_out.0'."""
     return weights.torch_key((*path, "kernel"))[:-len(".weight")]
 
 
