@@ -123,7 +123,7 @@ def test_diffusers_loads_our_export(pipe, world, tmp_path):
     with torch.no_grad():
         ref = sd(prompt=PROMPTS, latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy()), num_inference_steps=4,
                  guidance_scale=7.5, output_type="latent").images.numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(gen.latents[:, 0], ref, atol=1e-4 * max(1.0, np.abs(ref).max()))
+    np.testing.assert_allclose(gen.latents[:, 0], ref, atol=1e-4)  # test_export.py's tolerance
 
 
 def test_peft_written_lora_loads_into_jaxpref(pipe, world, tmp_path):
