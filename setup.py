@@ -31,6 +31,6 @@ setup(
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel the CI machines carry; an unpinned torch pulls GBs of CUDA.
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "peft", "nbclient", "nbformat", "ipykernel", "matplotlib"],
     },
 )

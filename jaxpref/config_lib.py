@@ -15,7 +15,7 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
-from jaxpref import objectives, optim, sharding
+from jaxpref import lora, objectives, optim, sharding
 from jaxpref.methods import METHODS
 from jaxpref.methods.dro import EXPERT_TIMESTEPS, NEGATIVE_TARGETS
 from jaxpref.methods.smpo import INVERSIONS as SMPO_INVERSIONS
@@ -100,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
         name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0,
         warmup_steps=0, schedule="constant", decay_steps=1000))
     c.ema = ml_collections.ConfigDict(dict(enabled=False, max_decay=0.9999))
+    c.lora = ml_collections.ConfigDict(dict(
+        enabled=False, rank=4, alpha=4.0, target_modules=lora.DEFAULT_TARGETS, dropout=0.0, init_from=""))
 
     c.dpo = ml_collections.ConfigDict(dict(beta=5000.0))
     c.smpo = ml_collections.ConfigDict(dict(
@@ -159,6 +161,15 @@ KEY_HELP = {
     "optimizer.decay_steps": "updates (warmup included) over which cosine/linear decay to 0",
     "ema.enabled": "keep an EMA of the policy (checkpoints and the export then report the EMA)",
     "ema.max_decay": "cap of DRO's EMA decay min((1 + s) / (10 + s), max_decay)",
+    "lora.enabled": "train LoRA adapters on the frozen UNet instead of the whole UNet; the base (stored once, in "
+                    "reference_dtype) is also the reference; checkpoints and the optimizer hold adapters only",
+    "lora.rank": "r, the adapters' rank",
+    "lora.alpha": "α: the adapters add (α / r) · B A to each target kernel",
+    "lora.target_modules": "diffusers module names adapted (a module matches if its name ends with one), from "
+                           f"{lora.SUPPORTED_TARGETS}; default: every attention's to_q/to_k/to_v/to_out.0",
+    "lora.dropout": "dropout on a target layer's input to its LoRA branch (PEFT's lora_dropout), training only",
+    "lora.init_from": "start from a diffusers/PEFT LoRA file (pytorch_lora_weights.safetensors or its folder) "
+                      "instead of fresh adapters (A random, B = 0); '' = fresh",
     "dpo.beta": "DPO's β (KL weight; the loss uses β/2)",
     "smpo.beta": "SmPO's β",
     "smpo.gamma": "SmPO's γ scaling the smoothed preference 2p - 1",
@@ -301,6 +312,8 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
         if config.smpo.reward_max <= config.smpo.reward_min:
             _fail("smpo.reward_max", config.smpo.reward_max, "must exceed smpo.reward_min")
         _check_smpo_inversion(config.smpo)
+    if config.lora.enabled:
+        _check_lora(config)
     if config.data.name not in DATASETS:
         _fail("data.name", config.data.name, f"supported {DATASETS}")
     for pattern, rule in config.sharding_rules:
@@ -323,6 +336,22 @@ def _check_attention(config):
     if config.attention == "cudnn" and config.dtype != "bfloat16":
         _fail("attention", "cudnn", f"cuDNN flash attention runs in bf16; set config.dtype='bfloat16' (is "
                                     f"{config.dtype!r}) or use 'auto'")
+
+
+def _check_lora(config):
+    c = config.lora
+    if not isinstance(c.rank, int) or c.rank < 1:
+        _fail("lora.rank", c.rank, "a rank >= 1")
+    if c.alpha <= 0:
+        _fail("lora.alpha", c.alpha, "a positive scale numerator (α; the update is α / r · B A)")
+    if not 0.0 <= c.dropout < 1.0:
+        _fail("lora.dropout", c.dropout, "a probability in [0, 1)")
+    unknown = [t for t in c.target_modules if t not in lora.SUPPORTED_TARGETS]
+    if not c.target_modules or unknown:
+        _fail("lora.target_modules", tuple(c.target_modules), f"choose from {lora.SUPPORTED_TARGETS}")
+    if config.reference_path:
+        _fail("reference_path", config.reference_path,
+              "with config.lora.enabled the frozen base UNet is the reference; leave reference_path empty")
 
 
 def _check_smpo_inversion(s):
@@ -353,6 +382,9 @@ def _check_paths(config):
     if config.vae_path and not os.path.isfile(os.path.join(config.vae_path, "config.json")):
         _fail("vae_path", config.vae_path, "not a diffusers VAE folder (config.json missing); leave empty to use "
                                            "model_path's vae/")
+    if config.lora.enabled and config.lora.init_from and not os.path.exists(config.lora.init_from):
+        _fail("lora.init_from", config.lora.init_from, "no such file or folder (a diffusers LoRA: "
+                                                      "pytorch_lora_weights.safetensors or the folder holding it)")
     for key in ("cache_dir", "scores_dir", "experts_dir"):
         if config.data[key] and not os.path.isdir(os.path.expanduser(config.data[key])):
             _fail(f"data.{key}", config.data[key], "not a folder")

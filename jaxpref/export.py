@@ -12,6 +12,15 @@ so results leave this repo in the format everyone else evaluates. ``--checkpoint
   ``jaxpref.checkpoint.load_policy_params(workdir, unet_shapes, use_ema=True)`` (EMA weights by default,
   as DRO's checkpoints hold); needs --base (the model the run started from).
 
+- a LoRA run's workdir (config.json has lora.enabled): its checkpoint holds adapters only; the export writes
+  ``OUT/pytorch_lora_weights.safetensors`` (PEFT key names, r and α in the header's metadata) that
+  ``diffusers.StableDiffusionPipeline.load_lora_weights(OUT)`` loads onto the base; ``--merge`` writes a full
+  pipeline folder with W + (α/r)·B A in the kernels instead;
+- a diffusers/PEFT LoRA (``pytorch_lora_weights.safetensors`` or its folder): with ``--merge``, the merged pipeline.
+
+    python -m jaxpref.export --checkpoint=LORA_WORKDIR --base=/models/sd15 --out=/models/dpo-sd15-lora
+    python -m jaxpref.export --checkpoint=LORA_WORKDIR --base=/models/sd15 --out=/models/dpo-sd15-merged --merge
+
 A fine-tune never changes the UNet's shapes, so a policy whose params do not match the base UNet's
 (another architecture, e.g. an SDXL UNet against an SD1.5 base) fails before anything is written.
 """
@@ -26,20 +35,24 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from jaxpref import checkpoint as checkpoint_lib
+from jaxpref import checkpoint as checkpoint_lib, lora
 from jaxpref.models import pipeline as pipeline_lib, unet as unet_lib, weights
 
-KINDS = ("pipeline", "unet", "workdir")
+KINDS = ("pipeline", "unet", "workdir", "lora")
 
 
 def checkpoint_kind(path: str) -> str:
-    """'pipeline' | 'unet' | 'workdir' for a --checkpoint path; ValueError naming what was expected."""
+    """'pipeline' | 'unet' | 'workdir' | 'lora' for a --checkpoint path; ValueError naming what was expected."""
+    if os.path.isfile(path) and path.endswith(".safetensors") or os.path.isfile(os.path.join(path, lora.WEIGHT_NAME)):
+        return "lora"
     if not os.path.isdir(path):
         raise ValueError(f"{path}: no such checkpoint folder; expected a diffusers pipeline folder (model_index.json), "
                          "a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors) or a training "
                          "workdir (checkpoints/)")
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return "pipeline"
+    if os.path.isdir(os.path.join(path, "checkpoints")):  # before config.json: a workdir has its run's config.json
+        return "workdir"
     if os.path.isfile(os.path.join(path, "config.json")):
         config = weights.read_config(path)
         if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
@@ -77,6 +90,40 @@ def _policy_from_workdir(workdir: str, unet_shapes: Any, use_ema: bool):
     return load(workdir, unet_shapes, use_ema=use_ema)
 
 
+def lora_run_config(workdir: str) -> dict | None:
+    """A training workdir's ``lora`` config (from its config.json) when the run trained LoRA adapters, else None."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        cfg = json.load(f).get("lora") or {}
+    return cfg if cfg.get("enabled") else None
+
+
+def load_adapters(checkpoint: str, kind: str, unet_shapes: Any, use_ema: bool = True):
+    """(adapters, rank, alpha) of a LoRA checkpoint (a LoRA run's workdir or a diffusers LoRA file), or None."""
+    if kind == "lora":
+        return lora.load_diffusers_lora(checkpoint, unet_shapes)
+    cfg = lora_run_config(checkpoint) if kind == "workdir" else None
+    if cfg is None:
+        return None
+    adapters = _policy_from_workdir(checkpoint, None, use_ema)
+    want = jax.eval_shape(lambda p: lora.init_adapters(jax.random.PRNGKey(0), p, _Lora(**cfg)), unet_shapes)
+    check_same_architecture(adapters, want, checkpoint, "its config.json's lora settings on the base")
+    return adapters, int(cfg["rank"]), float(cfg["alpha"])
+
+
+@dataclasses.dataclass
+class _Lora:
+    """The lora section of a run's config.json, attribute-style (as ``lora.init_adapters`` reads it)."""
+    enabled: bool = True
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: tuple = lora.DEFAULT_TARGETS
+    dropout: float = 0.0
+    init_from: str = ""
+
+
 def load_trained(checkpoint: Optional[str], base: Optional[str], *, dtype=jnp.float32,
                  use_ema: bool = True) -> tuple[pipeline_lib.SDPipeline, Any]:
     """(pipeline with the policy's UNet module, policy UNet params) for a --checkpoint (module docstring).
@@ -91,6 +138,11 @@ def load_trained(checkpoint: Optional[str], base: Optional[str], *, dtype=jnp.fl
     pipe = pipeline_lib.load_pipeline(base, dtype)
     if kind is None:
         return pipe, pipe.unet_params
+    if kind in ("workdir", "lora"):
+        found = load_adapters(checkpoint, kind, pipe.unet_params, use_ema)
+        if found is not None:
+            adapters, rank, alpha = found
+            return pipe, jax.device_get(lora.merge(pipe.unet_params, adapters, alpha / rank))
     if kind == "workdir":
         params = _policy_from_workdir(checkpoint, unet_lib.unet_param_shapes(pipe.unet), use_ema)
         check_same_architecture(params, pipe.unet_params, checkpoint, base)
@@ -104,10 +156,20 @@ def load_trained(checkpoint: Optional[str], base: Optional[str], *, dtype=jnp.fl
 
 
 def export(checkpoint: Optional[str], out: str, base: Optional[str] = None, *, use_ema: bool = True,
-           overwrite: bool = False) -> str:
-    """Writes the diffusers pipeline folder ``out`` (fp32 safetensors) and returns it."""
+           overwrite: bool = False, merge: bool = False) -> str:
+    """Writes the diffusers pipeline folder ``out`` (fp32 safetensors) and returns it; for a LoRA run without
+    ``merge``, ``out/pytorch_lora_weights.safetensors`` (the adapters) instead."""
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty; choose a new --out or pass --overwrite")
+    kind = checkpoint_kind(checkpoint) if checkpoint else None
+    if kind == "lora" and not merge:
+        raise ValueError(f"{checkpoint}: already a diffusers LoRA; pass --merge to write the merged pipeline")
+    if kind == "workdir" and not merge and lora_run_config(checkpoint) is not None:
+        if base is None:
+            raise ValueError(f"{checkpoint}: a LoRA run's adapters need the base model folder (--base) they apply to")
+        shapes = unet_lib.unet_param_shapes(weights.read_config(os.path.join(base, "unet")))
+        adapters, rank, alpha = load_adapters(checkpoint, kind, shapes, use_ema)
+        return lora.save_diffusers_lora(out, adapters, rank, alpha)
     pipe, params = load_trained(checkpoint, base, use_ema=use_ema)
     pipeline_lib.save_pipeline(out, pipe, unet_params=params)
     return out
@@ -116,18 +178,25 @@ def export(checkpoint: Optional[str], out: str, base: Optional[str] = None, *, u
 def main(argv) -> None:
     del argv
     f = flags.FLAGS
-    path = export(f.checkpoint, f.out, f.base, use_ema=f.use_ema, overwrite=f.overwrite)
-    with open(os.path.join(path, "model_index.json")) as index:
-        kind = json.load(index)["_class_name"]
-    print(f"exported {f.checkpoint} -> {path} (diffusers {kind})", flush=True)
+    path = export(f.checkpoint, f.out, f.base, use_ema=f.use_ema, overwrite=f.overwrite, merge=f.merge)
+    if path.endswith(".safetensors"):
+        what = "diffusers LoRA: pipe.load_lora_weights"
+    else:
+        with open(os.path.join(path, "model_index.json")) as index:
+            what = "diffusers " + json.load(index)["_class_name"]
+    print(f"exported {f.checkpoint} -> {path} ({what})", flush=True)
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("checkpoint", None, "pipeline folder, UNet folder or training workdir", required=True)
-    flags.DEFINE_string("out", None, "output diffusers pipeline folder", required=True)
+    flags.DEFINE_string("checkpoint", None, "pipeline folder, UNet folder, training workdir (full or LoRA) or a "
+                                            "diffusers LoRA file", required=True)
+    flags.DEFINE_string("out", None, "output folder (a diffusers pipeline, or a LoRA run's adapters file)",
+                        required=True)
     flags.DEFINE_string("base", None, "base diffusers SD folder (VAE, text encoder, tokenizer, scheduler)")
     flags.DEFINE_bool("use_ema", True, "training workdirs: export the EMA params (False: the raw params)")
     flags.DEFINE_bool("overwrite", False, "write into a non-empty --out")
+    flags.DEFINE_bool("merge", False, "LoRA checkpoints: write the merged pipeline (W + α/r·BA) instead of the "
+                                      "adapters file")
 
 
 if __name__ == "__main__":

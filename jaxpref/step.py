@@ -13,6 +13,8 @@ Batch layout (leading axis: pairs of the whole update, ``config.batch_size`` of 
   time_ids       [B, 2, 6] / [B, 6] SDXL only, optional: each image's (original size, crop top-left, target
                                     size); without it every image gets (res, res, 0, 0, res, res)
 ``frozen`` holds what never trains: ``{'ref': reference UNet params, 'text': text encoder params}``.
+With ``config.lora`` the state's params are the adapters, the method sees the policy
+``lora.LoraParams(base=frozen['ref'], adapters)``, and the gradient, the optimizer and EMA touch adapters only.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxpref import optim
+from jaxpref import lora, optim
 from jaxpref.methods.base import Method, pair_keys, select
 
 
@@ -62,6 +64,16 @@ def split_micro_batches(batch, num_micro: int):
     return jax.tree_util.tree_map(split, batch)
 
 
+LORA_DROPOUT = 7  # fold_in tag of the micro-batch rng for LoRA dropout (the methods use 0..4)
+
+
+def policy_params(config, params, frozen, rng):
+    """The UNet params a method's loss sees: ``params`` itself, or with LoRA the base + these adapters."""
+    if not config.lora.enabled:
+        return params
+    return lora.policy(params, frozen["ref"], config.lora, jax.random.fold_in(rng, LORA_DROPOUT))
+
+
 def make_train_step(config, method: Method, optimizer: optax.GradientTransformation,
                     learning_rate: Callable | None = None):
     """Returns the pure ``train_step(state, batch, rng, frozen) -> (state, metrics)``."""
@@ -73,7 +85,8 @@ def make_train_step(config, method: Method, optimizer: optax.GradientTransformat
             micro, index = xs
             micro_rng = jax.random.fold_in(rng, index)
             method_state = method.begin_micro_step(method_state, state.params, state.step * num_micro + index)
-            grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+            loss_fn = lambda p, *args: method.loss(policy_params(config, p, frozen, micro_rng), *args)
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
             (loss, (metrics, method_state)), g = grad_fn(state.params, frozen, micro, micro_rng, method_state)
             grads = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32) / num_micro, grads, g)
             return (grads, method_state), dict(metrics, loss=loss)

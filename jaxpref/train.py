@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from jaxpref import checkpoint as checkpoint_lib
-from jaxpref import config_lib, sharding, trainer
+from jaxpref import config_lib, lora, sharding, trainer
 from jaxpref import evaluate as evaluate_lib
 from jaxpref.data import feed as feed_lib
 from jaxpref.models import save_unet
@@ -314,10 +314,10 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None) -> dict:
                     jax.block_until_ready(state)
                     side_start = time.perf_counter()
                     if sample:
-                        evaluate_lib.save_samples(run, _policy(state),
+                        evaluate_lib.save_samples(run, _policy(run, state),
                                                   os.path.join(workdir, "samples", f"step_{step:06d}.png"))
                     if evaluation:
-                        writer.write(step, evaluate_lib.evaluate_run(run, _policy(state), None, mesh=mesh),
+                        writer.write(step, evaluate_lib.evaluate_run(run, _policy(run, state), None, mesh=mesh),
                                      prefix="eval/")
                     side_seconds += time.perf_counter() - side_start
         streak.flush()
@@ -359,15 +359,28 @@ def _agreed(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
-def _policy(state):
-    """The weights a run reports and exports: EMA when kept (DRO's checkpoints hold EMA), else φ."""
+def _trained(state):
+    """The trained params a run reports and exports: EMA when kept (DRO's checkpoints hold EMA), else φ."""
     return state.ema_params if state.ema_params is not None else state.params
+
+
+def _policy(run, state):
+    """The policy's UNet params (with LoRA: the adapters merged into the base)."""
+    if not run.config.lora.enabled:
+        return _trained(state)
+    return lora.merge(run.pipeline.unet_params, _trained(state), lora.scale(run.config.lora))
 
 
 def _finish(run, state, workdir, writer, mesh) -> dict:
     """Exports the trained UNet, evaluates base vs trained on held-out prompts, writes a before/after grid."""
     out = {}
-    policy = sharding.host_params(_policy(state))
+    trained = sharding.host_params(_trained(state))
+    policy = trained
+    if run.config.lora.enabled:
+        policy = jax.device_get(lora.merge(run.pipeline.unet_params, trained, lora.scale(run.config.lora)))
+        if _is_main():
+            out["exported_lora"] = lora.save_diffusers_lora(os.path.join(workdir, "export"), trained,
+                                                            run.config.lora.rank, run.config.lora.alpha)
     if run.config.checkpoint.export_unet and _is_main():
         save_unet(os.path.join(workdir, "export", "unet"), run.pipeline.unet.clone(remat=False), policy)
         out["exported_unet"] = os.path.join(workdir, "export", "unet")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref import config_lib, diffusion, optim, sharding, step as step_lib
+from jaxpref import config_lib, diffusion, lora, optim, sharding, step as step_lib
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.methods import Method, get_method
 from jaxpref.models import conditioning, pipeline as pipeline_lib
@@ -87,11 +87,27 @@ def _load_reference(config, pipeline):
 
 def frozen_params(run: Run) -> dict:
     """What the step reads but never trains: the reference UNet (in config.reference_dtype) and the
-    text encoder. The reference defaults to the policy's starting weights."""
+    text encoder. The reference defaults to the policy's starting weights; with LoRA it is also the base
+    the adapters apply to (one copy)."""
     ref = run.pipeline.unet_params if run.reference_params is None else run.reference_params
     ref_dtype = config_lib.DTYPES[run.config.reference_dtype]
     return {"ref": jax.tree_util.tree_map(lambda p: jnp.asarray(p, ref_dtype), ref),
             "text": run.pipeline.text_encoder_params}
+
+
+def start_params(run: Run):
+    """What the trained params start from: the UNet (full fine-tune) or, with ``config.lora``, the adapters
+    (fresh, or a diffusers LoRA file's)."""
+    if not run.config.lora.enabled:
+        return run.pipeline.unet_params
+    return lora.initial_adapters(run.config.lora, run.pipeline.unet_params, run.config.seed)
+
+
+def _start_shapes(run: Run):
+    if not run.config.lora.enabled:
+        return run.pipeline.unet_params
+    return jax.eval_shape(lambda p: lora.init_adapters(jax.random.PRNGKey(0), p, run.config.lora),
+                          run.pipeline.unet_params)
 
 
 def _init_fn(run: Run):
@@ -111,7 +127,7 @@ def frozen_shardings(run: Run, mesh, frozen):
 
 def abstract_state(run: Run, mesh):
     """(state shapes, state shardings) from ``jax.eval_shape``: no weights are read or allocated."""
-    shapes = jax.eval_shape(_init_fn(run), run.pipeline.unet_params)
+    shapes = jax.eval_shape(_init_fn(run), _start_shapes(run))
     return shapes, state_shardings(mesh, shapes, run.config, run.method)
 
 
@@ -119,7 +135,7 @@ def init_state(run: Run, mesh):
     """The initial TrainState, born sharded (jit with the abstract state's out-shardings). Returns
     (state, shapes, shardings)."""
     shapes, shardings = abstract_state(run, mesh)
-    state = jax.jit(_init_fn(run), out_shardings=shardings)(run.pipeline.unet_params)
+    state = jax.jit(_init_fn(run), out_shardings=shardings)(start_params(run))
     return state, shapes, shardings
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref import objectives
+from jaxpref import lora, objectives
 from jaxpref.models import conditioning
 
 # Per-pair randomness: each pair draws from its own key (fold_in(step rng, pair index)), so a pair's t,
@@ -119,12 +119,14 @@ class Method:
     # -- Pieces the methods share.
     def eps(self, params, x, t, text):
         """ε(x, t, c) in the module's compute dtype, returned as fp32. x: [B, h, w, c], t: [B]; text: the
-        conditioning pytree (``jaxpref.models.conditioning``)."""
-        return conditioning.apply_unet(self.unet, params, x, t, text).astype(jnp.float32)
+        conditioning pytree (``jaxpref.models.conditioning``). ``params``: a UNet param tree or a LoRA policy
+        (``lora.LoraParams``)."""
+        args, kwargs = conditioning.unet_inputs(text)
+        return lora.apply(self.unet, params, x, t, *args, **kwargs).astype(jnp.float32)
 
     def eps_fn(self, params):
         """A no-gradient ``eps_fn(x, t, cond)`` for the samplers and inversion in ``jaxpref.diffusion``."""
-        params = jax.lax.stop_gradient(params)
+        params = lora.without_dropout(jax.lax.stop_gradient(params))
         return lambda x, t, cond: self.eps(params, x, t, cond)
 
     def errors(self, params, ref_params, x, t, text, target):

@@ -24,7 +24,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from jaxpref import diffusion, objectives
+from jaxpref import diffusion, lora, objectives
 from jaxpref.methods.base import NOISE, START, Method, draw, select, stack
 
 EXPERT_TIMESTEPS = ("shared", "independent")  # "shared": expert noised at the negative's t_k (reference code)
@@ -94,7 +94,8 @@ class DRO(Method):
         return DROState(negatives=buffer, sampler=params if cfg.refresh_every > 0 else None)
 
     def begin_micro_step(self, state: DROState, params, micro_count) -> DROState:
-        """θ <- φ every ``refresh_every`` micro-steps (a stale sampling copy in between)."""
+        """θ <- φ every ``refresh_every`` micro-steps (a stale sampling copy in between; with LoRA a copy of
+        the adapters, run on the shared base)."""
         every = self.config.dro.refresh_every
         if every <= 0:
             return state
@@ -102,7 +103,7 @@ class DRO(Method):
 
     def loss(self, params, frozen, micro, rng, state: DROState):
         cfg = self.config.dro
-        sampler = params if state.sampler is None else state.sampler
+        sampler = params if state.sampler is None else lora.with_trainable(params, state.sampler)
         k_gen, k_pick = jax.random.split(rng)
         text = self.captions(frozen, micro)
         x0 = self.latents(micro)

@@ -121,12 +121,19 @@ def unconditional(text_encoder, text_params, null_ids, cond: Cond) -> Cond:
     return with_time_ids(emb, cond["time_ids"]) if is_sdxl(cond) else emb
 
 
+def unet_inputs(cond: Cond) -> tuple[tuple, dict]:
+    """The UNet's conditioning arguments after (x, t): (context,) for SD; SDXL's context plus
+    ``added_cond_kwargs`` (text_embeds, time_ids)."""
+    if is_sdxl(cond):
+        return (cond["context"],), {"added_cond_kwargs": {"text_embeds": cond["text_embeds"],
+                                                          "time_ids": cond["time_ids"]}}
+    return (cond,), {}
+
+
 def apply_unet(unet, params, x, t, cond: Cond):
     """ε(x, t, cond): the UNet call for either conditioning form. x: [B, h, w, c], t: [B]."""
-    if is_sdxl(cond):
-        return unet.apply({"params": params}, x, t, cond["context"],
-                          added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]})
-    return unet.apply({"params": params}, x, t, cond)
+    args, kwargs = unet_inputs(cond)
+    return unet.apply({"params": params}, x, t, *args, **kwargs)
 
 
 def cond_shapes(text_encoder, length: int, cross_attention_dim: int) -> Any:
