@@ -78,7 +78,8 @@ def test_auto_picks_by_platform_dtype_and_length():
     long = jnp.zeros((1, 1024, 2, 40), jnp.bfloat16)
     assert attention.resolve("auto", short, short, "cpu") == "xla"
     assert attention.resolve("auto", long, long, "cpu") == "chunked"
-    assert attention.resolve("auto", long, long, "tpu") == "chunked"
+    assert attention.resolve("auto", long, long, "tpu") == "pallas_tpu"
+    assert attention.resolve("auto", short, short, "tpu") == "pallas_tpu"
     assert attention.resolve("auto", long, long, "gpu") == "cudnn"
     assert attention.resolve("auto", long.astype(jnp.float32), long, "gpu") == "chunked"  # cuDNN: bf16/fp16 only
     odd = jnp.zeros((1, 64, 2, 36), jnp.bfloat16)  # head dim not a multiple of 8
@@ -86,13 +87,13 @@ def test_auto_picks_by_platform_dtype_and_length():
     assert attention.resolve("xla", long, long, "gpu") == "xla"
 
 
-def test_unknown_or_unbuilt_backends_are_refused():
+def test_unknown_or_misplaced_backends_are_refused():
     q = jnp.zeros((1, 4, 1, 8))
     with pytest.raises(ValueError, match="supported"):
         attention.dot_product_attention(q, q, q, "flash")
-    with pytest.raises(ValueError, match="not implemented yet"):
-        attention.dot_product_attention(q, q, q, "pallas_tpu")
     if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="needs a TPU"):
+            attention.dot_product_attention(q, q, q, "pallas_tpu")
         with pytest.raises(ValueError, match="needs a GPU"):
             attention.dot_product_attention(q, q, q, "cudnn")
 
@@ -106,10 +107,11 @@ def _config():
 def test_config_validation_names_the_attention_key():
     c = _config()
     assert c.attention == "auto"
-    for value, why in (("flash", "supported"), ("pallas_tpu", "not implemented yet")):
-        c.attention = value
-        with pytest.raises(ValueError, match=rf"config\.attention='{value}'.*{why}"):
-            config_lib.validate(c, check_paths=False)
+    c.attention = "flash"
+    with pytest.raises(ValueError, match=r"config\.attention='flash'.*supported"):
+        config_lib.validate(c, check_paths=False)
+    c.attention = "pallas_tpu"  # valid: a CPU host compiles it for TPU (python -m jaxpref.aot)
+    config_lib.validate(c, check_paths=False)
     c.attention, c.dtype = "cudnn", "float32"
     with pytest.raises(ValueError, match=r"config\.attention='cudnn'.*bfloat16"):
         config_lib.validate(c, check_paths=False)
