@@ -270,7 +270,8 @@ def format_report(r: dict) -> str:
                   *("    " + line for line in r["compiler_message"].splitlines()[:40])]
     else:
         m = r["memory"]
-        lines += [f"  {'temporaries':<22}{gib(m['temp'])}",
+        lines += [f"  {'arguments (compiler)':<22}{gib(m['argument'])}   (TPU layout: small arrays padded to tiles)",
+                  f"  {'temporaries':<22}{gib(m['temp'])}",
                   f"  {'outputs - donated':<22}{gib(m['output'] - m['alias'])}",
                   f"  {'generated code':<22}{gib(m['generated_code'])}",
                   f"  {'total':<22}{gib(m['total'])}   of {gib(hbm) if hbm else 'unknown'} HBM",

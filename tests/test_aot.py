@@ -31,8 +31,9 @@ def test_tiny_dpo_step_fits_v5e_8(tmp_path):
     assert r["pairs_per_chip"] == 2 and r["mesh"] == {"data": 8, "fsdp": 1}
     m = r["memory"]
     assert 0 < m["temp"] < GIB and m["total"] >= m["argument"] + m["temp"] - m["alias"]
-    # Arguments per chip from the shardings; the compiler's own count agrees (replicated params: 8 chips each).
-    assert abs(sum(r["arguments"].values()) - m["argument"]) <= 0.01 * m["argument"] + 4096
+    # Arguments per chip from the shardings (replicated on data=8) vs the compiler's count, which lays small
+    # arrays out in (8, 128) tiles: at the tiny model's 32-wide layers that is up to ~2x, never less.
+    assert sum(r["arguments"].values()) <= m["argument"] <= 3 * sum(r["arguments"].values())
     assert r["flops_per_chip"] > 0
 
 
@@ -78,3 +79,21 @@ def test_sd15_params_and_optimizer_per_chip_scale_as_one_over_fsdp():
     assert per_chip[1] == pytest.approx(3 * 859_520_964 * 4, rel=0.01)  # fp32 params, Adam's mu and nu
     for n in (2, 4, 8):
         assert per_chip[n] * n == pytest.approx(per_chip[1], rel=0.10)
+
+
+def test_the_pod_launcher_refuses_a_config_that_does_not_fit(tmp_path):
+    """launch/tpu_pod.sh runs the aot check first: DOES NOT FIT -> exit 1 and gcloud never called;
+    SKIP_FIT_CHECK=1 goes straight to gcloud."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "gcloud_calls"
+    (bin_dir / "gcloud").write_text(f"#!/usr/bin/env bash\necho \"$@\" >> {calls}\n")
+    (bin_dir / "gcloud").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=ROOT, TPU_NAME="pod", ZONE="z",
+               WORKDIR="gs://b/run", TOPOLOGY="v5e:2x4", CONFIG="configs/tiny.py:dpo", EXTRA="--config.batch_size=80000000")
+    script = os.path.join(ROOT, "launch", "tpu_pod.sh")
+    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 1 and "DOES NOT FIT" in p.stdout and "not launching" in p.stderr
+    assert not calls.exists()
+    p = subprocess.run(["bash", script], env=dict(env, SKIP_FIT_CHECK="1"), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "jaxpref.train --config=configs/tiny.py:dpo" in calls.read_text()
