@@ -199,13 +199,13 @@ def check(config, topology: str, top: int = 10) -> dict:
               "mesh": dict(program.mesh.shape), "batch_size": c.batch_size, "grad_accum": c.grad_accum,
               "pairs_per_chip": c.batch_size // c.grad_accum // chips, "dtype": c.dtype, "remat": c.remat,
               "attention": c.attention, "arguments": program.argument_bytes(), "jax": jax.__version__}
+    if hbm is not None and sum(report["arguments"].values()) > hbm:  # no compile can make it fit: say so now
+        report.update(compile_seconds=None, fits=False, compiler_refused=False, arguments_exceed_hbm=True,
+                      uses_pallas_attention=None)
+        return report
     start = time.perf_counter()
     lowered = program.lower()
     report["uses_pallas_attention"] = "tpu_custom_call" in lowered.as_text()
-    if hbm is not None and sum(report["arguments"].values()) > hbm:  # no compile can make it fit: say so now
-        report.update(compile_seconds=time.perf_counter() - start, fits=False, compiler_refused=False,
-                      arguments_exceed_hbm=True)
-        return report
     try:
         compiled = lowered.compile()
     except Exception as e:  # the TPU compiler refuses a program whose buffers exceed HBM
@@ -253,12 +253,15 @@ def largest_buffers(hlo_text: str, top: int = 10) -> list[dict]:
     return sorted(rows.values(), key=lambda r: -r["bytes"])[:top]
 
 
+_KERNEL_NOTE = {True: "Pallas TPU kernel", False: "no Pallas kernel", None: "not lowered"}
+
+
 def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GIB:8.3f} GiB"  # noqa: E731
     lines = [f"{r['objective']} on {r['topology']} ({r['chips']} x {r['device_kind']}, {r['hosts']} host(s)), "
              f"mesh {r['mesh']}, {r['pairs_per_chip']} pairs/chip per micro-batch (batch_size {r['batch_size']}, "
              f"grad_accum {r['grad_accum']}), {r['dtype']}, remat={r['remat']}, attention={r['attention']} "
-             f"({'Pallas TPU kernel' if r['uses_pallas_attention'] else 'no Pallas kernel'}), model: {r['model']}",
+             f"({_KERNEL_NOTE[r['uses_pallas_attention']]}), model: {r['model']}",
              "per chip:"]
     lines += [f"  {name:<22}{gib(b)}" for name, b in r["arguments"].items()]
     lines.append(f"  {'arguments (all)':<22}{gib(sum(r['arguments'].values()))}")
@@ -278,7 +281,8 @@ def format_report(r: dict) -> str:
                   f"  compiler FLOPs per chip per step: {r['flops_per_chip']:.4g} (loop bodies counted once)"]
         for b in r.get("largest_buffers", []):
             lines.append(f"    largest: {gib(b['bytes'])}  {b['shape']:<28} {b['op']}")
-    lines.append(f"lowered and compiled in {r['compile_seconds']:.0f} s: {'FITS' if r['fits'] else 'DOES NOT FIT'}")
+    how = "not compiled" if r["compile_seconds"] is None else f"lowered and compiled in {r['compile_seconds']:.0f} s"
+    lines.append(f"{how}: {'FITS' if r['fits'] else 'DOES NOT FIT'}")
     return "\n".join(lines)
 
 
