@@ -23,6 +23,11 @@ def get_config():
     c.objective = "dpo"
     c.model_path = "/path/to/stable-diffusion-v1-5"
     c.dtype = "bfloat16"
+    # Sized for a TPU v5e-8 (16 GiB per chip; benchmarks/NOTES.md, python -m jaxpref.aot): params, AdamW state
+    # and reference split over every device (fsdp), each UNet block rematerialised, attention 'auto' (Pallas
+    # flash attention on TPU, cuDNN on GPU).
+    c.remat = True
+    c.mesh.update(data=1, fsdp=-1)
     c.batch_size = 2048
     c.grad_accum = 128
     c.total_steps = 2000

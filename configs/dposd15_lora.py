@@ -5,7 +5,7 @@ projections to_q/to_k/to_v/to_out.0 of every SD1.5 transformer block (1.59 M par
 loss (β = 5000) on Pick-a-Pic v2 pairs; the frozen base UNet is stored once in bf16 and is also the
 reference. The settings follow the diffusers Diffusion-DPO LoRA example: AdamW lr 1e-5 constant, no warmup,
 32 pairs per update (2 per micro-batch x 16 micro-batches), 10,000 updates, remat, 512 px.
-Memory (benchmarks/NOTES.md §6): the state is 2.08 GiB (adapters + AdamW 0.018 GiB, bf16 base/reference
+Memory (benchmarks/NOTES.md §8): the state is 2.08 GiB (adapters + AdamW 0.018 GiB, bf16 base/reference
 1.60 GiB, text encoder 0.46 GiB) against 11.67 GiB for the full fine-tune. The compiled step (XLA:CPU memory
 analysis, no TPU measured) needs 15.4 GiB with 2 pairs per micro-batch (fits a 16 GiB chip) and 18.6 GiB
 with 4 (does not): keep ``batch_size / grad_accum`` at 2 on a 16 GiB chip.
@@ -35,7 +35,7 @@ def get_config():
     c.dtype = c.reference_dtype = "bfloat16"   # the frozen base/reference stored in bf16
     c.remat = True
     c.lora.update(enabled=True, rank=8, alpha=8.0)
-    c.batch_size, c.grad_accum = 32, 16       # 2 pairs per micro-batch: 15.4 GiB compiled (NOTES.md §6)
+    c.batch_size, c.grad_accum = 32, 16       # 2 pairs per micro-batch: 15.4 GiB compiled (NOTES.md §8)
     c.total_steps = 10000
     c.optimizer.update(name="adamw", lr=1e-5, weight_decay=1e-2, warmup_steps=0, schedule="constant",
                        grad_clip=1.0, decay_steps=10000)

@@ -29,6 +29,11 @@ def get_config():
     c.objective = "smpo"
     c.model_path = "/path/to/sd15-sft"
     c.dtype = "bfloat16"
+    # Sized for a TPU v5e-8 (16 GiB per chip; benchmarks/NOTES.md, python -m jaxpref.aot): params, AdamW state
+    # and reference split over every device (fsdp), each UNet block rematerialised, attention 'auto' (Pallas
+    # flash attention on TPU, cuDNN on GPU).
+    c.remat = True
+    c.mesh.update(data=1, fsdp=-1)
     c.batch_size = 1024
     c.grad_accum = 64
     c.total_steps = 200

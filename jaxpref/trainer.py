@@ -19,7 +19,7 @@ import numpy as np
 from jaxpref import config_lib, diffusion, lora, optim, sharding, step as step_lib
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.methods import Method, get_method
-from jaxpref.models import conditioning, pipeline as pipeline_lib
+from jaxpref.models import attention, conditioning, pipeline as pipeline_lib
 from jaxpref.models.unet import load_unet
 
 
@@ -140,8 +140,16 @@ def init_state(run: Run, mesh):
 
 
 def jit_train_step(run: Run, mesh, state_sharding, frozen_sharding, batch_shapes):
-    """``train_step(state, batch, rng, frozen)`` jitted with explicit shardings and a donated state."""
-    train_step = step_lib.make_train_step(run.config, run.method, run.optimizer, run.learning_rate)
+    """``train_step(state, batch, rng, frozen)`` jitted with explicit shardings and a donated state.
+
+    Traced under ``attention.use_mesh(mesh)``: the attention backend is the mesh's platform's (a TPU
+    topology's step compiled on a CPU host runs Pallas attention), sharded over its batch axes."""
+    step = step_lib.make_train_step(run.config, run.method, run.optimizer, run.learning_rate)
+
+    def train_step(*args):
+        with attention.use_mesh(mesh):
+            return step(*args)
+
     return jax.jit(
         train_step,
         in_shardings=(state_sharding, sharding.rows_sharding(mesh, batch_shapes), sharding.replicated(mesh),
@@ -151,11 +159,16 @@ def jit_train_step(run: Run, mesh, state_sharding, frozen_sharding, batch_shapes
     )
 
 
-def compile_train_step(run: Run, mesh, state, batch, frozen, rng=None):
-    """The train step compiled ahead of time for these arguments (arrays or ShapeDtypeStructs):
-    ``compiled(state, batch, rng, frozen) -> (state, metrics)``."""
+def lower_train_step(run: Run, mesh, state, batch, frozen, rng=None):
+    """The train step lowered for these arguments (arrays or ShapeDtypeStructs), not yet compiled."""
     state_shapes = jax.eval_shape(lambda s: s, state)
     step = jit_train_step(run, mesh, state_shardings(mesh, state_shapes, run.config, run.method), frozen_shardings(run, mesh, frozen),
                           jax.eval_shape(lambda b: b, batch))
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    return step.lower(state, batch, rng, frozen).compile()
+    return step.lower(state, batch, rng, frozen)
+
+
+def compile_train_step(run: Run, mesh, state, batch, frozen, rng=None):
+    """The train step compiled ahead of time for these arguments (arrays or ShapeDtypeStructs):
+    ``compiled(state, batch, rng, frozen) -> (state, metrics)``."""
+    return lower_train_step(run, mesh, state, batch, frozen, rng).compile()

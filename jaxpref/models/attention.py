@@ -8,22 +8,37 @@ sample and head, kept again for the backward pass. The backends here compute the
 - ``chunked``: pure JAX, query blocks in ``lax.map``, key blocks in ``lax.scan`` with an online softmax and
   fp32 accumulation; each query block is rematerialised in the backward pass, so memory is
   O(block × tokens) forward and backward, on any platform;
-- ``auto``: cuDNN where it supports the call, otherwise ``chunked`` for long sequences, ``xla`` for short ones.
+- ``pallas_tpu``: Pallas' TPU flash attention kernel (``jax.experimental.pallas.ops.tpu.flash_attention``),
+  run per device inside ``shard_map`` over the mesh's batch axes (heads unsharded). The kernel tiles the
+  head dim and the token axes by 128 lanes, so the head dim is zero-padded to a multiple of 128 (SD1.5's
+  40/80/160 -> 128/128/256, SDXL's 64 -> 128: exact, the scale stays 1/√H of the real dim) and the token
+  axes to a multiple of 128 (padded queries' rows dropped, padded keys masked by segment ids: SD's 77
+  text tokens are 128 keys, 51 masked);
+- ``auto``: ``pallas_tpu`` on TPU; cuDNN where it supports the call; otherwise ``chunked`` for long
+  sequences, ``xla`` for short ones.
+
+The platform (and, for ``pallas_tpu``, the mesh) is the one of ``use_mesh(mesh)`` while the step is traced
+(``trainer.jit_train_step`` sets it: a TPU step compiled ahead of time on a CPU host is a TPU step), else
+``jax.default_backend()``.
 
 Layout as ``jax.nn.dot_product_attention``: q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H].
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+from jax.sharding import PartitionSpec as P
 
-BACKENDS = ("auto", "xla", "cudnn", "chunked")
-# Named in the design but not built; selecting one is an error that says what to use instead.
-NOT_YET = {"pallas_tpu": "Pallas flash attention for TPU is not implemented yet; use 'auto' or 'chunked' "
-                         "(O(block × tokens) memory on TPU too)"}
+BACKENDS = ("auto", "xla", "cudnn", "chunked", "pallas_tpu")
+BATCH_AXES = ("data", "fsdp")  # jaxpref.sharding's mesh axes (not imported: sharding imports the models)
+TPU_LANES = 128  # the kernel's tile of the head dim and the token axes
+_MESH = contextvars.ContextVar("attention_mesh", default=None)
 
 Q_BLOCK = 512
 KV_BLOCK = 1024
@@ -37,11 +52,25 @@ _MASKED = -1e30  # a finite -inf: masked logits and the empty running max stay N
 
 def check_backend(name: str) -> str:
     """``name`` if it is a backend; ValueError saying what exists otherwise."""
-    if name in NOT_YET:
-        raise ValueError(f"attention backend {name!r}: {NOT_YET[name]}")
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; supported {BACKENDS}")
     return name
+
+
+@contextlib.contextmanager
+def use_mesh(mesh):
+    """Trace attention for ``mesh``: its platform decides ``auto``, ``pallas_tpu`` shards over its batch axes."""
+    token = _MESH.set(mesh)
+    try:
+        yield mesh
+    finally:
+        _MESH.reset(token)
+
+
+def target_platform() -> str:
+    """The platform being traced for: ``use_mesh``'s devices', else ``jax.default_backend()``."""
+    mesh = _MESH.get()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def resolve(backend: str, q, k, platform: str | None = None) -> str:
@@ -49,7 +78,9 @@ def resolve(backend: str, q, k, platform: str | None = None) -> str:
     check_backend(backend)
     if backend != "auto":
         return backend
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
+    if platform == "tpu":
+        return "pallas_tpu"
     if platform in ("gpu", "cuda") and cudnn_supports(q):
         return "cudnn"
     return "chunked" if q.shape[1] * k.shape[1] >= CHUNKED_FROM else "xla"
@@ -75,8 +106,13 @@ def dot_product_attention(q, k, v, backend: str = "xla"):
     backend = resolve(backend, q, k)
     if backend == "chunked":
         return chunked_attention(q, k, v, Q_BLOCK, KV_BLOCK)
-    if backend == "cudnn" and jax.default_backend() not in ("gpu", "cuda"):
-        raise ValueError(f"attention backend 'cudnn' needs a GPU, this process runs on {jax.default_backend()!r}; "
+    if backend == "pallas_tpu":
+        if target_platform() != "tpu":
+            raise ValueError(f"attention backend 'pallas_tpu' needs a TPU, this step is traced for "
+                             f"{target_platform()!r}; use 'auto', 'chunked' or 'xla'")
+        return pallas_tpu_attention(q, k, v)
+    if backend == "cudnn" and target_platform() not in ("gpu", "cuda"):
+        raise ValueError(f"attention backend 'cudnn' needs a GPU, this process runs on {target_platform()!r}; "
                          "use 'auto', 'chunked' or 'xla'")
     return jax.nn.dot_product_attention(q, k, v, implementation=backend)
 
@@ -131,3 +167,66 @@ def _query_block(q, k_blocks, v_blocks, valid, scale):
     xs = (k_blocks, v_blocks) if valid is None else (k_blocks, v_blocks, valid)
     (_, l, acc), _ = lax.scan(step, init, xs)
     return jnp.swapaxes(acc / l[..., None], 1, 2).astype(v_blocks.dtype)
+
+
+def pallas_tpu_attention(q, k, v, kernel=None):
+    """Pallas TPU flash attention, per device over ``use_mesh``'s batch axes (whole batch without a mesh).
+
+    ``kernel(q, k, v, segment_ids, scale)`` on [B, N, T, H] (default: the Pallas kernel; tests pass dense
+    attention to check the layout, padding and sharding on CPU). The batch is split over the longest
+    prefix of (data, fsdp) whose size divides it; a batch no split divides runs whole on every device.
+    """
+    kernel = kernel or _tpu_flash_kernel
+    attend = functools.partial(_padded_attention, kernel=kernel, scale=q.shape[-1] ** -0.5)
+    mesh = _MESH.get()
+    axes = _batch_axes(mesh, q.shape[0]) if mesh is not None else ()
+    if not axes:
+        return attend(q, k, v)
+    spec = P(axes)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _batch_axes(mesh, batch: int) -> tuple:
+    """The longest prefix of the mesh's batch axes (size > 1) whose product divides ``batch``."""
+    axes, size = [], 1
+    for name in (a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1):
+        if batch % (size * mesh.shape[name]):
+            break
+        axes.append(name)
+        size *= mesh.shape[name]
+    return tuple(axes)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _padded_attention(q, k, v, kernel, scale):
+    """[B, T, N, H] -> the kernel's [B, N, T', H'] with T', S', H' multiples of 128 -> [B, T, N, H]."""
+    b, t, _, h = q.shape
+    s = k.shape[1]
+    tp, sp, hp = _round_up(t, TPU_LANES), _round_up(s, TPU_LANES), _round_up(h, TPU_LANES)
+
+    def layout(x, length):
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, hp - h)))
+        return jnp.swapaxes(x, 1, 2)
+
+    segment_ids = None
+    if sp != s:  # padded keys: segment 0, every query and real key: segment 1
+        segment_ids = tpu_flash.SegmentIds(q=jnp.ones((b, tp), jnp.int32),
+                                           kv=jnp.broadcast_to((jnp.arange(sp) < s).astype(jnp.int32), (b, sp)))
+    out = kernel(layout(q, tp), layout(k, sp), layout(v, sp), segment_ids, scale)
+    return jnp.swapaxes(out, 1, 2)[:, :t, :, :h]
+
+
+def _block(length: int) -> int:
+    """The largest of 512/256/128 that divides ``length`` (a multiple of 128)."""
+    return next(b for b in (512, 256, 128) if length % b == 0)
+
+
+def _tpu_flash_kernel(q, k, v, segment_ids, scale):
+    bq, bk = _block(q.shape[2]), _block(k.shape[2])
+    blocks = tpu_flash.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
+                                  block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
+                                  block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
+    return tpu_flash.flash_attention(q, k, v, segment_ids=segment_ids, sm_scale=scale, block_sizes=blocks)

@@ -1,0 +1,326 @@
+"""Does a config fit a TPU pod? ``python -m jaxpref.aot --config=configs/drosd15.py --topology=v5e:2x4``.
+
+Compiles, on this host (a CPU machine is enough, with the ``[tpu]`` extra: ``pip install -e '.[tpu]'``),
+exactly the train step ``jaxpref.train`` would run on that pod slice: the config's mesh over the
+topology's abstract devices (``jax.experimental.topologies``), the state and shardings of
+``trainer.abstract_state``, the step of ``trainer.jit_train_step`` (DRO's generation and SmPO's inversion
+run inside it). No weights are read: the architecture comes from ``model_path``'s config.json files when it
+is a folder, else it is SD1.5's (``jaxpref.models.presets``). Prints, per chip: argument bytes (params,
+optimizer, other state, reference + text encoder, batch), the compiler's temporaries, the total against
+the chip's HBM, FITS or DOES NOT FIT (exit 1), the compiler's FLOPs, and the largest buffers when it does
+not fit. Multi-host topologies (v5e:4x4, v4:2x2x4) compile the same way: all hosts' devices in one program.
+
+  python -m jaxpref.aot --config=configs/drosd15.py --topology=v5e:2x4 --pairs_per_chip=4 --json fit.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from jax.experimental import topologies
+from ml_collections import config_flags
+
+from jaxpref import config_lib, sharding, trainer
+from jaxpref.models import clip, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
+from jaxpref.models.presets import SD15_SCHEDULER, SD15_TEXT, SD15_UNET
+
+GIB = 2 ** 30
+# HBM per device JAX sees by ``device_kind``: a chip (v4 and v5p: both TensorCores, megacore), a core on v2/v3.
+HBM_BYTES = {"TPU v2": 8 * GIB, "TPU v3": 16 * GIB, "TPU v4": 32 * GIB, "TPU v4 lite": 8 * GIB,
+             "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB, "TPU v5p": 95 * GIB, "TPU v6 lite": 32 * GIB,
+             "TPU7x": 192 * GIB}
+# Names ``get_topology_desc`` resolves (generation:chips per axis).
+KNOWN_TOPOLOGIES = ("v2:2x2", "v3:2x2", "v4:2x2x1", "v4:2x2x2", "v4:2x2x4", "v5e:1x1", "v5e:2x2", "v5e:2x4",
+                    "v5e:4x4", "v5e:4x8", "v5e:8x8", "v5e:16x16", "v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4",
+                    "v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:16x16")
+_TOPOLOGY = re.compile(r"^(v2|v3|v4|v5e|v5p|v6e)(?::|-)(\d+(?:x\d+){1,2})$")
+MEGACORE = ("v4", "v5p")
+SD15_VAE_CHANNELS = (128, 256, 512, 512)
+
+
+class StubTokenizer:
+    """What ``trainer.build_run`` asks of a tokenizer: ``model_max_length`` and __call__ -> input_ids.
+
+    Every caption becomes [BOS, EOS, EOS, ...] (the tokens of ""): shapes do not depend on the words.
+    """
+
+    def __init__(self, max_length: int, bos: int, eos: int):
+        self.model_max_length, self.bos, self.eos = max_length, bos, eos
+
+    def __call__(self, texts, padding=None, max_length=None, truncation=None, return_tensors=None):
+        ids = np.full((len(texts), max_length or self.model_max_length), self.eos, np.int32)
+        ids[:, 0] = self.bos
+        return {"input_ids": ids}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pod and the model, from names and shapes only.
+
+def topology_devices(name: str):
+    """The abstract devices of a TPU topology name ("v5e:2x4", "v4:2x2x4"); ValueError listing valid ones."""
+    m = _TOPOLOGY.match(name.strip())
+    if not m:
+        raise ValueError(f"--topology={name!r}: expected generation:chips, e.g. {', '.join(KNOWN_TOPOLOGIES)}")
+    # v4 and v5p chips are two TensorCores that JAX on the pod drives as one device (megacore).
+    kwargs = {"chip_config_name": "megacore"} if m.group(1) in MEGACORE else {}
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=f"{m.group(1)}:{m.group(2)}",
+                                            **kwargs).devices
+    except Exception as e:  # libtpu's own error says little: name what works
+        raise ValueError(f"--topology={name!r}: the TPU compiler does not know it ({str(e).splitlines()[0]}); "
+                         f"valid e.g. {', '.join(KNOWN_TOPOLOGIES)}") from e
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def abstract_pipeline(model_path: str, dtype) -> pipeline_lib.SDPipeline:
+    """An ``SDPipeline`` whose params are ShapeDtypeStructs: the architecture of ``model_path``'s
+    config.json files if it is a folder (nothing else is read), else SD1.5's presets."""
+    folder = pipeline_lib.resolve_model_path(model_path)
+    if os.path.isdir(folder):
+        unet = unet_lib.unet_from_config(_read_json(os.path.join(folder, "unet", "config.json")),
+                                         source=f"{folder}/unet/config.json", dtype=dtype)
+        text_config = _read_json(os.path.join(folder, "text_encoder", "config.json"))
+        text_encoder = clip.text_encoder_from_config(text_config, dtype)
+        vae = vae_lib.vae_from_config(_read_json(os.path.join(folder, "vae", "config.json")), dtype)
+        scheduler = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+        text = text_encoder.config
+    else:
+        unet = unet_lib.unet_from_config(SD15_UNET, source="SD1.5 preset", dtype=dtype)
+        text_encoder = clip.CLIPTextModel(config=SD15_TEXT, dtype=dtype)
+        vae = vae_lib.AutoencoderKL(block_out_channels=SD15_VAE_CHANNELS)
+        scheduler, text = dict(SD15_SCHEDULER), SD15_TEXT
+    ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
+    text_shapes = jax.eval_shape(lambda: text_encoder.init(jax.random.PRNGKey(0), ids))["params"]
+    tokenizer = StubTokenizer(text.max_position_embeddings, text.bos_token_id, text.eos_token_id)
+    return pipeline_lib.SDPipeline(unet=unet, unet_params=unet_lib.unet_param_shapes(unet), vae=vae, vae_params=None,
+                                   text_encoder=text_encoder, text_encoder_params=text_shapes, tokenizer=tokenizer,
+                                   scheduler_config=scheduler, folder=folder if os.path.isdir(folder) else "SD1.5 preset")
+
+
+def frozen_shapes(run: trainer.Run):
+    """Shapes of ``trainer.frozen_params(run)`` for a run whose params are ShapeDtypeStructs."""
+    def frozen(unet_params, text_params):
+        pipeline = dataclasses.replace(run.pipeline, unet_params=unet_params, text_encoder_params=text_params)
+        return trainer.frozen_params(dataclasses.replace(run, pipeline=pipeline))
+    return jax.eval_shape(frozen, run.pipeline.unet_params, run.pipeline.text_encoder_params)
+
+
+def batch_shapes(run: trainer.Run, rows: int) -> dict:
+    """The global batch the step receives (the loader's, latents already encoded): pairs [B, 2, h, w, c] or
+    experts [B, h, w, c], token ids, reward scores where the method reads them."""
+    h, w, c = run.latent_shape
+    latent = (rows, h, w, c) if run.method.data == "experts" else (rows, 2, h, w, c)
+    out = {"input_ids": jax.ShapeDtypeStruct((rows, run.text_shape[0]), jnp.int32),
+           "latent_mean": jax.ShapeDtypeStruct(latent, jnp.float32),
+           "latent_std": jax.ShapeDtypeStruct(latent, jnp.float32)}
+    if run.method.needs_rewards:
+        out["rewards"] = jax.ShapeDtypeStruct((rows, 2), jnp.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile and account.
+
+def per_device_bytes(shapes, shardings) -> int:
+    """Bytes of one device's shard of a tree, from its shardings (the largest shard where uneven)."""
+    total = 0
+    for s, sh in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)):
+        total += int(np.prod(sh.shard_shape(s.shape), dtype=np.int64)) * jnp.dtype(s.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass
+class Program:
+    """The train step of one config on one mesh, as shapes: what ``check`` lowers and compiles."""
+    run: trainer.Run
+    mesh: jax.sharding.Mesh
+    state: object
+    frozen: object
+    batch: dict
+
+    def lower(self):
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        return trainer.lower_train_step(self.run, self.mesh, self.state, self.batch, self.frozen, rng)
+
+    def argument_bytes(self) -> dict:
+        """Per-chip bytes of the step's arguments by part, from the shardings the step is compiled with."""
+        state, shardings = self.state, trainer.state_shardings(self.mesh, self.state, self.run.config, self.run.method)
+        frozen_sh = trainer.frozen_shardings(self.run, self.mesh, self.frozen)
+        out = {"params": per_device_bytes(state.params, shardings.params),
+               "optimizer": per_device_bytes(state.opt_state, shardings.opt_state)}
+        out["other_state"] = per_device_bytes(state, shardings) - out["params"] - out["optimizer"]
+        out["reference"] = per_device_bytes(self.frozen["ref"], frozen_sh["ref"])
+        out["text_encoder"] = per_device_bytes(self.frozen["text"], frozen_sh["text"])
+        out["batch"] = per_device_bytes(self.batch, sharding.rows_sharding(self.mesh, self.batch))
+        return out
+
+
+def build_program(config, devices) -> Program:
+    """The config's run on a mesh of ``devices``, validated, from shapes only."""
+    config = config_lib.validate(config, check_paths=False)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    config_lib.validate(config, num_devices=mesh.size, check_paths=False)
+    with config.unlocked():
+        config.reference_path = ""  # the reference is the policy's architecture: same shapes, nothing to read
+    pipeline = abstract_pipeline(config.model_path, config_lib.DTYPES[config.dtype])
+    run = trainer.build_run(config, pipeline)
+    state, _ = trainer.abstract_state(run, mesh)
+    return Program(run, mesh, state, frozen_shapes(run), batch_shapes(run, config.batch_size))
+
+
+def hbm_bytes(device) -> int | None:
+    return HBM_BYTES.get(device.device_kind)
+
+
+def check(config, topology: str, top: int = 10) -> dict:
+    """Compiles the config's train step for ``topology`` and reports its memory per chip (a JSON-able dict)."""
+    devices = topology_devices(topology)
+    program = build_program(config, devices)
+    chips, hbm = len(devices), hbm_bytes(devices[0])
+    c = program.run.config
+    report = {"topology": topology, "device_kind": devices[0].device_kind, "chips": chips,
+              "hosts": len({d.process_index for d in devices}), "hbm_per_chip": hbm,
+              "objective": c.objective, "model": program.run.pipeline.folder,
+              "mesh": dict(program.mesh.shape), "batch_size": c.batch_size, "grad_accum": c.grad_accum,
+              "pairs_per_chip": c.batch_size // c.grad_accum // chips, "dtype": c.dtype, "remat": c.remat,
+              "attention": c.attention, "arguments": program.argument_bytes(), "jax": jax.__version__}
+    if hbm is not None and sum(report["arguments"].values()) > hbm:  # no compile can make it fit: say so now
+        report.update(compile_seconds=None, fits=False, compiler_refused=False, arguments_exceed_hbm=True,
+                      uses_pallas_attention=None)
+        return report
+    start = time.perf_counter()
+    lowered = program.lower()
+    report["uses_pallas_attention"] = "tpu_custom_call" in lowered.as_text()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # the TPU compiler refuses a program whose buffers exceed HBM
+        if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds available" not in str(e):
+            raise
+        report.update(compile_seconds=time.perf_counter() - start, fits=False, compiler_refused=True,
+                      compiler_message=str(e)[:6000])
+        return report
+    report["compile_seconds"] = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    memory = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+              "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes),
+              "generated_code": int(m.generated_code_size_in_bytes)}
+    memory["total"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] + memory["generated_code"]
+    report["memory"] = memory
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    report["flops_per_chip"] = float(cost.get("flops", 0.0)) if cost else None
+    report["fits"] = hbm is None or memory["total"] <= hbm
+    report["compiler_refused"] = False
+    if not report["fits"]:
+        report["largest_buffers"] = largest_buffers(compiled.as_text(), top)
+    return report
+
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+
+
+def largest_buffers(hlo_text: str, top: int = 10) -> list[dict]:
+    """The largest array values of the compiled (per-chip) HLO, with the JAX op that made them: what
+    to look at when a step does not fit (e.g. the [B, heads, T, S] logits of dense attention)."""
+    rows = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]", line)
+        if not m or m.group(2) not in _BYTES or not m.group(3):
+            continue
+        shape = tuple(int(d) for d in m.group(3).split(","))
+        size = int(np.prod(shape, dtype=np.int64)) * _BYTES[m.group(2)]
+        op = re.search(r'op_name="([^"]*)"', line)
+        name = op.group(1) if op else m.group(1)
+        key = (name, shape)
+        if key not in rows or rows[key]["bytes"] < size:
+            rows[key] = {"bytes": size, "shape": f"{m.group(2)}{list(shape)}", "op": name}
+    return sorted(rows.values(), key=lambda r: -r["bytes"])[:top]
+
+
+_KERNEL_NOTE = {True: "Pallas TPU kernel", False: "no Pallas kernel", None: "not lowered"}
+
+
+def format_report(r: dict) -> str:
+    gib = lambda b: f"{b / GIB:8.3f} GiB"  # noqa: E731
+    lines = [f"{r['objective']} on {r['topology']} ({r['chips']} x {r['device_kind']}, {r['hosts']} host(s)), "
+             f"mesh {r['mesh']}, {r['pairs_per_chip']} pairs/chip per micro-batch (batch_size {r['batch_size']}, "
+             f"grad_accum {r['grad_accum']}), {r['dtype']}, remat={r['remat']}, attention={r['attention']} "
+             f"({_KERNEL_NOTE[r['uses_pallas_attention']]}), model: {r['model']}",
+             "per chip:"]
+    lines += [f"  {name:<22}{gib(b)}" for name, b in r["arguments"].items()]
+    lines.append(f"  {'arguments (all)':<22}{gib(sum(r['arguments'].values()))}")
+    hbm = r["hbm_per_chip"]
+    if r.get("arguments_exceed_hbm"):
+        lines.append(f"  the arguments alone exceed the chip's {gib(hbm)} HBM (not compiled)")
+    elif r.get("compiler_refused"):
+        lines += ["  the TPU compiler refused the program (over HBM):",
+                  *("    " + line for line in r["compiler_message"].splitlines()[:40])]
+    else:
+        m = r["memory"]
+        lines += [f"  {'arguments (compiler)':<22}{gib(m['argument'])}   (TPU layout: small arrays padded to tiles)",
+                  f"  {'temporaries':<22}{gib(m['temp'])}",
+                  f"  {'outputs - donated':<22}{gib(m['output'] - m['alias'])}",
+                  f"  {'generated code':<22}{gib(m['generated_code'])}",
+                  f"  {'total':<22}{gib(m['total'])}   of {gib(hbm) if hbm else 'unknown'} HBM",
+                  f"  compiler FLOPs per chip per step: {r['flops_per_chip']:.4g} (loop bodies counted once)"]
+        for b in r.get("largest_buffers", []):
+            lines.append(f"    largest: {gib(b['bytes'])}  {b['shape']:<28} {b['op']}")
+    how = "not compiled" if r["compile_seconds"] is None else f"lowered and compiled in {r['compile_seconds']:.0f} s"
+    lines.append(f"{how}: {'FITS' if r['fits'] else 'DOES NOT FIT'}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+
+_CONFIG = config_flags.DEFINE_config_file("config", config_lib.config_path("tiny"), "the experiment file")
+flags.DEFINE_string("topology", "v5e:2x4", "a TPU topology, generation:chips, e.g. v5e:2x4, v5e:4x4, v4:2x2x4, v5p:2x2x1")
+flags.DEFINE_integer("pairs_per_chip", None, "set batch_size to this many pairs per chip per micro-batch "
+                     "(x chips x grad_accum); default: the config's batch_size")
+flags.DEFINE_string("json", None, "also write the report to this JSON file")
+flags.DEFINE_integer("top", 10, "largest buffers listed when the step does not fit")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    try:
+        if FLAGS.pairs_per_chip:
+            chips = len(topology_devices(FLAGS.topology))
+            config.batch_size = FLAGS.pairs_per_chip * chips * config.grad_accum
+            config.dro.buffer_size = max(config.dro.buffer_size,
+                                         FLAGS.pairs_per_chip * chips // config.dro.steps_per_trajectory)
+        report = check(config, FLAGS.topology, FLAGS.top)
+    except ValueError as e:
+        print(f"jaxpref.aot: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report), flush=True)
+    if FLAGS.json:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+        with open(FLAGS.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report["fits"] else 1
+
+
+if __name__ == "__main__":
+    app.run(main)
