@@ -28,10 +28,10 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import train_helpers as th  # noqa: E402
 
 # xdist groups: each file is one group (its module fixtures are built once), except the end-to-end tests
-# below, each its own group so that they spread over the workers. The slow tests are scheduled first (the
-# longest jobs first keeps the two workers' loads even at the end).
+# below, each its own group so that they spread over the workers. The slow tests and those are scheduled
+# first (the longest jobs first keeps the two workers' loads even at the end).
 _OWN_GROUP = {"test_cli_survives_sigkill_and_sigterm_and_exports", "test_two_processes_train_in_lockstep_and_resume",
-              "test_regeneration_is_byte_identical"}
+              "test_regeneration_is_byte_identical", "test_eight_devices_match_one"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
         else:
             group = name
         item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None and item.originalname not in _OWN_GROUP)
 
 
 def _shared_base(tmp_path_factory) -> pathlib.Path:

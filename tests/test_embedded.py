@@ -16,12 +16,15 @@ from jaxpref import config_lib, train as train_lib
 from jaxpref.models import load_pipeline, resolve_model_path
 
 SEEDS = (0, 1)
+# The other objectives' runs (DPO, SmPO, LoRA DPO) use seed 0 only: each bound below is about half the mean
+# gain measured over seeds 0-2 and under half of seed 0's, and one seed each keeps the suite within its time.
+OTHER_SEEDS = (0,)
 # The default command (DRO, sample negatives; configs/tiny.py; intermediate evaluations off, which change
 # no number). Measured, seeds 0 / 1 / 2: gain +0.0591 / +0.0381 / +0.0467, per-prompt win rate 0.812 /
 # 0.688 / 0.688 (a run that learns nothing: gain ~0, win rate ~0.5). Asserted over SEEDS:
 DEFAULT_BOUNDS = {"gain": 0.024, "win_rate": 0.6}
 # The other objectives on the same world, total_steps shortened to STEPS: objective -> (config, bound on the
-# mean gain). Measured at STEPS, seeds 0 / 1 / 2 (benchmarks/results/ablation_tiny.json, rows dpo, smpo/none):
+# gain over OTHER_SEEDS). Measured at STEPS, seeds 0 / 1 / 2 (benchmarks/results/ablation_tiny.json, rows dpo, smpo/none):
 STEPS = 100
 OTHERS = {
     "dpo": ("tiny:dpo", 0.013),     # +0.0304 / +0.0213 / +0.0244
@@ -31,7 +34,7 @@ OTHERS = {
 # LoRA DPO: configs/tiny.py:dpo with rank-4 adapters (α = 4) on every attention's to_q/to_k/to_v/to_out.0
 # (27,520 trained params against the UNet's 1,084,644) at STEPS, lr 1e-3 (the adapters move less per step than the
 # whole UNet at its 1e-4). Measured, seeds 0 / 1 / 2: gain +0.0156 / +0.0127 / +0.0113, per-prompt win rate
-# 0.625 / 0.688 / 0.719 (full-UNet DPO at STEPS: +0.030 / +0.021 / +0.024). Asserted on the mean over SEEDS:
+# 0.625 / 0.688 / 0.719 (full-UNet DPO at STEPS: +0.030 / +0.021 / +0.024). Asserted over OTHER_SEEDS:
 LORA = {"enabled": True, "rank": 4, "alpha": 4.0}
 LORA_LR, LORA_BOUND = 1e-3, 0.007
 
@@ -83,7 +86,7 @@ def test_default_command_against_the_base_model(objective, data_dir, pipeline, t
 def test_objective_against_the_base_model(objective, data_dir, pipeline, tmp_path):
     name, bound = OTHERS[objective]
     gains = [gain(embedded_config(s, data_dir, name, STEPS), pipeline, str(tmp_path / f"seed{s}"))[0]
-             for s in SEEDS]
+             for s in OTHER_SEEDS]
     assert np.mean(gains) > bound, (objective, gains)
 
 
@@ -91,7 +94,7 @@ def test_objective_against_the_base_model(objective, data_dir, pipeline, tmp_pat
 @pytest.mark.parametrize("objective", ["dpo_lora"])
 def test_lora_dpo_against_the_base_model(objective, data_dir, pipeline, tmp_path):
     gains = []
-    for s in SEEDS:
+    for s in OTHER_SEEDS:
         config = embedded_config(s, data_dir, "tiny:dpo", STEPS)
         config.lora.update(LORA)
         config.optimizer.lr = LORA_LR
