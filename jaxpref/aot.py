@@ -289,13 +289,19 @@ def format_report(r: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # The command.
 
-_CONFIG = config_flags.DEFINE_config_file("config", config_lib.config_path("tiny"), "the experiment file")
-flags.DEFINE_string("topology", "v5e:2x4", "a TPU topology, generation:chips, e.g. v5e:2x4, v5e:4x4, v4:2x2x4, v5p:2x2x1")
-flags.DEFINE_integer("pairs_per_chip", None, "set batch_size to this many pairs per chip per micro-batch "
-                     "(x chips x grad_accum); default: the config's batch_size")
-flags.DEFINE_string("json", None, "also write the report to this JSON file")
-flags.DEFINE_integer("top", 10, "largest buffers listed when the step does not fit")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Defined when run as a command only: jaxpref.train defines --config too, and a process (a test) may
+    import both modules."""
+    config_flags.DEFINE_config_file("config", config_lib.config_path("tiny"), "the experiment file")
+    flags.DEFINE_string("topology", "v5e:2x4", "a TPU topology, generation:chips, e.g. v5e:2x4, v5e:4x4, "
+                        "v4:2x2x4, v5p:2x2x1")
+    flags.DEFINE_integer("pairs_per_chip", None, "set batch_size to this many pairs per chip per micro-batch "
+                         "(x chips x grad_accum); default: the config's batch_size")
+    flags.DEFINE_string("json", None, "also write the report to this JSON file")
+    flags.DEFINE_integer("top", 10, "largest buffers listed when the step does not fit")
 
 
 def main(argv):
@@ -303,7 +309,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
+    config = FLAGS.config
     try:
         if FLAGS.pairs_per_chip:
             chips = len(topology_devices(FLAGS.topology))
@@ -323,4 +329,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
