@@ -78,6 +78,9 @@ def _tree_norm(t):
 ADAM = {"optimizer.lr": 3e-3}  # AdamW, no clipping: shared by the NaN test and the loss-lowering runs
 # SGD with lr 1: the update is the gradient the step applied (shared by the tests that read it).
 SGD_LR1 = {"optimizer.name": "sgd", "optimizer.lr": 1.0, "sample_posterior": False, "dpo.beta": 500.0}
+# DRO's reference (trajectory) form with a stale θ (refreshed every 1000 steps): from step 2 on the negatives'
+# term gets a gradient (the loss-lowering run); at step 1 θ = φ (the buffer test).
+DRO_STALE = {**ADAM, "dro.refresh_every": 1000, "dro.negative_target": "trajectory"}
 
 
 def test_dpo_step_gradient_equals_plain_recomputation(build):
@@ -184,7 +187,8 @@ def test_nan_batch_skips_the_update(build):
 
 
 def test_dro_step_fills_buffer_and_negatives_are_the_samplers_own_predictions(build):
-    run, state, frozen, train_step = build("dro", **{"dro.negative_target": "trajectory"})
+    # The loss-lowering test's DRO config (one compile for both): at step 1 its stale sampler is θ itself.
+    run, state, frozen, train_step = build("dro", **DRO_STALE)
     batch = make_batch(run, pairs=False)
     new_state, metrics = train_step(state, batch, jax.random.PRNGKey(0), frozen)
     buf = new_state.method_state.negatives
@@ -205,10 +209,7 @@ def test_dro_step_fills_buffer_and_negatives_are_the_samplers_own_predictions(bu
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dpo", "smpo", "dro"])
 def test_training_lowers_each_loss_on_a_fixed_pair_set(build, objective):
-    overrides = dict(ADAM)
-    if objective == "dro":
-        # The reference form with a stale θ: the negatives' term gets a gradient.
-        overrides.update({"dro.refresh_every": 1000, "dro.negative_target": "trajectory"})
+    overrides = DRO_STALE if objective == "dro" else dict(ADAM)
     run, state, frozen, train_step = build(objective, **overrides)
     batch = make_batch(run, seed=5, pairs=objective != "dro")
     losses = []
