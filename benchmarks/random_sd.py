@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpref import config_lib
+from jaxpref.data.tokenizer import StubTokenizer
 from jaxpref.flops import SD15_FWD_FLOPS, SD15_FWDBWD_FLOPS
 from jaxpref.models import clip, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
 from jaxpref.models.presets import (BENCH_TINY_TEXT as TINY_TEXT, BENCH_TINY_UNET as TINY_UNET_CONFIG,
@@ -38,19 +39,6 @@ SIZES = {
 }
 
 
-class StubTokenizer:
-    """What ``trainer.build_run`` asks of a tokenizer: ``model_max_length`` and __call__ -> input_ids.
-
-    Every caption becomes [BOS, EOS, EOS, ...] (the tokens of ""): costs do not depend on the words.
-    """
-
-    def __init__(self, max_length: int, bos: int, eos: int):
-        self.model_max_length, self.bos, self.eos = max_length, bos, eos
-
-    def __call__(self, texts, padding=None, max_length=None, truncation=None, return_tensors=None):
-        ids = np.full((len(texts), max_length or self.model_max_length), self.eos, np.int32)
-        ids[:, 0] = self.bos
-        return {"input_ids": ids}
 
 
 def random_params(shapes, seed: int = 0):

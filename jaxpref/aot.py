@@ -32,6 +32,7 @@ from jax.experimental import topologies
 from ml_collections import config_flags
 
 from jaxpref import config_lib, sharding, trainer
+from jaxpref.data.tokenizer import StubTokenizer
 from jaxpref.models import clip, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
 from jaxpref.models.presets import SD15_SCHEDULER, SD15_TEXT, SD15_UNET
 
@@ -49,19 +50,6 @@ MEGACORE = ("v4", "v5p")
 SD15_VAE_CHANNELS = (128, 256, 512, 512)
 
 
-class StubTokenizer:
-    """What ``trainer.build_run`` asks of a tokenizer: ``model_max_length`` and __call__ -> input_ids.
-
-    Every caption becomes [BOS, EOS, EOS, ...] (the tokens of ""): shapes do not depend on the words.
-    """
-
-    def __init__(self, max_length: int, bos: int, eos: int):
-        self.model_max_length, self.bos, self.eos = max_length, bos, eos
-
-    def __call__(self, texts, padding=None, max_length=None, truncation=None, return_tensors=None):
-        ids = np.full((len(texts), max_length or self.model_max_length), self.eos, np.int32)
-        ids[:, 0] = self.bos
-        return {"input_ids": ids}
 
 
 # ---------------------------------------------------------------------------------------------
