@@ -29,21 +29,14 @@ from jaxpref import config_lib
 
 
 def get_config():
-    c = config_lib.base_config()
-    c.objective = "dpo"
-    c.model_path = "/path/to/stable-diffusion-xl-base-1.0"
-    c.vae_path = "/path/to/sdxl-vae-fp16-fix"
-    c.vae_dtype = "float32"
-    c.dtype = "bfloat16"
-    c.remat = True
-    c.prompt_dropout = 0.2
+    c = config_lib.sdxl_base_config("dpo")
     c.batch_size = 2048
     c.grad_accum = 512
     c.total_steps = 2000
     c.optimizer.update(name="adafactor", lr=2.048e-5, weight_decay=1e-2, warmup_steps=200, schedule="constant",
                        grad_clip=1.0, decay_steps=2000)
     c.dpo.beta = 5000.0
-    c.data.update(name="pickapic_v2", resolution=1024, crop="center", time_ids="fixed")
+    c.data.time_ids = "fixed"
     c.checkpoint.update(every=200, keep=3)
-    c.eval.update(every=500, num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=5.0, batch_size=8)
+    c.eval.update(every=500, sampler="ddim", guidance_scale=5.0)
     return c

@@ -25,14 +25,7 @@ from jaxpref import config_lib
 
 
 def get_config():
-    c = config_lib.base_config()
-    c.objective = "dro"
-    c.model_path = "/path/to/stable-diffusion-xl-base-1.0"
-    c.vae_path = "/path/to/sdxl-vae-fp16-fix"
-    c.vae_dtype = "float32"
-    c.dtype = "bfloat16"
-    c.remat = True
-    c.prompt_dropout = 0.2
+    c = config_lib.sdxl_base_config("dro")
     c.batch_size = 256
     c.grad_accum = 64
     c.total_steps = 1600
@@ -42,7 +35,7 @@ def get_config():
     c.dro.update(margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0,
                  buffer_size=16, steps_per_trajectory=1, refresh_every=0, expert_timestep="shared",
                  negative_target="trajectory")
-    c.data.update(name="pickapic_v2", resolution=1024, crop="center", time_ids="crop")
+    c.data.time_ids = "crop"
     c.checkpoint.update(every=100, keep=3)
-    c.eval.update(every=200, num_prompts=64, sampler="ddpm", num_steps=50, guidance_scale=7.5, batch_size=8)
+    c.eval.update(every=200, sampler="ddpm", guidance_scale=7.5)
     return c

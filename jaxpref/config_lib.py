@@ -126,6 +126,23 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def sdxl_base_config(objective: str) -> ml_collections.ConfigDict:
+    """What the SDXL experiment files (configs/*sdxl.py) share, as all three releases train SDXL: the local
+    SDXL base folder and fp16-fix VAE (fp32), bf16 with remat, prompt dropout 0.2, Pick-a-Pic v2 at 1024 px
+    center-cropped, 64 evaluation prompts at batch 8."""
+    c = base_config()
+    c.objective = objective
+    c.model_path = "/path/to/stable-diffusion-xl-base-1.0"
+    c.vae_path = "/path/to/sdxl-vae-fp16-fix"
+    c.vae_dtype = "float32"
+    c.dtype = "bfloat16"
+    c.remat = True
+    c.prompt_dropout = 0.2
+    c.data.update(name="pickapic_v2", resolution=1024, crop="center")
+    c.eval.update(num_prompts=64, num_steps=50, batch_size=8)
+    return c
+
+
 # One line per key of base_config(): what it does (printed by ``python -m jaxpref.train --print_config``).
 KEY_HELP = {
     "objective": f"the method trained: one of {tuple(METHODS)}",
