@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpref import config_lib
-from jaxpref.data.tokenizer import StubTokenizer
 from jaxpref.flops import SD15_FWD_FLOPS, SD15_FWDBWD_FLOPS
 from jaxpref.models import clip, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
 from jaxpref.models.presets import (BENCH_TINY_TEXT as TINY_TEXT, BENCH_TINY_UNET as TINY_UNET_CONFIG,
@@ -69,18 +68,12 @@ def random_pipeline(size: Size, dtype, attention_impl: Optional[str] = None, see
     unet = unet_lib.unet_from_config(size.unet, source="benchmarks/bench.py size", dtype=dtype,
                                      attention_impl=attention_impl)
     text_encoder = clip.CLIPTextModel(config=size.text, dtype=dtype)
-    unet_shapes = unet_lib.unet_param_shapes(unet)
-    ids = jnp.zeros((1, size.text.max_position_embeddings), jnp.int32)
-    text_shapes = jax.eval_shape(lambda: text_encoder.init(jax.random.PRNGKey(0), ids))["params"]
-    if with_params:
-        unet_params, text_params = random_params(unet_shapes, seed), random_params(text_shapes, seed + 1)
-    else:
-        unet_params, text_params = unet_shapes, text_shapes
     vae = vae_lib.AutoencoderKL(block_out_channels=tuple(size.vae_channels))
-    tokenizer = StubTokenizer(size.text.max_position_embeddings, size.text.bos_token_id, size.text.eos_token_id)
-    return pipeline_lib.SDPipeline(unet=unet, unet_params=unet_params, vae=vae, vae_params=None,
-                                   text_encoder=text_encoder, text_encoder_params=text_params, tokenizer=tokenizer,
-                                   scheduler_config=dict(SD15_SCHEDULER), folder="random-weights")
+    shapes = pipeline_lib.shape_pipeline(unet, text_encoder, vae, SD15_SCHEDULER, "random-weights")
+    if not with_params:
+        return shapes
+    return dataclasses.replace(shapes, unet_params=random_params(shapes.unet_params, seed),
+                               text_encoder_params=random_params(shapes.text_encoder_params, seed + 1))
 
 
 def bench_config(size: Size, objective: str, batch: int, dtype: str, remat: bool, overrides=(),

@@ -32,7 +32,6 @@ from jax.experimental import topologies
 from ml_collections import config_flags
 
 from jaxpref import config_lib, sharding, trainer
-from jaxpref.data.tokenizer import StubTokenizer
 from jaxpref.models import clip, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
 from jaxpref.models.presets import SD15_SCHEDULER, SD15_TEXT, SD15_UNET
 
@@ -86,18 +85,11 @@ def abstract_pipeline(model_path: str, dtype) -> pipeline_lib.SDPipeline:
         text_encoder = clip.text_encoder_from_config(text_config, dtype)
         vae = vae_lib.vae_from_config(_read_json(os.path.join(folder, "vae", "config.json")), dtype)
         scheduler = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
-        text = text_encoder.config
-    else:
-        unet = unet_lib.unet_from_config(SD15_UNET, source="SD1.5 preset", dtype=dtype)
-        text_encoder = clip.CLIPTextModel(config=SD15_TEXT, dtype=dtype)
-        vae = vae_lib.AutoencoderKL(block_out_channels=SD15_VAE_CHANNELS)
-        scheduler, text = dict(SD15_SCHEDULER), SD15_TEXT
-    ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
-    text_shapes = jax.eval_shape(lambda: text_encoder.init(jax.random.PRNGKey(0), ids))["params"]
-    tokenizer = StubTokenizer(text.max_position_embeddings, text.bos_token_id, text.eos_token_id)
-    return pipeline_lib.SDPipeline(unet=unet, unet_params=unet_lib.unet_param_shapes(unet), vae=vae, vae_params=None,
-                                   text_encoder=text_encoder, text_encoder_params=text_shapes, tokenizer=tokenizer,
-                                   scheduler_config=scheduler, folder=folder if os.path.isdir(folder) else "SD1.5 preset")
+        return pipeline_lib.shape_pipeline(unet, text_encoder, vae, scheduler, folder)
+    unet = unet_lib.unet_from_config(SD15_UNET, source="SD1.5 preset", dtype=dtype)
+    text_encoder = clip.CLIPTextModel(config=SD15_TEXT, dtype=dtype)
+    vae = vae_lib.AutoencoderKL(block_out_channels=SD15_VAE_CHANNELS)
+    return pipeline_lib.shape_pipeline(unet, text_encoder, vae, SD15_SCHEDULER, "SD1.5 preset")
 
 
 def frozen_shapes(run: trainer.Run):

@@ -16,8 +16,10 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
+from jaxpref.data.tokenizer import StubTokenizer
 from jaxpref.models import clip, conditioning, unet as unet_lib, vae as vae_lib
 
 Dtype = Any
@@ -59,6 +61,19 @@ def resolve_model_path(path: str) -> str:
                              "regenerate it with `python -m jaxpref.tiny.train_base`")
         return TINY_SD_DIR
     return path
+
+
+def shape_pipeline(unet, text_encoder, vae, scheduler_config: dict, folder: str) -> SDPipeline:
+    """An ``SDPipeline`` of these modules whose UNet and text-encoder params are ShapeDtypeStructs (nothing
+    allocated), no VAE params and a stub tokenizer: what compiling a step for memory or FLOPs needs (the
+    TPU fit check, the benchmarks' random models)."""
+    text = text_encoder.config
+    ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
+    text_shapes = jax.eval_shape(lambda: text_encoder.init(jax.random.PRNGKey(0), ids))["params"]
+    tokenizer = StubTokenizer(text.max_position_embeddings, text.bos_token_id, text.eos_token_id)
+    return SDPipeline(unet=unet, unet_params=unet_lib.unet_param_shapes(unet), vae=vae, vae_params=None,
+                      text_encoder=text_encoder, text_encoder_params=text_shapes, tokenizer=tokenizer,
+                      scheduler_config=dict(scheduler_config), folder=folder)
 
 
 def _read_model_index(folder: str) -> dict:
