@@ -113,6 +113,8 @@ def plot(results: dict, path: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
+    if len(results) > 10:   # the default cycle repeats after 10 colours
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for name, v in results.items():
         steps = [s for s, _ in v["runs"][0]["curve"]]
         values = np.array([[r for _, r in run["curve"]] for run in v["runs"]])
