@@ -1,6 +1,6 @@
 """Ablation of the seed methods' own mechanisms on the embedded world (tiny model, shapes reward, CPU).
 
-  python benchmarks/ablation.py                                   # every variant, seeds 0 1 2; 2-6 min per variant and seed on 2 cores
+  python benchmarks/ablation.py        # every variant, seeds 0 1 2: 2-6 min per variant and seed on 2 cores
   python benchmarks/ablation.py --variants dro/sample,dpo --seeds 0 --steps 100 --set optimizer.lr=3e-4
 
 Each variant is ``configs/tiny.py:<objective>`` with a few keys changed (``VARIANTS``) and one optimizer
