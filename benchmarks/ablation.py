@@ -1,6 +1,6 @@
 """Ablation of the seed methods' own mechanisms on the embedded world (tiny model, shapes reward, CPU).
 
-  python benchmarks/ablation.py                                   # every variant, seeds 0 1 2, ~60 min on 2 cores
+  python benchmarks/ablation.py        # every variant, seeds 0 1 2: 2-6 min per variant and seed on 2 cores
   python benchmarks/ablation.py --variants dro/sample,dpo --seeds 0 --steps 100 --set optimizer.lr=3e-4
 
 Each variant is ``configs/tiny.py:<objective>`` with a few keys changed (``VARIANTS``) and one optimizer
@@ -10,7 +10,12 @@ for ``--steps`` updates per seed, evaluated on the held-out prompts every
 changes the shared settings of every variant (the budget is the same for all of them). Writes
 ``--out`` (JSON: per variant and seed the reward curve, final gain over the base model, win rate and
 steps/s; per variant mean ± std over seeds) and the plot beside it (held-out reward vs step, mean ± std
-band per variant), and prints the table the README shows.
+band per variant), and prints the table the README shows. ``--merge`` keeps the variants already in
+``--out`` and adds or replaces only the ones run now (the settings must match); ``--from RUN.json`` takes
+the variants' results from an earlier run's JSON instead of training them:
+
+  python benchmarks/ablation.py --variants smpo/consistent+noisereg --out /tmp/new.json
+  python benchmarks/ablation.py --variants smpo/consistent+noisereg --from /tmp/new.json --merge
 """
 from __future__ import annotations
 
@@ -37,6 +42,10 @@ VARIANTS = {
     "smpo/code": {"objective": "smpo", "smpo.inversion": "code"},
     "smpo/paper": {"objective": "smpo", "smpo.inversion": "paper"},
     "smpo/consistent": {"objective": "smpo", "smpo.inversion": "consistent"},
+    "smpo/consistent+noisereg": {"objective": "smpo", "smpo.inversion": "consistent",
+                                 "smpo.inversion_noise_regularization": True},
+    "smpo/consistent+ddim": {"objective": "smpo", "smpo.inversion": "consistent", "smpo.inversion_iterations": 0,
+                             "smpo.inversion_window": (0, 1)},   # plain DDIM inversion: K = 0 ReNoise iterations
     "dro/trajectory": {"objective": "dro", "dro.negative_target": "trajectory"},
     "dro/sample": {"objective": "dro", "dro.negative_target": "sample"},
     "dro/trajectory+stale": {"objective": "dro", "dro.negative_target": "trajectory", "dro.refresh_every": 10},
@@ -104,6 +113,8 @@ def plot(results: dict, path: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
+    if len(results) > 10:   # the default cycle repeats after 10 colours
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for name, v in results.items():
         steps = [s for s, _ in v["runs"][0]["curve"]]
         values = np.array([[r for _, r in run["curve"]] for run in v["runs"]])
@@ -131,6 +142,10 @@ def main():
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "ablation_tiny.json"))
     p.add_argument("--workdir", default="", help="run folders (default: a temporary folder)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the variants already in --out; add or replace only those run now")
+    p.add_argument("--from", dest="source", default="", metavar="RUN.json",
+                   help="take the variants' results from this earlier output instead of training them")
     args = p.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -138,25 +153,50 @@ def main():
         p.error(f"unknown variants {unknown}; known {list(VARIANTS)}")
     shared = config_lib.parse_overrides(args.set)
     config_lib.apply_overrides(config_lib.load_config("tiny"), shared)  # a typo fails here, before anything trains
-    pipeline = load_pipeline(resolve_model_path("embedded:tiny"))
-    root = args.workdir or tempfile.mkdtemp(prefix="ablation_")
-    results = {}
-    for name in names:
-        runs = [run_one(name, s, args, shared, pipeline, root) for s in args.seeds]
-        results[name] = {"changes": VARIANTS[name], "runs": runs, "summary": aggregate(runs)}
-        write(results, args, shared)
+    meta = run_meta(args, shared)
+    kept = load_results(args.out, meta) if args.merge else {}   # a mismatch fails here, before anything trains
+    if args.source:
+        source = load_results(args.source, meta)
+        missing = [n for n in names if n not in source]
+        if missing:
+            p.error(f"--from {args.source}: no results for variants {missing}; it has {list(source)}")
+        results = {**kept, **{n: source[n] for n in names}}
+        write(results, meta, args.out)
+    else:
+        pipeline = load_pipeline(resolve_model_path("embedded:tiny"))
+        root = args.workdir or tempfile.mkdtemp(prefix="ablation_")
+        results = dict(kept)
+        for name in names:
+            runs = [run_one(name, s, args, shared, pipeline, root) for s in args.seeds]
+            results[name] = {"changes": VARIANTS[name], "runs": runs, "summary": aggregate(runs)}
+            write(results, meta, args.out)
     print(table(results))
 
 
-def write(results, args, shared):
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    meta = {"device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
+def run_meta(args, shared) -> dict:
+    return {"device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
                       f"{os.cpu_count()} cores)", "steps": args.steps, "eval_every": args.eval_every,
             "seeds": args.seeds, "budget": BUDGET, "shared_changes": shared,
             "base_config": "configs/tiny.py:<objective>", "metric": METRIC}
-    with open(args.out, "w") as f:
+
+
+def load_results(path: str, meta: dict) -> dict:
+    """The variants of an earlier output, refused unless it was run with the same settings as ``meta``."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no ablation results to merge with or take from")
+    with open(path) as f:
+        saved = json.load(f)
+    differ = {k: (saved["meta"].get(k), v) for k, v in meta.items() if saved["meta"].get(k) != v}
+    if differ:
+        raise SystemExit(f"{path}: run with other settings, not comparable ({{key: (saved, now)}}): {differ}")
+    return saved["variants"]
+
+
+def write(results: dict, meta: dict, out: str):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         json.dump({"meta": meta, "variants": results}, f, indent=1)
-    plot(results, os.path.splitext(args.out)[0] + ".png")
+    plot(results, os.path.splitext(out)[0] + ".png")
 
 
 if __name__ == "__main__":
