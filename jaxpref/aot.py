@@ -177,7 +177,7 @@ def check(config, topology: str, top: int = 10) -> dict:
               "hosts": len({d.process_index for d in devices}), "hbm_per_chip": hbm,
               "objective": c.objective, "model": program.run.pipeline.folder,
               "mesh": dict(program.mesh.shape), "batch_size": c.batch_size, "grad_accum": c.grad_accum,
-              "pairs_per_chip": c.batch_size // c.grad_accum // chips, "dtype": c.dtype, "remat": c.remat,
+              "pairs_per_chip": c.batch_size // c.grad_accum // chips, "dtype": c.dtype, "remat": c.remat, "remat_policy": c.remat_policy,
               "attention": c.attention, "arguments": program.argument_bytes(), "jax": jax.__version__}
     if hbm is not None and sum(report["arguments"].values()) > hbm:  # no compile can make it fit: say so now
         report.update(compile_seconds=None, fits=False, compiler_refused=False, arguments_exceed_hbm=True,
@@ -240,7 +240,8 @@ def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GIB:8.3f} GiB"  # noqa: E731
     lines = [f"{r['objective']} on {r['topology']} ({r['chips']} x {r['device_kind']}, {r['hosts']} host(s)), "
              f"mesh {r['mesh']}, {r['pairs_per_chip']} pairs/chip per micro-batch (batch_size {r['batch_size']}, "
-             f"grad_accum {r['grad_accum']}), {r['dtype']}, remat={r['remat']}, attention={r['attention']} "
+             f"grad_accum {r['grad_accum']}), {r['dtype']}, remat={r['remat']} ({r['remat_policy']}), "
+             f"attention={r['attention']} "
              f"({_KERNEL_NOTE[r['uses_pallas_attention']]}), model: {r['model']}",
              "per chip:"]
     lines += [f"  {name:<22}{gib(b)}" for name, b in r["arguments"].items()]

@@ -19,7 +19,7 @@ from jaxpref import lora, objectives, optim, sharding
 from jaxpref.methods import METHODS
 from jaxpref.methods.dro import EXPERT_TIMESTEPS, NEGATIVE_TARGETS
 from jaxpref.methods.smpo import INVERSIONS as SMPO_INVERSIONS
-from jaxpref.models import attention
+from jaxpref.models import attention, unet as unet_lib
 from jaxpref.models.pipeline import EMBEDDED_TINY
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.vae_path = ""
     c.vae_dtype = ""
     c.remat = False
+    c.remat_policy = "nothing_saveable"
     c.attention = "auto"
     c.sample_posterior = True
     c.prompt_dropout = 0.2
@@ -157,6 +158,8 @@ KEY_HELP = {
     "vae_dtype": f"the VAE's compute dtype {tuple(DTYPES)}; '' = config.dtype (SDXL's original VAE overflows in half "
                  "precision: use 'float32' or the fp16-fix VAE)",
     "remat": "gradient checkpointing per UNet block (less memory, more compute)",
+    "remat_policy": f"with remat, what each block keeps for the backward pass {unet_lib.REMAT_POLICIES}: nothing "
+                    "(least memory), the weight matmuls' outputs, or every matmul's",
     "attention": f"the UNet's attention backend, one of {attention.BACKENDS}: 'auto' = cuDNN flash on GPU where it "
                  "applies, else 'chunked' (O(block x tokens) memory) for long sequences and 'xla' (dense) for short",
     "sample_posterior": "x0 = a sample of the VAE posterior (False: its mean)",
@@ -291,6 +294,8 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
         _fail("data.time_ids", config.data.time_ids, "supported ('crop', 'fixed')")
     if config.vae_dtype and config.vae_dtype not in DTYPES:
         _fail("vae_dtype", config.vae_dtype, f"supported {tuple(DTYPES)} or '' (= config.dtype)")
+    if config.remat_policy not in unet_lib.REMAT_POLICIES:
+        _fail("remat_policy", config.remat_policy, f"supported {unet_lib.REMAT_POLICIES}")
     _check_attention(config)
     if config.optimizer.name not in optim.OPTIMIZERS:
         _fail("optimizer.name", config.optimizer.name, f"supported {optim.OPTIMIZERS}")

@@ -55,7 +55,7 @@ def build_run(config, pipeline: pipeline_lib.SDPipeline | None = None) -> Run:
         pipeline = pipeline_lib.load_pipeline(
             pipeline_lib.resolve_model_path(config.model_path), config_lib.DTYPES[config.dtype],
             vae_path=config.vae_path, vae_dtype=config_lib.DTYPES.get(config.vae_dtype))
-    unet = pipeline.unet.clone(remat=config.remat, attention_impl=config.attention)
+    unet = pipeline.unet.clone(remat=config.remat, remat_policy=config.remat_policy, attention_impl=config.attention)
     schedule = diffusion.NoiseSchedule.from_config(pipeline.scheduler_config)
     if schedule.prediction_type != "epsilon":
         raise ValueError(f"{pipeline.folder}/scheduler: prediction_type={schedule.prediction_type!r}; the DPO/DRO/SmPO "

@@ -18,8 +18,8 @@ import torch
 
 from jaxpref.models import weights
 from jaxpref.models.presets import SD15_UNET, SD21_UNET, SDXL_UNET
-from jaxpref.models.unet import (UNet2DConditionModel, count_params, load_unet, save_unet, timestep_embedding,
-                                 unet_from_config, unet_param_shapes)
+from jaxpref.models.unet import (REMAT_POLICIES, UNet2DConditionModel, count_params, load_unet, save_unet,
+                                 timestep_embedding, unet_from_config, unet_param_shapes)
 
 torch.set_num_threads(1)
 
@@ -254,11 +254,46 @@ def test_remat_same_output_and_gradient():
     def loss(m):
         return jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, *args) ** 2)))(params)
 
-    (value, grads), (value_r, grads_r) = loss(module), loss(module.clone(remat=True))
-    np.testing.assert_allclose(value_r, value, rtol=1e-6)
-    assert jax.tree_util.tree_structure(grads_r) == jax.tree_util.tree_structure(grads)
-    for g, g_r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_r)):
-        np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-7)
+    value, grads = loss(module)
+    for policy in REMAT_POLICIES:  # a policy only chooses what is kept: the same numbers
+        value_r, grads_r = loss(module.clone(remat=True, remat_policy=policy))
+        np.testing.assert_allclose(value_r, value, rtol=1e-6)
+        assert jax.tree_util.tree_structure(grads_r) == jax.tree_util.tree_structure(grads)
+        for g, g_r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_r)):
+            np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-7)
+
+
+def _remat_policies(jaxpr) -> list:
+    """The ``policy`` of every rematerialised region (jax's remat primitive) in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith(("remat", "checkpoint")):
+            found.append(eqn.params.get("policy"))
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                found += _remat_policies(inner)
+    return found
+
+
+def test_remat_policy_reaches_every_block():
+    """Each resnet and transformer block (1 + 1 down, 2 + 1 mid, 2 + 2 up) is one rematerialised region
+    whose policy is the configured one (memory per policy, compiled for TPU: benchmarks/NOTES.md)."""
+    module = UNet2DConditionModel(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4,
+                                  cross_attention_dim=8, num_attention_heads=2,
+                                  down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+    args = (jnp.zeros((1, 4, 4, 4)), jnp.array([3]), jnp.zeros((1, 3, 8)))
+    params = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args))
+
+    def policies(m):
+        return _remat_policies(jax.make_jaxpr(lambda p: m.apply(p, *args))(params).jaxpr)
+
+    assert policies(module) == []
+    for name in REMAT_POLICIES:
+        want = None if name == "nothing_saveable" else getattr(jax.checkpoint_policies, name)
+        assert policies(module.clone(remat=True, remat_policy=name)) == [want] * 9, name
+    with pytest.raises(ValueError, match="remat policy 'everything'"):
+        policies(module.clone(remat=True, remat_policy="everything"))
 
 
 def test_bf16_compute_close_to_fp32(sd15_case):

@@ -9,6 +9,7 @@ Reading order: time embeddings, transformer, blocks, the UNet, then ``unet_from_
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Mapping, Optional, Union
@@ -109,9 +110,19 @@ class BasicTransformerBlock(nn.Module):
         return x + FeedForward(name="ff", **kw)(layer_norm(1e-5, name="norm3", **kw)(x))
 
 
-# Rematerialized twins: same names and params, activations recomputed in the backward pass.
-_RematTransformerBlock = nn.remat(BasicTransformerBlock)
-_RematResnet = nn.remat(ResnetBlock2D)
+# What a rematerialised block keeps from its forward pass (jax.checkpoint_policies): "nothing_saveable"
+# recomputes every activation (least memory), "dots_with_no_batch_dims_saveable" keeps the weight matmuls'
+# outputs (the projections, not attention's batched logits), "dots_saveable" keeps every matmul's output.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
+
+
+@functools.lru_cache(maxsize=None)
+def rematerialized(cls, policy: str = "nothing_saveable"):
+    """``cls``'s twin (same names and params) whose activations are recomputed in the backward pass except
+    those ``policy`` saves; "nothing_saveable" is ``nn.remat``'s default (no policy)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r}: expected one of {REMAT_POLICIES}")
+    return nn.remat(cls, policy=None if policy == "nothing_saveable" else getattr(jax.checkpoint_policies, policy))
 
 
 class Transformer2DModel(nn.Module):
@@ -128,6 +139,7 @@ class Transformer2DModel(nn.Module):
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat_policy: str = "nothing_saveable"
 
     @nn.compact
     def __call__(self, x, context):
@@ -141,7 +153,7 @@ class Transformer2DModel(nn.Module):
             x = nn.Dense(inner, name="proj_in", **kw)(x.reshape(b, h * w, c))
         else:
             x = conv(inner, 1, "proj_in", padding=0, **kw)(x).reshape(b, h * w, inner)
-        block = _RematTransformerBlock if self.remat else BasicTransformerBlock
+        block = rematerialized(BasicTransformerBlock, self.remat_policy) if self.remat else BasicTransformerBlock
         for i in range(self.num_layers):
             x = block(self.heads, dim_head, self.attention_impl, name=f"transformer_blocks_{i}", **kw)(x, context)
         if self.use_linear_projection:
@@ -170,16 +182,17 @@ class _BlockBase(nn.Module):
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat_policy: str = "nothing_saveable"
 
     def resnet(self, name: str, output_scale_factor: float = 1.0):
-        cls = _RematResnet if self.remat else ResnetBlock2D
+        cls = rematerialized(ResnetBlock2D, self.remat_policy) if self.remat else ResnetBlock2D
         return cls(self.out_channels, groups=self.groups, eps=self.eps, output_scale_factor=output_scale_factor,
                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def transformer(self, name: str):
         return Transformer2DModel(self.heads, self.transformer_layers, self.groups, self.use_linear_projection,
                                   self.remat, self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  name=name)
+                                  remat_policy=self.remat_policy, name=name)
 
 
 class DownBlock2D(_BlockBase):
@@ -253,7 +266,8 @@ class UNet2DConditionModel(nn.Module):
 
     Field names and defaults are diffusers' config keys, except ``num_attention_heads``: the number of
     heads per block, which diffusers configs spell ``attention_head_dim`` (see ``unet_from_config``).
-    ``remat`` checkpoints every resnet and transformer block (same param names).
+    ``remat`` checkpoints every resnet and transformer block (same param names), keeping what
+    ``remat_policy`` saves.
     ``attention_impl``: a backend of ``jaxpref.models.attention`` ('auto', 'xla', 'cudnn', 'chunked';
     None: 'xla').
     """
@@ -289,6 +303,7 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     attention_impl: Optional[str] = None
+    remat_policy: str = "nothing_saveable"  # with remat: what each block keeps (REMAT_POLICIES)
 
     # -- derived sizes --
 
@@ -364,7 +379,7 @@ class UNet2DConditionModel(nn.Module):
         tlayers = _per_block(self.transformer_layers_per_block, n)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(groups=self.norm_num_groups, eps=self.norm_eps, remat=self.remat,
-                        use_linear_projection=self.use_linear_projection, attention_impl=self.attention_impl, **kw)
+                        remat_policy=self.remat_policy, use_linear_projection=self.use_linear_projection, attention_impl=self.attention_impl, **kw)
         b, height, width, c = latents.shape
         context = jnp.asarray(encoder_hidden_states)
         if c != self.in_channels or context.ndim != 3 or context.shape[-1] != self.cross_attention_dim:
