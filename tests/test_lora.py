@@ -3,6 +3,7 @@
 PEFT's layers compute W x + (α/r) B A x; ours run the same branch through a Flax interceptor. The oracle
 is diffusers' own LoRA loading (``load_lora_weights``) and PEFT-written adapter files, on the same weights.
 """
+import functools
 import math
 import os
 import subprocess
@@ -52,8 +53,15 @@ def unet_inputs(pipe, seed=0):
     return x, np.array([17, 640], np.int32), text
 
 
-def ours(pipe, params, inputs):
-    return np.asarray(lora.apply(pipe.unet, params, *(jnp.asarray(v) for v in inputs)))
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(unet, params, *inputs):
+    return lora.apply(unet, params, *inputs)
+
+
+def ours(pipe, params, inputs, unet=None):
+    """Our UNet (``unet`` or the pipeline's) on ``inputs``, jitted: one compile per params structure instead
+    of op-by-op dispatch."""
+    return np.asarray(_apply(unet or pipe.unet, params, *(jnp.asarray(v) for v in inputs)))
 
 
 def torch_unet_out(unet, inputs):
@@ -92,8 +100,7 @@ def test_merged_equals_unmerged(pipe):
     base = ours(pipe, pipe.unet_params, inputs)
     assert rel(merged, base) > 1e-2  # the adapters matter
     for remat in (False, True):
-        unmerged = np.asarray(lora.apply(pipe.unet.clone(remat=remat), lora.policy(adapters, pipe.unet_params, cfg),
-                                         *(jnp.asarray(v) for v in inputs)))
+        unmerged = ours(pipe, lora.policy(adapters, pipe.unet_params, cfg), inputs, pipe.unet.clone(remat=remat))
         assert rel(unmerged, merged) <= 1e-5
     # lora.dropout drops the branch's inputs in training (a key given) and nowhere else.
     dropped = lora.policy(adapters, pipe.unet_params, lora_config(target_modules=lora.SUPPORTED_TARGETS, dropout=0.5),
