@@ -38,8 +38,6 @@ SIZES = {
 }
 
 
-
-
 def random_params(shapes, seed: int = 0):
     """Params for a ShapeDtypeStruct tree, drawn on the host: kernels N(0, 1/fan_in), norm scales ~1,
     the rest N(0, 0.02²). Keeps activations O(1) through a deep random UNet so the losses stay finite.

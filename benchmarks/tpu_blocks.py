@@ -41,7 +41,8 @@ def compile_gradient(mesh, loss, params, *inputs, argnums=0) -> dict:
     m = compiled.memory_analysis()
     return {"uses_pallas_attention": "tpu_custom_call" in lowered.as_text(), "temp": int(m.temp_size_in_bytes),
             "argument": int(m.argument_size_in_bytes), "flops": float(compiled.cost_analysis().get("flops", 0.0)),
-            "compile_seconds": time.perf_counter() - start, "largest_buffers": aot.largest_buffers(compiled.as_text(), 5)}
+            "compile_seconds": time.perf_counter() - start,
+            "largest_buffers": aot.largest_buffers(compiled.as_text(), 5)}
 
 
 def _abstract_params(mesh, module, *inputs):

@@ -49,8 +49,6 @@ MEGACORE = ("v4", "v5p")
 SD15_VAE_CHANNELS = (128, 256, 512, 512)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # The pod and the model, from names and shapes only.
 
@@ -177,7 +175,8 @@ def check(config, topology: str, top: int = 10) -> dict:
               "hosts": len({d.process_index for d in devices}), "hbm_per_chip": hbm,
               "objective": c.objective, "model": program.run.pipeline.folder,
               "mesh": dict(program.mesh.shape), "batch_size": c.batch_size, "grad_accum": c.grad_accum,
-              "pairs_per_chip": c.batch_size // c.grad_accum // chips, "dtype": c.dtype, "remat": c.remat, "remat_policy": c.remat_policy,
+              "pairs_per_chip": c.batch_size // c.grad_accum // chips, "dtype": c.dtype, "remat": c.remat,
+              "remat_policy": c.remat_policy,
               "attention": c.attention, "arguments": program.argument_bytes(), "jax": jax.__version__}
     if hbm is not None and sum(report["arguments"].values()) > hbm:  # no compile can make it fit: say so now
         report.update(compile_seconds=None, fits=False, compiler_refused=False, arguments_exceed_hbm=True,

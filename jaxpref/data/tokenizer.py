@@ -111,10 +111,6 @@ def tokenize(tokenizer, captions: Sequence[str | bytes], max_length: int | None 
     return np.asarray(ids, np.int32)
 
 
-if __name__ == "__main__":
-    write_clip_tokenizer(GRAMMAR_WORDS, sys.argv[1] if len(sys.argv) > 1 else SHAPES_TOKENIZER_DIR)
-
-
 class StubTokenizer:
     """What ``trainer.build_run`` asks of a tokenizer: ``model_max_length`` and __call__ -> input_ids, for runs
     built from shapes only (``jaxpref.aot``, the benchmarks' random models).
@@ -129,3 +125,7 @@ class StubTokenizer:
         ids = np.full((len(texts), max_length or self.model_max_length), self.eos, np.int32)
         ids[:, 0] = self.bos
         return {"input_ids": ids}
+
+
+if __name__ == "__main__":
+    write_clip_tokenizer(GRAMMAR_WORDS, sys.argv[1] if len(sys.argv) > 1 else SHAPES_TOKENIZER_DIR)

@@ -379,7 +379,8 @@ class UNet2DConditionModel(nn.Module):
         tlayers = _per_block(self.transformer_layers_per_block, n)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(groups=self.norm_num_groups, eps=self.norm_eps, remat=self.remat,
-                        remat_policy=self.remat_policy, use_linear_projection=self.use_linear_projection, attention_impl=self.attention_impl, **kw)
+                        remat_policy=self.remat_policy, use_linear_projection=self.use_linear_projection,
+                        attention_impl=self.attention_impl, **kw)
         b, height, width, c = latents.shape
         context = jnp.asarray(encoder_hidden_states)
         if c != self.in_channels or context.ndim != 3 or context.shape[-1] != self.cross_attention_dim:
