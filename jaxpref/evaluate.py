@@ -10,7 +10,8 @@ Protocol (Diffusion-DRO's): image k of prompt i starts from x_T drawn with seed 
 (and, for DDPM, its per-step noise from the same seed), so every image is a pure function of (model,
 prompt, seed): results do not depend on the batch size or on the number of devices (up to float
 summation order: measured 5e-5 on latents between batch sizes). Batches are split over all devices
-on the batch axes of the training mesh (``jaxpref.sharding.make_mesh``). Classifier-free guidance uses the empty prompt (or
+on the batch axes of the training mesh (``jaxpref.sharding.make_mesh``), the generator running per
+device inside ``shard_map`` (each image is independent). Classifier-free guidance uses the empty prompt (or
 ``negative_prompt``) as the unconditional input, as diffusers' pipelines do; SDXL (``force_zeros_for_empty_prompt``)
 uses zeros instead of the encoded empty prompt and time ids (H, W, 0, 0, H, W), as StableDiffusionXLPipeline.
 
@@ -33,13 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 from ml_collections import config_flags
 from PIL import Image
 
 from jaxpref import diffusion, export, figures, prompts as prompts_lib, rewards, sharding
 from jaxpref.data.tokenizer import tokenize
-from jaxpref.models import conditioning, pipeline as pipeline_lib
+from jaxpref.models import attention, conditioning, pipeline as pipeline_lib
 from jaxpref.prompts import PromptSet
 from jaxpref.rewards.scorer import Scorer, as_prompts
 
@@ -142,12 +143,15 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 @functools.lru_cache(maxsize=16)
 def _generate_fn(unet, vae, schedule, sampler: str, num_steps: int, guidance_scale: float, eta: float,
-                 shape: tuple):
+                 shape: tuple, mesh: Mesh):
     """jit(unet_params, vae_params, seeds [B], cond [B, L, D], uncond [B, L, D]) -> (latents [B, h, w, c],
     uint8 images [B, H, W, 3]); cond and uncond may be SDXL's conditioning pytrees (leaves [B, ...]).
 
     ``sample`` is vmapped over images so each one draws its noise from its own seed (a batch-of-one
-    trajectory per image); XLA batches the vmapped UNet as one [2B, ...] call per step.
+    trajectory per image); XLA batches the vmapped UNet as one [2B, ...] call per step. The whole generator
+    runs per device inside ``shard_map`` over the mesh's batch axes (params replicated, B split): every
+    image is independent, and a kernel XLA cannot partition (``pallas_tpu`` attention) then sees the
+    device's own images instead of being replicated over the whole batch on every device.
     """
     def one(unet_params, x_T, rng, cond, uncond):
         eps_fn = lambda x, t, c: conditioning.apply_unet(unet, unet_params, x, t, c)
@@ -162,7 +166,13 @@ def _generate_fn(unet, vae, schedule, sampler: str, num_steps: int, guidance_sca
         decoded = vae.apply({"params": vae_params}, latents / vae.scaling_factor, method="decode")
         return latents, to_uint8(decoded)
 
-    return jax.jit(run)
+    def run_per_device(*args):
+        with attention.per_device(mesh):
+            return run(*args)
+
+    rows = P(sharding.BATCH_AXES)
+    return jax.jit(jax.shard_map(run_per_device, mesh=mesh, in_specs=(P(), P(), rows, rows, rows), out_specs=(rows, rows),
+                                 check_vma=False))
 
 
 def decode_latents(pipe: pipeline_lib.SDPipeline, latents) -> np.ndarray:
@@ -222,7 +232,8 @@ def generate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, *, unet_para
     mesh = sharding.make_mesh(-1, 1, devices) if mesh is None else mesh
     batch = _round_up(max(1, batch_size), mesh.size)
     rows, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    run = _generate_fn(pipe.unet, pipe.vae, schedule, sampler, int(num_steps), float(guidance_scale), float(eta), shape)
+    run = _generate_fn(pipe.unet, pipe.vae, schedule, sampler, int(num_steps), float(guidance_scale), float(eta), shape,
+                       mesh)
 
     n, k = len(texts), num_images_per_prompt
     seeds = image_seeds(n, k, seed)                      # [N, K]

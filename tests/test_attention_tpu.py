@@ -126,3 +126,39 @@ def test_auto_follows_the_mesh_platform(v5e_mesh):
     with attention.use_mesh(cpu):
         assert attention.resolve("auto", q, q) == "xla"
     np.testing.assert_equal(attention.target_platform(), jax.default_backend())
+
+
+def _pallas_calls(jaxpr, manual=False):
+    """(eqn, inside a shard_map) for every pallas_call in ``jaxpr`` and the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn, manual
+        inner = manual or eqn.primitive.name == "shard_map"
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _pallas_calls(sub, inner)
+
+
+def test_evaluation_generator_runs_the_kernel_on_each_devices_images(v5e_mesh, world):
+    """Evaluation's generator (vmapped per image, outside the train step's use_mesh) on a v5e:2x4 mesh with
+    ``pallas_tpu``: every kernel call sits inside the generator's shard_map and sees the device's 16 / 8 = 2
+    images (x 2 for classifier-free guidance), not the whole batch replicated on every device."""
+    from jaxpref import diffusion, evaluate
+    from jaxpref.models import load_pipeline
+
+    pipe = load_pipeline(world[0])
+    unet = pipe.unet.clone(attention_impl="pallas_tpu")
+    shape = evaluate.latent_shape(pipe, None, None)
+    schedule = diffusion.NoiseSchedule.from_config(pipe.scheduler_config)
+    fn = evaluate._generate_fn(unet, pipe.vae, schedule, "ddim", 2, 3.0, 0.0, shape, v5e_mesh)
+    abstract = lambda tree: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
+    text = jax.ShapeDtypeStruct((16, 77, pipe.unet.cross_attention_dim), jnp.float32)
+    traced = fn.trace(abstract(pipe.unet_params), abstract(pipe.vae_params), jax.ShapeDtypeStruct((16,), jnp.int32),
+                      text, text)
+    calls = list(_pallas_calls(traced.jaxpr.jaxpr))
+    assert calls and all(manual for _, manual in calls)
+    for eqn, _ in calls:
+        q = eqn.invars[0].aval.shape  # [..., heads, tokens, head dim]: leading dims = this device's rows
+        assert int(np.prod(q[:-3])) == 2 * 2, q

@@ -18,8 +18,8 @@ sample and head, kept again for the backward pass. The backends here compute the
   sequences, ``xla`` for short ones.
 
 The platform (and, for ``pallas_tpu``, the mesh) is the one of ``use_mesh(mesh)`` while the step is traced
-(``trainer.jit_train_step`` sets it: a TPU step compiled ahead of time on a CPU host is a TPU step), else
-``jax.default_backend()``.
+(``trainer.jit_train_step`` sets it: a TPU step compiled ahead of time on a CPU host is a TPU step), or of
+``per_device(mesh)`` inside a ``shard_map`` body (evaluation's generator), else ``jax.default_backend()``.
 
 Layout as ``jax.nn.dot_product_attention``: q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H].
 """
@@ -39,6 +39,7 @@ BACKENDS = ("auto", "xla", "cudnn", "chunked", "pallas_tpu")
 BATCH_AXES = ("data", "fsdp")  # jaxpref.sharding's mesh axes (not imported: sharding imports the models)
 TPU_LANES = 128  # the kernel's tile of the head dim and the token axes
 _MESH = contextvars.ContextVar("attention_mesh", default=None)
+_PLATFORM = contextvars.ContextVar("attention_platform", default=None)  # set by per_device
 
 Q_BLOCK = 512
 KV_BLOCK = 1024
@@ -67,10 +68,25 @@ def use_mesh(mesh):
         _MESH.reset(token)
 
 
+@contextlib.contextmanager
+def per_device(mesh):
+    """Trace the body of a ``shard_map`` over ``mesh``: ``auto`` follows the mesh's platform, and
+    ``pallas_tpu`` runs the kernel on the device's own batch (no second shard_map)."""
+    token = _MESH.set(None)
+    platform = _PLATFORM.set(mesh.devices.flat[0].platform)
+    try:
+        yield mesh
+    finally:
+        _PLATFORM.reset(platform)
+        _MESH.reset(token)
+
+
 def target_platform() -> str:
-    """The platform being traced for: ``use_mesh``'s devices', else ``jax.default_backend()``."""
+    """The platform being traced for: ``use_mesh``'s (or ``per_device``'s) devices', else ``jax.default_backend()``."""
     mesh = _MESH.get()
-    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return _PLATFORM.get() or jax.default_backend()
 
 
 def resolve(backend: str, q, k, platform: str | None = None) -> str:
