@@ -26,12 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxpref import evaluate as ev  # noqa: E402
 from jaxpref.models import clip, pipeline as pipeline_lib, vae as vae_lib  # noqa: E402
-from jaxpref.models.presets import SD15_SCHEDULER, SD15_TEXT, SD15_UNET  # noqa: E402
+from jaxpref.models.presets import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD_VAE_CHANNELS  # noqa: E402
 from jaxpref.rewards import pickscore_scorer, shapes_scorer  # noqa: E402
 from jaxpref.rewards.clip_rewards import CLIPBackbone  # noqa: E402
 from jaxpref.rewards.preprocess import Preprocess  # noqa: E402
 
-SD15_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+SD15_VAE = {"block_out_channels": list(SD_VAE_CHANNELS), "layers_per_block": 2, "latent_channels": 4,
             "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215}
 VIT_H_TEXT = clip.TextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, projection_dim=1024,
                              num_hidden_layers=24, num_attention_heads=16, hidden_act="gelu")

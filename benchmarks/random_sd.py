@@ -16,7 +16,7 @@ from jaxpref.flops import SD15_FWD_FLOPS, SD15_FWDBWD_FLOPS
 from jaxpref.models import clip, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
 from jaxpref.models.presets import (BENCH_TINY_TEXT as TINY_TEXT, BENCH_TINY_UNET as TINY_UNET_CONFIG,
                                     SD15_NARROW_UNET as SD15_NARROW_UNET_CONFIG, SD15_SCHEDULER, SD15_TEXT,
-                                    SD15_UNET)
+                                    SD15_UNET, SD_VAE_CHANNELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +33,8 @@ class Size:
 SIZES = {
     "tiny": Size(TINY_UNET_CONFIG, 8, TINY_TEXT, (8, 16), 2, None, None),
     "tiny16": Size(TINY_UNET_CONFIG, 16, TINY_TEXT, (8, 16), 2, None, None),
-    "sd15": Size(SD15_UNET, 64, SD15_TEXT, (128, 256, 512, 512), 8, SD15_FWD_FLOPS, SD15_FWDBWD_FLOPS),
-    "sd15-narrow": Size(SD15_NARROW_UNET_CONFIG, 64, SD15_TEXT, (128, 256, 512, 512), 8, None, None),
+    "sd15": Size(SD15_UNET, 64, SD15_TEXT, SD_VAE_CHANNELS, 8, SD15_FWD_FLOPS, SD15_FWDBWD_FLOPS),
+    "sd15-narrow": Size(SD15_NARROW_UNET_CONFIG, 64, SD15_TEXT, SD_VAE_CHANNELS, 8, None, None),
 }
 
 

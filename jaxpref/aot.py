@@ -5,7 +5,8 @@ exactly the train step ``jaxpref.train`` would run on that pod slice: the config
 topology's abstract devices (``jax.experimental.topologies``), the state and shardings of
 ``trainer.abstract_state``, the step of ``trainer.jit_train_step`` (DRO's generation and SmPO's inversion
 run inside it). No weights are read: the architecture comes from ``model_path``'s config.json files when it
-is a folder, else it is SD1.5's (``jaxpref.models.presets``). Prints, per chip: argument bytes (params,
+is a folder, else from ``jaxpref.models.presets``: SDXL's for a path naming an XL model (the SDXL configs'
+placeholder) or ``--architecture=sdxl``, SD1.5's otherwise. Prints, per chip: argument bytes (params,
 optimizer, other state, reference + text encoder, batch), the compiler's temporaries, the total against
 the chip's HBM, FITS or DOES NOT FIT (exit 1), the compiler's FLOPs, and the largest buffers when it does
 not fit. Multi-host topologies (v5e:4x4, v4:2x2x4) compile the same way: all hosts' devices in one program.
@@ -33,7 +34,9 @@ from ml_collections import config_flags
 
 from jaxpref import config_lib, sharding, trainer
 from jaxpref.models import clip, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
-from jaxpref.models.presets import SD15_SCHEDULER, SD15_TEXT, SD15_UNET
+from jaxpref.models import conditioning
+from jaxpref.models.presets import (SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD_VAE_CHANNELS, SDXL_TEXT, SDXL_TEXT_2,
+                                     SDXL_UNET)
 
 GIB = 2 ** 30
 # HBM per device JAX sees by ``device_kind``: a chip (v4 and v5p: both TensorCores, megacore), a core on v2/v3.
@@ -46,7 +49,7 @@ KNOWN_TOPOLOGIES = ("v2:2x2", "v3:2x2", "v4:2x2x1", "v4:2x2x2", "v4:2x2x4", "v5e
                     "v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:16x16")
 _TOPOLOGY = re.compile(r"^(v2|v3|v4|v5e|v5p|v6e)(?::|-)(\d+(?:x\d+){1,2})$")
 MEGACORE = ("v4", "v5p")
-SD15_VAE_CHANNELS = (128, 256, 512, 512)
+ARCHITECTURES = ("auto", "sd15", "sdxl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,6 +62,9 @@ def topology_devices(name: str):
         raise ValueError(f"--topology={name!r}: expected generation:chips, e.g. {', '.join(KNOWN_TOPOLOGIES)}")
     # v4 and v5p chips are two TensorCores that JAX on the pod drives as one device (megacore).
     kwargs = {"chip_config_name": "megacore"} if m.group(1) in MEGACORE else {}
+    dims = [int(d) for d in m.group(2).split("x")]
+    if len(dims) == 2 and dims[0] * dims[1] < 4:  # a slice smaller than a host (v5e:1x1): say the host's bounds
+        kwargs["chips_per_host_bounds"] = (*dims, 1)
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=f"{m.group(1)}:{m.group(2)}",
                                             **kwargs).devices
@@ -72,22 +78,52 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def abstract_pipeline(model_path: str, dtype) -> pipeline_lib.SDPipeline:
+def architecture_of(model_path: str, architecture: str = "auto") -> str:
+    """"folder" when ``model_path`` is one (its config.json files decide), else the preset to use: the given
+    one, or for ``auto`` SDXL's when the path names an XL model (the SDXL configs' placeholder does), SD1.5's
+    otherwise."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"--architecture={architecture!r}: expected one of {ARCHITECTURES}")
+    if os.path.isdir(pipeline_lib.resolve_model_path(model_path)) and architecture == "auto":
+        return "folder"
+    if architecture == "auto":
+        return "sdxl" if re.search(r"(^|[^a-z])xl([^a-z]|$)", os.path.basename(model_path.rstrip("/")).lower()) else "sd15"
+    return architecture
+
+
+def abstract_pipeline(model_path: str, dtype, architecture: str = "auto") -> pipeline_lib.SDPipeline:
     """An ``SDPipeline`` whose params are ShapeDtypeStructs: the architecture of ``model_path``'s
-    config.json files if it is a folder (nothing else is read), else SD1.5's presets."""
-    folder = pipeline_lib.resolve_model_path(model_path)
-    if os.path.isdir(folder):
+    config.json files if it is a folder (nothing else is read), else SD1.5's or SDXL's presets
+    (``architecture_of``)."""
+    kind = architecture_of(model_path, architecture)
+    if kind == "folder":
+        folder = pipeline_lib.resolve_model_path(model_path)
         unet = unet_lib.unet_from_config(_read_json(os.path.join(folder, "unet", "config.json")),
                                          source=f"{folder}/unet/config.json", dtype=dtype)
-        text_config = _read_json(os.path.join(folder, "text_encoder", "config.json"))
-        text_encoder = clip.text_encoder_from_config(text_config, dtype)
+        text_encoder = clip.text_encoder_from_config(_read_json(os.path.join(folder, "text_encoder", "config.json")),
+                                                     dtype)
+        if os.path.isdir(os.path.join(folder, "text_encoder_2")):
+            text_encoder = _sdxl_encoders(
+                text_encoder, clip.text_encoder_from_config(
+                    _read_json(os.path.join(folder, "text_encoder_2", "config.json")), dtype))
         vae = vae_lib.vae_from_config(_read_json(os.path.join(folder, "vae", "config.json")), dtype)
         scheduler = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
         return pipeline_lib.shape_pipeline(unet, text_encoder, vae, scheduler, folder)
+    vae = vae_lib.AutoencoderKL(block_out_channels=SD_VAE_CHANNELS)
+    if kind == "sdxl":
+        unet = unet_lib.unet_from_config(SDXL_UNET, source="SDXL preset", dtype=dtype)
+        text_encoder = _sdxl_encoders(clip.CLIPTextModel(config=SDXL_TEXT, dtype=dtype),
+                                      clip.CLIPTextModel(config=SDXL_TEXT_2, with_projection=True, dtype=dtype))
+        return pipeline_lib.shape_pipeline(unet, text_encoder, vae, SD15_SCHEDULER, "SDXL preset")
     unet = unet_lib.unet_from_config(SD15_UNET, source="SD1.5 preset", dtype=dtype)
     text_encoder = clip.CLIPTextModel(config=SD15_TEXT, dtype=dtype)
-    vae = vae_lib.AutoencoderKL(block_out_channels=SD15_VAE_CHANNELS)
     return pipeline_lib.shape_pipeline(unet, text_encoder, vae, SD15_SCHEDULER, "SD1.5 preset")
+
+
+def _sdxl_encoders(first, second) -> conditioning.SDXLTextEncoders:
+    """SDXL's two encoders as the pipeline loader joins them (token ids: the first tokenizer's)."""
+    return conditioning.SDXLTextEncoders(first, second, eos_token_id=first.config.eos_token_id,
+                                         pad_token_id_2=second.config.pad_token_id)
 
 
 def frozen_shapes(run: trainer.Run):
@@ -103,11 +139,13 @@ def batch_shapes(run: trainer.Run, rows: int) -> dict:
     experts [B, h, w, c], token ids, reward scores where the method reads them."""
     h, w, c = run.latent_shape
     latent = (rows, h, w, c) if run.method.data == "experts" else (rows, 2, h, w, c)
-    out = {"input_ids": jax.ShapeDtypeStruct((rows, run.text_shape[0]), jnp.int32),
+    out = {"input_ids": jax.ShapeDtypeStruct((rows, run.null_ids.shape[0]), jnp.int32),
            "latent_mean": jax.ShapeDtypeStruct(latent, jnp.float32),
            "latent_std": jax.ShapeDtypeStruct(latent, jnp.float32)}
     if run.method.needs_rewards:
         out["rewards"] = jax.ShapeDtypeStruct((rows, 2), jnp.float32)
+    if run.pipeline.is_sdxl and run.config.data.time_ids == "crop":  # each image's recorded size and crop
+        out["time_ids"] = jax.ShapeDtypeStruct(latent[:-3] + (6,), jnp.float32)
     return out
 
 
@@ -148,14 +186,14 @@ class Program:
         return out
 
 
-def build_program(config, devices) -> Program:
+def build_program(config, devices, architecture: str = "auto") -> Program:
     """The config's run on a mesh of ``devices``, validated, from shapes only."""
     config = config_lib.validate(config, check_paths=False)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     config_lib.validate(config, num_devices=mesh.size, check_paths=False)
     with config.unlocked():
         config.reference_path = ""  # the reference is the policy's architecture: same shapes, nothing to read
-    pipeline = abstract_pipeline(config.model_path, config_lib.DTYPES[config.dtype])
+    pipeline = abstract_pipeline(config.model_path, config_lib.DTYPES[config.dtype], architecture)
     run = trainer.build_run(config, pipeline)
     state, _ = trainer.abstract_state(run, mesh)
     return Program(run, mesh, state, frozen_shapes(run), batch_shapes(run, config.batch_size))
@@ -165,10 +203,10 @@ def hbm_bytes(device) -> int | None:
     return HBM_BYTES.get(device.device_kind)
 
 
-def check(config, topology: str, top: int = 10) -> dict:
+def check(config, topology: str, top: int = 10, architecture: str = "auto") -> dict:
     """Compiles the config's train step for ``topology`` and reports its memory per chip (a JSON-able dict)."""
     devices = topology_devices(topology)
-    program = build_program(config, devices)
+    program = build_program(config, devices, architecture)
     chips, hbm = len(devices), hbm_bytes(devices[0])
     c = program.run.config
     report = {"topology": topology, "device_kind": devices[0].device_kind, "chips": chips,
@@ -281,6 +319,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("pairs_per_chip", None, "set batch_size to this many pairs per chip per micro-batch "
                          "(x chips x grad_accum); default: the config's batch_size")
     flags.DEFINE_string("json", None, "also write the report to this JSON file")
+    flags.DEFINE_enum("architecture", "auto", list(ARCHITECTURES), "the model when model_path is not a folder: "
+                      "auto = SDXL's presets for a path naming an XL model (the SDXL configs'), else SD1.5's")
     flags.DEFINE_integer("top", 10, "largest buffers listed when the step does not fit")
 
 
@@ -296,7 +336,7 @@ def main(argv):
             config.batch_size = FLAGS.pairs_per_chip * chips * config.grad_accum
             config.dro.buffer_size = max(config.dro.buffer_size,
                                          FLAGS.pairs_per_chip * chips // config.dro.steps_per_trajectory)
-        report = check(config, FLAGS.topology, FLAGS.top)
+        report = check(config, FLAGS.topology, FLAGS.top, FLAGS.architecture)
     except ValueError as e:
         print(f"jaxpref.aot: {e}", file=sys.stderr)
         return 2

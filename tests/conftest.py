@@ -18,6 +18,10 @@ import pytest
 # Outside the checkout, so fresh clones on the same machine (CI) reuse earlier compiles.
 _CACHE = pathlib.Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or pathlib.Path.home() / ".cache" / "jaxpref" / "jax_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+# Test-only, inherited by the child processes: LLVM's expensive passes off. Measured on the tiny DPO step: compile
+# 32.9 -> 29.0 s, the same losses bit for bit and the same generated latents (no fast-math: the passes cannot
+# reorder float arithmetic), execution speed unchanged.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_llvm_disable_expensive_passes=true").strip()
 
 import jax  # noqa: E402
 

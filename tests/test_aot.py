@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from jaxpref import aot, config_lib, sharding
@@ -49,6 +50,8 @@ def test_unknown_topologies_and_bad_config_keys_are_named():
         aot.topology_devices("v9:2x2")
     with pytest.raises(ValueError, match=r"v5e:3x5.*does not know it.*v4:2x2x4"):
         aot.topology_devices("v5e:3x5")
+    single = aot.topology_devices("v5e:1x1")  # one chip: smaller than a v5e host's 2x2
+    assert len(single) == 1 and single[0].device_kind == "TPU v5 lite"
     p = _aot("--config=configs/tiny.py:dpo", "--topology=v5q:2x4")
     assert p.returncode == 2 and "v5q:2x4" in p.stderr and "v5e:2x4" in p.stderr
 
@@ -79,6 +82,23 @@ def test_sd15_params_and_optimizer_per_chip_scale_as_one_over_fsdp():
     assert per_chip[1] == pytest.approx(3 * 859_520_964 * 4, rel=0.01)  # fp32 params, Adam's mu and nu
     for n in (2, 4, 8):
         assert per_chip[n] * n == pytest.approx(per_chip[1], rel=0.10)
+
+
+def test_sdxl_configs_compile_for_sdxl_from_the_presets():
+    """configs/dposdxl.py (placeholder model path): the SDXL presets, checked against the public checkpoint's
+    sizes (UNet 2,567,463,684 params; CLIP-L 123,060,480 + OpenCLIP-bigG 694,659,840), fsdp over the v5p-8's
+    4 chips: a quarter of the fp32 params per chip."""
+    c = config_lib.load_config("dposdxl")
+    program = aot.build_program(c, aot.topology_devices("v5p:2x2x1"))
+    pipe = program.run.pipeline
+    count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    assert pipe.is_sdxl and pipe.folder == "SDXL preset" and dict(program.mesh.shape) == {"data": 1, "fsdp": 4}
+    assert count(pipe.unet_params) == 2_567_463_684
+    assert count(pipe.text_encoder_params["text_encoder"]) == 123_060_480
+    assert count(pipe.text_encoder_params["text_encoder_2"]) == 694_659_840
+    assert program.argument_bytes()["params"] == pytest.approx(2_567_463_684 * 4 / 4, rel=0.01)
+    assert aot.architecture_of("/path/to/stable-diffusion-v1-5") == "sd15"
+    assert aot.architecture_of("/m/sdxl-turbo") == "sd15" and aot.architecture_of("/m/sdxl-turbo", "sdxl") == "sdxl"
 
 
 def test_the_pod_launcher_refuses_a_config_that_does_not_fit(tmp_path):

@@ -65,15 +65,16 @@ def resolve_model_path(path: str) -> str:
 
 def shape_pipeline(unet, text_encoder, vae, scheduler_config: dict, folder: str) -> SDPipeline:
     """An ``SDPipeline`` of these modules whose UNet and text-encoder params are ShapeDtypeStructs (nothing
-    allocated), no VAE params and a stub tokenizer: what compiling a step for memory or FLOPs needs (the
+    allocated), no VAE params and a stub tokenizer (SDXL: ``text_encoder`` an ``SDXLTextEncoders``): what compiling a step for memory or FLOPs needs (the
     TPU fit check, the benchmarks' random models)."""
-    text = text_encoder.config
+    sdxl = isinstance(text_encoder, conditioning.SDXLTextEncoders)
+    text = (text_encoder.text_encoder if sdxl else text_encoder).config
     ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
     text_shapes = jax.eval_shape(lambda: text_encoder.init(jax.random.PRNGKey(0), ids))["params"]
     tokenizer = StubTokenizer(text.max_position_embeddings, text.bos_token_id, text.eos_token_id)
     return SDPipeline(unet=unet, unet_params=unet_lib.unet_param_shapes(unet), vae=vae, vae_params=None,
                       text_encoder=text_encoder, text_encoder_params=text_shapes, tokenizer=tokenizer,
-                      scheduler_config=dict(scheduler_config), folder=folder)
+                      scheduler_config=dict(scheduler_config), folder=folder, tokenizer_2=tokenizer if sdxl else None)
 
 
 def _read_model_index(folder: str) -> dict:

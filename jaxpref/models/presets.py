@@ -122,6 +122,15 @@ SD15_NARROW_UNET = {**SD15_UNET, "block_out_channels": [64, 128, 256, 256]}
 SD15_TEXT = clip.TextConfig(hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
                             num_attention_heads=12, max_position_embeddings=77)
 
+# SD's VAE (also SDXL's, and its fp16-fix version): block widths of the AutoencoderKL, 8x downsampling.
+SD_VAE_CHANNELS = (128, 256, 512, 512)
+
+# SDXL's two text encoders: CLIP ViT-L/14's text tower (as SD1.5's) and OpenCLIP ViT-bigG/14's, with the
+# pooled projection (694,659,840 params); the conditioning is both penultimate states, 768 + 1280 = 2048.
+SDXL_TEXT = SD15_TEXT
+SDXL_TEXT_2 = clip.TextConfig(hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
+                              num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu")
+
 
 # ---------------------------------------------------------------------------------------------
 # The shipped tiny model (jaxpref/assets/tiny_sd; trained by ``python -m jaxpref.tiny.train_base``): SD1.5-shaped,
