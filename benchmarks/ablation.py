@@ -44,6 +44,9 @@ VARIANTS = {
     "smpo/consistent": {"objective": "smpo", "smpo.inversion": "consistent"},
     "smpo/consistent+noisereg": {"objective": "smpo", "smpo.inversion": "consistent",
                                  "smpo.inversion_noise_regularization": True},
+    "smpo/consistent+noisereg-paper": {"objective": "smpo", "smpo.inversion": "consistent",
+                                       "smpo.inversion_noise_regularization": True,
+                                       "smpo.inversion_noise_shifts": "paper"},   # rolls 1..H/2: no variance pull
     "smpo/consistent+ddim": {"objective": "smpo", "smpo.inversion": "consistent", "smpo.inversion_iterations": 0,
                              "smpo.inversion_window": (0, 1)},   # plain DDIM inversion: K = 0 ReNoise iterations
     "dro/trajectory": {"objective": "dro", "dro.negative_target": "trajectory"},

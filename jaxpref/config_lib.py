@@ -15,7 +15,7 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
-from jaxpref import lora, objectives, optim, sharding
+from jaxpref import diffusion, lora, objectives, optim, sharding
 from jaxpref.methods import METHODS
 from jaxpref.methods.dro import EXPERT_TIMESTEPS, NEGATIVE_TARGETS
 from jaxpref.methods.smpo import INVERSIONS as SMPO_INVERSIONS
@@ -109,7 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
         beta=2000.0, gamma=10.0,
         reward_min=objectives.PICKSCORE_MIN, reward_max=objectives.PICKSCORE_MAX,  # over Pick-a-Pic v2
         inversion="code", inversion_steps=5, inversion_iterations=2, inversion_window=(0, 3),
-        inversion_noise_regularization=False))
+        inversion_noise_regularization=False, inversion_noise_shifts="code"))
     c.dro = ml_collections.ConfigDict(dict(
         margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0, buffer_size=4,
         steps_per_trajectory=1, refresh_every=0, expert_timestep="shared", negative_target="sample"))
@@ -204,6 +204,9 @@ KEY_HELP = {
     "smpo.inversion_iterations": "'consistent': ReNoise iterations K per step (0 = plain DDIM inversion)",
     "smpo.inversion_window": "'consistent': average ε of iterations a <= i < b for the final update",
     "smpo.inversion_noise_regularization": "'consistent': ReNoise's noise regularisation of ε",
+    "smpo.inversion_noise_shifts": "the regularisation's autocorrelation rolls: 'code' = shifts 0..H/2-1 as the "
+                                   "released code (shift 0 pulls the variance to 0: strong on small latents), "
+                                   "'paper' = 1..H/2 as the regulariser's formula (correlations only)",
     "dro.margin": "DRO's hinge margin",
     "dro.sampler": "sampler that generates DRO's negatives",
     "dro.num_inference_steps": "sampler steps of one negative trajectory",
@@ -388,6 +391,8 @@ def _check_smpo_inversion(s):
     k = s.inversion_iterations
     if not isinstance(k, int) or k < 0:
         _fail("smpo.inversion_iterations", k, "a number of ReNoise iterations >= 0 (0: plain DDIM inversion)")
+    if s.inversion_noise_shifts not in diffusion.NOISE_SHIFTS:
+        _fail("smpo.inversion_noise_shifts", s.inversion_noise_shifts, f"one of {tuple(diffusion.NOISE_SHIFTS)}")
     window = tuple(s.inversion_window)
     if len(window) != 2 or not all(isinstance(v, int) for v in window) or not 0 <= window[0] < window[1]:
         _fail("smpo.inversion_window", s.inversion_window, "(a, b) with 0 <= a < b: iterations a <= i < b averaged")

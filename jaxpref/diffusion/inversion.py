@@ -42,13 +42,20 @@ def ddim_inversion_step(x_s: jax.Array, eps: jax.Array, a_s: jax.Array, a_t: jax
 # ReNoise noise regularisation (Garibi et al. 2024, §4.2; formulas from their released code, which
 # adapts pix2pix-zero's). Per-sample losses on one latent [H, W, C].
 
+# smpo.inversion_noise_shifts -> NoiseRegularization.min_shift: the released code's rolls or the formula's.
+NOISE_SHIFTS = {"code": 0, "paper": 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class NoiseRegularization:
     """ReNoise's noise regularisation of each ε estimate; defaults are the released code's.
 
     num_reg_steps rounds of: one gradient step of ``patch_kl_loss`` (gradient clipped to ±kl_grad_clip,
     step lambda_kl), then num_ac_rolls gradient steps of ``autocorrelation_loss`` (gradient divided by
-    num_ac_rolls, step lambda_ac), each with fresh random rolls.
+    num_ac_rolls, step lambda_ac), each with fresh random rolls. min_shift: the smallest roll, 0 as the released
+    code (shifts 0..H/2−1; shift 0 is mean(ε²)², a pull towards zero variance) or 1 as the regulariser's formula
+    (Σ over δ >= 1: shifts 1..H/2, correlations only). On SD's 64×64 latents the two barely differ (shift 0 is
+    drawn at the 8×8 pyramid level only, once in four rolls there); on 8×8 latents it is every level.
     """
     lambda_kl: float = 0.065
     lambda_ac: float = 20.0
@@ -56,6 +63,7 @@ class NoiseRegularization:
     num_ac_rolls: int = 5
     patch_size: int = 4
     kl_grad_clip: float = 100.0
+    min_shift: int = 0
 
 
 def patch_kl_loss(eps: jax.Array, eps_ref: jax.Array, patch_size: int = 4) -> jax.Array:
@@ -75,17 +83,18 @@ def patch_kl_loss(eps: jax.Array, eps_ref: jax.Array, patch_size: int = 4) -> ja
     return jnp.abs(kl).sum()
 
 
-def autocorrelation_loss(eps: jax.Array, rng: jax.Array) -> jax.Array:
+def autocorrelation_loss(eps: jax.Array, rng: jax.Array, min_shift: int = 0) -> jax.Array:
     """Σ over channels and pyramid levels of squared mean autocorrelations at a random shift.
 
     eps: [H, W, C]. Per channel, at each level (2× average-pooled until H <= 8): one random shift
-    r ~ U{0, ..., H/2 − 1}; adds mean(n · roll(n, r, rows))² + mean(n · roll(n, r, cols))².
+    r ~ U{min_shift, ..., H/2 − 1 + min_shift}; adds mean(n · roll(n, r, rows))² + mean(n · roll(n, r, cols))².
     """
     def one_channel(n, key):
         loss = 0.0
         level = 0
         while True:
-            r = jax.random.randint(jax.random.fold_in(key, level), (), 0, max(n.shape[0] // 2, 1))
+            r = jax.random.randint(jax.random.fold_in(key, level), (), min_shift,
+                                   max(n.shape[0] // 2, 1) + min_shift)
             loss += jnp.mean(n * jnp.roll(n, r, axis=0)) ** 2 + jnp.mean(n * jnp.roll(n, r, axis=1)) ** 2
             if n.shape[0] <= 8:
                 return loss
@@ -107,7 +116,8 @@ def regularize_noise(eps: jax.Array, eps_ref: jax.Array, keys: jax.Array, config
             if config.lambda_ac > 0:
                 def inner(j, e):
                     key_rj = jax.random.fold_in(key, r * config.num_ac_rolls + j)
-                    return e - config.lambda_ac * jax.grad(autocorrelation_loss)(e, key_rj) / config.num_ac_rolls
+                    grad = jax.grad(autocorrelation_loss)(e, key_rj, config.min_shift)
+                    return e - config.lambda_ac * grad / config.num_ac_rolls
                 e = jax.lax.fori_loop(0, config.num_ac_rolls, inner, e)
             return e
         return jax.lax.fori_loop(0, config.num_reg_steps, outer, e)

@@ -86,5 +86,6 @@ class SmPO(Method):
             self.eps_fn(params), x0_2, t2, self.schedule, cond=text2, mode=cfg.inversion,
             num_steps=cfg.inversion_steps, renoise_steps=cfg.inversion_iterations,
             average_window=tuple(cfg.inversion_window),
-            noise_regularization=diffusion.NoiseRegularization() if regularize else None,
+            noise_regularization=diffusion.NoiseRegularization(
+                min_shift=diffusion.NOISE_SHIFTS[cfg.inversion_noise_shifts]) if regularize else None,
             keys=stack(noise_keys, noise_keys) if regularize else None)
