@@ -137,6 +137,25 @@ def test_regularize_noise_pulls_towards_gaussian_statistics():
     assert np.isfinite(out).all() and lag1(out) < lag1(smooth)
 
 
+def test_paper_shifts_leave_gaussian_noise_gaussian_where_code_shifts_shrink_it():
+    """Pure N(0, 1) noise on 8x8 latents (the embedded world's) against an independent reference: the formula's
+    rolls (δ >= 1, ``min_shift=1``) only decorrelate, so the variance stays near 1; the released code's rolls
+    include δ = 0 in a quarter of the draws, whose gradient 4·mean(ε²)·ε/(H·W) pulls the variance towards 0.
+    Every roll the formula's form draws is in 1..H/2."""
+    noise = jax.random.normal(jax.random.key(0), (8, 8, 8, 4))
+    ref = jax.random.normal(jax.random.key(1), (8, 8, 8, 4))
+    keys = jax.random.split(jax.random.key(2), 8)
+    variance = {shift: float(jnp.mean(regularize_noise(noise, ref, keys, NoiseRegularization(min_shift=shift)) ** 2))
+                for shift in (0, 1)}
+    assert 0.8 < variance[1] < 1.2 and variance[0] < 0.5, variance
+    e = np.asarray(noise[0, ..., :1], np.float64)
+    for k in range(50):  # the loss at one channel and one level is one roll's: find which
+        got = float(autocorrelation_loss(jnp.asarray(e, jnp.float32), jax.random.key(k), min_shift=1))
+        want = {r: np.mean(e * np.roll(e, r, 0)) ** 2 + np.mean(e * np.roll(e, r, 1)) ** 2 for r in range(8)}
+        matched = min(want, key=lambda r: abs(want[r] - got))
+        assert min(matched, 8 - matched) in range(1, 5)  # a roll by r and by H - r correlate the same pairs
+
+
 def test_invert_with_noise_regularization_is_per_sample():
     x0, cond = inputs(9, batch=3)
     run = jax.jit(lambda x, c: invert(model_jax, x, SCHEDULE, num_steps=5, cond=c, renoise_steps=2,
