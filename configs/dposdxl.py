@@ -12,7 +12,7 @@ flip (``--random_crop`` is off by default; ``--config.data.crop=random`` for our
 time ids fixed at (1024, 1024, 0, 0, 1024, 1024) for every image (``data.time_ids="fixed"``;
 ``"crop"`` feeds each image's recorded size and crop, as diffusers' own SDXL script).
 Ours: 1 pair per chip per micro-batch on a 4-chip v5p-8 / v4-8 (2048 pairs = 512 micro-batches x 4);
-its per-chip memory is not measured yet (benchmarks/NOTES.md).
+compiled for TPU (benchmarks/NOTES.md §7): 19.5 GiB per chip on a v5p-8, 20.7 GiB on a v4-8: fits.
 
 Data: a local diffusers SDXL folder (``model_path``), the fp16-fix VAE folder (``vae_path``, what the
 release encodes with; our VAE runs in ``vae_dtype`` fp32 or bf16), Pick-a-Pic v2 at 1024 px

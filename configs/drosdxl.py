@@ -11,7 +11,8 @@ prompt dropout 0.2, DPM-Solver++ 20 steps at guidance 1.0, center crop, random f
 release: 1024 px (its ``--resolution`` defaults to 512 for SDXL too; SDXL is trained at 1024) and remat
 (its gradient checkpointing is off by default; SDXL at 1024 px needs it on 4 chips).
 Ours: 1 expert per chip per micro-batch on a 4-chip v5p-8 (256 = 64 micro-batches x 4); per-chip memory
-not measured yet (benchmarks/NOTES.md).
+measured for the DPO config only (benchmarks/NOTES.md §7:
+19.5 GiB per chip on a v5p-8 at 1 pair per chip).
 
 Data: as configs/drosd15.py (``python -m jaxpref.data.experts ...``) at 1024 px.
 Cost: each expert costs ~20 SDXL generation forwards at 1024 px plus one train forward/backward.

@@ -11,7 +11,8 @@ SD1.5), Adafactor (scale_parameter=False, relative_step=False, clip 1.0, weight 
 checkpointing, γ = 10 (hard-coded in the loss), 1024 px, prompt dropout 0.2 ("" encoded), center crop,
 grad-norm clip 1.0, time ids fixed at (1024, 1024, 0, 0, 1024, 1024) (``data.time_ids="fixed"``).
 Ours: 1 pair per chip per micro-batch on a 4-chip v5p-8 (1024 = 256 micro-batches x 4); per-chip memory
-not measured yet (benchmarks/NOTES.md).
+measured for the DPO config only (benchmarks/NOTES.md §7:
+19.5 GiB per chip on a v5p-8 at 1 pair per chip).
 
 Data: as configs/dposdxl.py plus PickScore rewards (``python -m jaxpref.data.scores ...``), see README.
 Cost: 200 x 1024 pairs, each with 2 x 10 x 2 no-grad SDXL inversion forwards before its train step.
