@@ -6,9 +6,9 @@ loss (β = 5000) on Pick-a-Pic v2 pairs; the frozen base UNet is stored once in 
 reference. The settings follow the diffusers Diffusion-DPO LoRA example: AdamW lr 1e-5 constant, no warmup,
 32 pairs per update (2 per micro-batch x 16 micro-batches), 10,000 updates, remat, 512 px.
 Memory (benchmarks/NOTES.md §8): the state is 2.08 GiB (adapters + AdamW 0.018 GiB, bf16 base/reference
-1.60 GiB, text encoder 0.46 GiB) against 11.67 GiB for the full fine-tune. The compiled step (XLA:CPU memory
-analysis, no TPU measured) needs 15.4 GiB with 2 pairs per micro-batch (fits a 16 GiB chip) and 18.6 GiB
-with 4 (does not): keep ``batch_size / grad_accum`` at 2 on a 16 GiB chip.
+1.60 GiB, text encoder 0.46 GiB) against 11.67 GiB for the full fine-tune. Compiled by the TPU compiler
+for one v5e chip (benchmarks/NOTES.md §6) the step needs 6.0 GiB at 4 pairs per micro-batch; XLA:CPU's memory
+analysis (§8) had put it at 18.6 GiB with 4 and 15.4 GiB with 2 pairs, the 2 this file keeps (safe either way).
 Cost: 10,000 x 32 pairs, one policy forward/backward and one reference forward per pair. Expected result: not
 measured here; the LoRA run of the diffusers example is reported as experimental (low-data regime).
 

@@ -33,8 +33,7 @@ from jax.experimental import topologies
 from ml_collections import config_flags
 
 from jaxpref import config_lib, sharding, trainer
-from jaxpref.models import clip, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
-from jaxpref.models import conditioning
+from jaxpref.models import clip, conditioning, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
 from jaxpref.models.presets import (SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD_VAE_CHANNELS, SDXL_TEXT, SDXL_TEXT_2,
                                      SDXL_UNET)
 
@@ -84,11 +83,12 @@ def architecture_of(model_path: str, architecture: str = "auto") -> str:
     otherwise."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"--architecture={architecture!r}: expected one of {ARCHITECTURES}")
-    if os.path.isdir(pipeline_lib.resolve_model_path(model_path)) and architecture == "auto":
+    if architecture != "auto":
+        return architecture
+    if os.path.isdir(pipeline_lib.resolve_model_path(model_path)):
         return "folder"
-    if architecture == "auto":
-        return "sdxl" if re.search(r"(^|[^a-z])xl([^a-z]|$)", os.path.basename(model_path.rstrip("/")).lower()) else "sd15"
-    return architecture
+    name = os.path.basename(model_path.rstrip("/")).lower()
+    return "sdxl" if re.search(r"(^|[^a-z])xl([^a-z]|$)", name) else "sd15"
 
 
 def abstract_pipeline(model_path: str, dtype, architecture: str = "auto") -> pipeline_lib.SDPipeline:

@@ -171,8 +171,8 @@ def _generate_fn(unet, vae, schedule, sampler: str, num_steps: int, guidance_sca
             return run(*args)
 
     rows = P(sharding.BATCH_AXES)
-    return jax.jit(jax.shard_map(run_per_device, mesh=mesh, in_specs=(P(), P(), rows, rows, rows), out_specs=(rows, rows),
-                                 check_vma=False))
+    return jax.jit(jax.shard_map(run_per_device, mesh=mesh, in_specs=(P(), P(), rows, rows, rows),
+                                 out_specs=(rows, rows), check_vma=False))
 
 
 def decode_latents(pipe: pipeline_lib.SDPipeline, latents) -> np.ndarray:

@@ -168,7 +168,8 @@ def test_cli_on_two_devices_matches_one(tiny, shapes_prompts, tmp_path):
     cmd = [sys.executable, "-m", "jaxpref.evaluate", f"--model_path={folder}", "--prompts=shapes:test",
            "--num_prompts=3", "--reward=shapes", f"--out={out}", "--num_images_per_prompt=2", "--sampler=ddpm",
            "--num_steps=3", "--guidance_scale=7.5", "--seed=5", "--batch_size=3"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| shapes |" in proc.stdout and "on 2 device(s)" in proc.stdout

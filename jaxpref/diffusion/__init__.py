@@ -11,9 +11,10 @@ with per-sample integer timesteps t [B]; the output is read in the schedule's pr
   ``smpo_invert`` (SmPO's 5-step inversion as its code runs it, in the paper's clean form, or "consistent":
   latent, timestep and target at one noise level).
 """
-from jaxpref.diffusion.inversion import (NOISE_SHIFTS, SMPO_MODES, NoiseRegularization, SmPOInversion, autocorrelation_loss,
-                                         ddim_inversion_step, invert, patch_kl_loss, regularize_noise, renoise_step,
-                                         smpo_consistent_levels, smpo_grid, smpo_invert, smpo_landing_timestep)
+from jaxpref.diffusion.inversion import (NOISE_SHIFTS, SMPO_MODES, NoiseRegularization, SmPOInversion,
+                                         autocorrelation_loss, ddim_inversion_step, invert, patch_kl_loss,
+                                         regularize_noise, renoise_step, smpo_consistent_levels, smpo_grid,
+                                         smpo_invert, smpo_landing_timestep)
 from jaxpref.diffusion.samplers import (Trajectory, ddim_step, ddpm_step, dpm_solver_pp_step, dro_timestep_grid,
                                         guided_model, sample, sample_keys, sampler_noise, sampling_grid, step_noise)
 from jaxpref.diffusion.schedule import NoiseSchedule, output_to_x0_eps

@@ -65,8 +65,8 @@ def resolve_model_path(path: str) -> str:
 
 def shape_pipeline(unet, text_encoder, vae, scheduler_config: dict, folder: str) -> SDPipeline:
     """An ``SDPipeline`` of these modules whose UNet and text-encoder params are ShapeDtypeStructs (nothing
-    allocated), no VAE params and a stub tokenizer (SDXL: ``text_encoder`` an ``SDXLTextEncoders``): what compiling a step for memory or FLOPs needs (the
-    TPU fit check, the benchmarks' random models)."""
+    allocated), no VAE params and a stub tokenizer (SDXL: ``text_encoder`` an ``SDXLTextEncoders``): what
+    compiling a step for memory or FLOPs needs (the TPU fit check, the benchmarks' random models)."""
     sdxl = isinstance(text_encoder, conditioning.SDXLTextEncoders)
     text = (text_encoder.text_encoder if sdxl else text_encoder).config
     ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
