@@ -31,9 +31,13 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import train_helpers as th  # noqa: E402
 
-# xdist groups: each file is one group (its module fixtures are built once), except the end-to-end tests
-# below, each its own group so that they spread over the workers. The slow tests and those are scheduled
-# first (the longest jobs first keeps the two workers' loads even at the end).
+# xdist groups: each file is one group (its module fixtures are built once), except the tests below, each its own
+# group so that they spread over the workers, and the embedded end-to-end runs: one group, one worker, in this
+# order, so that they share the base model's held-out evaluation (seed 0 is evaluated once for four runs, see
+# jaxpref.evaluate.evaluate_base) and the notebook, last, finds the default command's train step and generator in
+# the persistent compile cache. The slow tests and those are scheduled first (the longest jobs first keeps the
+# two workers' loads even at the end).
+_EMBEDDED = ("test_embedded.py", "test_notebook.py")
 _OWN_GROUP = {"test_cli_survives_sigkill_and_sigterm_and_exports", "test_two_processes_train_in_lockstep_and_resume",
               "test_regeneration_is_byte_identical", "test_eight_devices_match_one"}
 
@@ -41,8 +45,8 @@ _OWN_GROUP = {"test_cli_survives_sigkill_and_sigterm_and_exports", "test_two_pro
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.path.name
-        if name == "test_embedded.py" and hasattr(item, "callspec"):
-            group = f"embedded_{item.callspec.params.get('objective')}"
+        if name in _EMBEDDED:
+            group = "embedded"
         elif item.originalname in _OWN_GROUP:
             group = item.originalname
         else:

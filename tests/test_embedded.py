@@ -73,8 +73,7 @@ def gain(config, pipeline, workdir: str) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["default"])
-def test_default_command_against_the_base_model(objective, data_dir, pipeline, tmp_path):
+def test_default_command_against_the_base_model(data_dir, pipeline, tmp_path):
     runs = [gain(embedded_config(s, data_dir), pipeline, str(tmp_path / f"seed{s}")) for s in SEEDS]
     gains, wins = zip(*runs)
     assert np.mean(gains) > DEFAULT_BOUNDS["gain"], gains
@@ -91,8 +90,7 @@ def test_objective_against_the_base_model(objective, data_dir, pipeline, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["dpo_lora"])
-def test_lora_dpo_against_the_base_model(objective, data_dir, pipeline, tmp_path):
+def test_lora_dpo_against_the_base_model(data_dir, pipeline, tmp_path):
     gains = []
     for s in OTHER_SEEDS:
         config = embedded_config(s, data_dir, "tiny:dpo", STEPS)
