@@ -49,6 +49,9 @@ VARIANTS = {
                                        "smpo.inversion_noise_shifts": "paper"},   # rolls 1..H/2: no variance pull
     "smpo/consistent+ddim": {"objective": "smpo", "smpo.inversion": "consistent", "smpo.inversion_iterations": 0,
                              "smpo.inversion_window": (0, 1)},   # plain DDIM inversion: K = 0 ReNoise iterations
+    # a share of the pairs inverted, the others forward-noised as "none" trains them
+    "smpo/consistent+mix0.5": {"objective": "smpo", "smpo.inversion": "consistent", "smpo.inversion_fraction": 0.5},
+    "smpo/consistent+mix0.25": {"objective": "smpo", "smpo.inversion": "consistent", "smpo.inversion_fraction": 0.25},
     "dro/trajectory": {"objective": "dro", "dro.negative_target": "trajectory"},
     "dro/sample": {"objective": "dro", "dro.negative_target": "sample"},
     "dro/trajectory+stale": {"objective": "dro", "dro.negative_target": "trajectory", "dro.refresh_every": 10},

@@ -109,7 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
         beta=2000.0, gamma=10.0,
         reward_min=objectives.PICKSCORE_MIN, reward_max=objectives.PICKSCORE_MAX,  # over Pick-a-Pic v2
         inversion="code", inversion_steps=5, inversion_iterations=2, inversion_window=(0, 3),
-        inversion_noise_regularization=False, inversion_noise_shifts="code"))
+        inversion_noise_regularization=False, inversion_noise_shifts="code", inversion_fraction=1.0))
     c.dro = ml_collections.ConfigDict(dict(
         margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0, buffer_size=4,
         steps_per_trajectory=1, refresh_every=0, expert_timestep="shared", negative_target="sample"))
@@ -207,6 +207,8 @@ KEY_HELP = {
     "smpo.inversion_noise_shifts": "the regularisation's autocorrelation rolls: 'code' = shifts 0..H/2-1 as the "
                                    "released code (shift 0 pulls the variance to 0: strong on small latents), "
                                    "'paper' = 1..H/2 as the regulariser's formula (correlations only)",
+    "smpo.inversion_fraction": "share of the pairs (drawn per pair) trained on inverted latents; the others on "
+                               "forward noise at the same t as 'none' (1 = all inverted, the references' form)",
     "dro.margin": "DRO's hinge margin",
     "dro.sampler": "sampler that generates DRO's negatives",
     "dro.num_inference_steps": "sampler steps of one negative trajectory",
@@ -384,6 +386,9 @@ def _check_lora(config):
 def _check_smpo_inversion(s):
     if s.inversion_steps < 1:
         _fail("smpo.inversion_steps", s.inversion_steps, "a number of grid steps >= 1")
+    if not 0.0 < s.inversion_fraction <= 1.0:
+        _fail("smpo.inversion_fraction", s.inversion_fraction, "a share of the pairs in (0, 1] (no inversion: "
+              "smpo.inversion='none')")
     if s.inversion != "consistent":
         if s.inversion_noise_regularization:
             _fail("smpo.inversion_noise_regularization", True, "applies to smpo.inversion='consistent' only")

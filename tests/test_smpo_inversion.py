@@ -14,8 +14,9 @@ from jaxpref import config_lib, step as step_lib, trainer
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.diffusion import (NoiseRegularization, NoiseSchedule, invert, smpo_consistent_levels, smpo_invert,
                                smpo_landing_timestep)
-from jaxpref.methods.base import NOISE, POSTERIOR, TIMESTEP, draw, pair_keys
-from jaxpref.methods.smpo import INVERSIONS, T_BUCKETS as SMPO_T_BUCKETS
+from jaxpref.methods.base import INVERTED, NOISE, POSTERIOR, TIMESTEP, draw, pair_keys
+from jaxpref.methods.smpo import INVERSIONS, SmPO, T_BUCKETS as SMPO_T_BUCKETS
+from jaxpref.diffusion import SmPOInversion
 from jaxpref.models import load_pipeline
 from tiny_sd import build_tiny_sd
 
@@ -181,6 +182,39 @@ def test_config_validation_names_the_inversion_keys():
     c = config_lib.base_config()
     c.objective, c.smpo.inversion_noise_regularization = "smpo", True  # with inversion "code"
     with pytest.raises(ValueError, match=r"config\.smpo\.inversion_noise_regularization.*'consistent'"):
+        config_lib.validate(c, check_paths=False)
+
+
+def test_a_fraction_of_the_pairs_is_inverted_the_others_forward_noised():
+    """smpo.inversion_fraction: each pair (both its images) takes the inversion's (x̃, τ, t) or DPO's forward
+    noise at its sampled t (x_t = √ᾱ x0 + √(1−ᾱ) ε, target ε), by its own uniform draw; 1 keeps the inversion."""
+    c = config_lib.base_config()
+    c.objective, c.smpo.inversion, c.smpo.inversion_fraction = "smpo", "consistent", 0.5
+    method = SmPO(config_lib.validate(c, check_paths=False), schedule=SCHEDULE)
+    b = 64
+    keys = pair_keys(jax.random.PRNGKey(0), b)
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((2 * b, *SHAPE)).astype(np.float32)
+    t = np.tile(rng.integers(0, 1000, b), 2).astype(np.int32)
+    inverted = SmPOInversion(latents=jnp.full(x0.shape, 7.0), target=jnp.full(x0.shape, -7.0),
+                             timestep=jnp.asarray(t + 1))
+    x, tau, t_used = method.mix_forward_noise(keys, inverted, jnp.asarray(x0), jnp.asarray(t))
+    use = np.asarray(draw(keys, INVERTED, lambda k: jax.random.uniform(k))) < 0.5
+    use2 = np.concatenate([use, use])
+    eps = np.asarray(draw(keys, NOISE, lambda k: jax.random.normal(k, SHAPE, jnp.float32)))
+    eps2 = np.concatenate([eps, eps])
+    a = ALPHAS[t][:, None, None, None]
+    assert 0.3 < use.mean() < 0.7
+    np.testing.assert_array_equal(np.asarray(x)[use2], 7.0)
+    np.testing.assert_array_equal(np.asarray(tau)[use2], -7.0)
+    np.testing.assert_array_equal(np.asarray(t_used), np.where(use2, t + 1, t))
+    np.testing.assert_allclose(np.asarray(x)[~use2], (np.sqrt(a) * x0 + np.sqrt(1 - a) * eps2)[~use2], rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(tau)[~use2], eps2[~use2])
+    c.smpo.inversion_fraction = 1.0
+    assert SmPO(c, schedule=SCHEDULE).mix_forward_noise(keys, inverted, x0, t) is inverted
+    c.smpo.inversion_fraction = 0.0
+    with pytest.raises(ValueError, match=r"config\.smpo\.inversion_fraction=0\.0"):
         config_lib.validate(c, check_paths=False)
 
 

@@ -25,7 +25,7 @@ from jaxpref.models import conditioning
 # Per-pair randomness: each pair draws from its own key (fold_in(step rng, pair index)), so a pair's t,
 # ε and dropout do not depend on the micro-batch split or the mesh: accumulating 4 micro-batches equals
 # one step on the whole batch, and 8 devices equal 1.
-DROPOUT, POSTERIOR, TIMESTEP, NOISE, START = range(5)
+DROPOUT, POSTERIOR, TIMESTEP, NOISE, START, INVERTED = range(6)
 
 
 def pair_keys(rng, num_pairs: int):

@@ -7,6 +7,8 @@
 
 ``smpo.inversion`` picks the inversion (docs/methods.md §3): "code" (the released code), "paper", "consistent"
 (latent, evaluation timestep and τ at one noise level), or "none", DPO's forward noise (the paper's ablation).
+``smpo.inversion_fraction`` < 1 trains that share of the pairs (drawn per pair, both images alike) on inverted
+latents and the others on forward noise at the same t.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpref import diffusion, objectives
-from jaxpref.methods.base import NOISE, Method, draw, stack
+from jaxpref.methods.base import INVERTED, NOISE, Method, draw, stack
 
 INVERSIONS = (*diffusion.SMPO_MODES, "none")  # "none": forward noise, the ablation without inversion
 
@@ -40,7 +42,8 @@ class SmPO(Method):
         if cfg.inversion == "none":
             x_inv, tau = self.noised_pairs(micro["keys"], x0_2, t2)
         else:
-            x_inv, tau, t2 = jax.lax.stop_gradient(self.invert(params, micro["keys"], x0_2, t2, text2))
+            inverted = jax.lax.stop_gradient(self.invert(params, micro["keys"], x0_2, t2, text2))
+            x_inv, tau, t2 = self.mix_forward_noise(micro["keys"], inverted, x0_2, t2)
         err, ref_err = self.errors(params, frozen["ref"], x_inv, t2, text2, tau)
         rewards = micro["rewards"].astype(jnp.float32)
         prob_w = objectives.smpo_preference(rewards[:, 0], rewards[:, 1], cfg.reward_min, cfg.reward_max)
@@ -48,6 +51,18 @@ class SmPO(Method):
                                              cfg.gamma)
         metrics.update(self.diagnostics(params, micro, x0_2, t2, text2, tau, err, micro_count))
         return loss, (metrics, micro_count)
+
+    def mix_forward_noise(self, keys, inverted, x0_2, t2):
+        """(x̃, τ, t) of the inversion for a share ``smpo.inversion_fraction`` of the pairs, drawn per pair;
+        the others forward-noised at their sampled t with τ = ε, as "none" trains them."""
+        fraction = float(self.config.smpo.inversion_fraction)
+        if fraction >= 1.0:
+            return inverted
+        x_t, noise = self.noised_pairs(keys, x0_2, t2)
+        use = draw(keys, INVERTED, lambda k: jax.random.uniform(k) < fraction)
+        use2 = stack(use, use)
+        pick = lambda a, b: jnp.where(use2.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
+        return pick(inverted.latents, x_t), pick(inverted.target, noise), pick(inverted.timestep, t2)
 
     def diagnostics(self, params, micro, x0_2, t2, text2, tau, err, micro_count) -> dict:
         """How noise-like the targets are and how well the policy predicts them, by t bucket: mean τ²
