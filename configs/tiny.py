@@ -7,7 +7,8 @@ argument picks another objective on the same world with its own measured setting
 ``:smpo`` train on the shapes preference pairs (SmPO's reward is the world's analytic reward). Ends by
 printing the base vs trained mean reward on held-out prompts and writing before_after.png and
 reward_curve.png into the workdir. Cost: ~4.5-5 minutes on 2 CPU cores (compile ~1.5 min,
-150 updates at ~2 updates/s, 4 evaluations). Expected (measured, seeds 0 / 1 / 2, 32 prompts x 4
+150 updates at ~2 updates/s, 4 evaluations); 82-110 s on a faster 2-core Xeon (AVX-512).
+Expected (measured, seeds 0 / 1 / 2, 32 prompts x 4
 images): held-out mean reward 0.572 -> 0.631 (seed 0), gain +0.059 / +0.038 / +0.047, per-prompt win
 rate 0.81 / 0.69 / 0.69; at 100 updates with the ablation's optimizer (constant 1e-4): DRO +0.040,
 SmPO (no inversion) +0.031, DPO +0.025, averaged over the seeds.
