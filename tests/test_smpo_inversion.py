@@ -12,11 +12,10 @@ import pytest
 
 from jaxpref import config_lib, step as step_lib, trainer
 from jaxpref.data.tokenizer import tokenize
-from jaxpref.diffusion import (NoiseRegularization, NoiseSchedule, invert, smpo_consistent_levels, smpo_invert,
-                               smpo_landing_timestep)
+from jaxpref.diffusion import (NoiseRegularization, NoiseSchedule, SmPOInversion, invert, smpo_consistent_levels,
+                               smpo_invert, smpo_landing_timestep)
 from jaxpref.methods.base import INVERTED, NOISE, POSTERIOR, TIMESTEP, draw, pair_keys
 from jaxpref.methods.smpo import INVERSIONS, SmPO, T_BUCKETS as SMPO_T_BUCKETS
-from jaxpref.diffusion import SmPOInversion
 from jaxpref.models import load_pipeline
 from tiny_sd import build_tiny_sd
 

@@ -76,9 +76,11 @@ def _tree_norm(t):
 
 
 ADAM = {"optimizer.lr": 3e-3}  # AdamW, no clipping: shared by the NaN test and the loss-lowering runs
-# SGD with lr 1 and the global-norm clip at CLIP, far below the gradient's norm: the update is the clipped gradient
-# the step applied (shared by the tests that read it; the steps report the gradient's norm before the clip).
-CLIP = 1e-3
+# SGD with lr 1 and the global-norm clip at CLIP: the update is the (clipped) gradient the step applied (shared by the
+# tests that read it; the steps report the gradient's norm before the clip). CLIP lies between the norms of the
+# gradients those tests take (measured: DPO's ~157, clipped; the soft-label SmPO step's ~16, not clipped), and
+# updates that large keep params - update exact enough for a 1e-4 comparison in fp32.
+CLIP = 50.0
 SGD_LR1 = {"optimizer.name": "sgd", "optimizer.lr": 1.0, "sample_posterior": False, "dpo.beta": 500.0,
            "optimizer.grad_clip": CLIP}
 # DRO's reference (trajectory) form with a stale θ (refreshed every 1000 steps): from step 2 on the negatives'
@@ -88,7 +90,7 @@ DRO_STALE = {**ADAM, "dro.refresh_every": 1000, "dro.negative_target": "trajecto
 
 def test_dpo_step_gradient_equals_plain_recomputation_and_the_clip_bounds_the_update(build):
     """SGD lr=1 exposes the update the step applied: the gradient recomputed by hand from docs/methods.md §0-1
-    with diffusers' own alphas_cumprod (torch) for q_sample, clipped to global norm 1e-3. One compiled step checks
+    with diffusers' own alphas_cumprod (torch) for q_sample, clipped to global norm CLIP. One compiled step checks
     the gradient's value (the step's pre-clip grad_norm against the recomputed norm), its direction (the applied
     update rescaled) and the clip (the update's norm is exactly the clip: it was active)."""
     run, state, frozen, train_step = build("dpo", **SGD_LR1)
@@ -123,12 +125,12 @@ def test_dpo_step_gradient_equals_plain_recomputation_and_the_clip_bounds_the_up
     assert float(metrics["loss"]) == pytest.approx(float(loss), abs=2e-5)
     assert float(metrics["loss"]) == pytest.approx(np.log(2), abs=2e-5)  # policy = reference at init
     norm = _tree_norm(grad)
-    assert norm > 10 * CLIP, norm                                            # the clip is active
+    assert norm > 2 * CLIP, norm                                             # the clip is active
     assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-4)     # the gradient's size, before the clip
     assert _tree_norm(applied) == pytest.approx(CLIP, rel=1e-3)              # the update's size: the clip
     unclipped = jax.tree_util.tree_map(lambda u: u * (norm / CLIP), applied)  # its direction: the gradient's
     rel = _tree_max_abs_diff(unclipped, grad) / max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(grad))
-    assert rel <= 1e-3, rel
+    assert rel <= 1e-4, rel
 
 
 def test_accumulated_step_equals_one_step_on_the_whole_batch(build):
@@ -150,8 +152,8 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(build):
 def test_smpo_without_inversion_and_a_certain_label_is_a_dpo_step(build):
     """docs/methods.md §3: γ(2p − 1) = 1 is DPO. γ = 1 and a reward gap that saturates p to 1.0 (a tiny reward
     range), with inversion "none" (forward noise from the same per-pair keys): loss, gradient and update equal
-    DPO's. Both steps are the gradient test's (SGD lr 1, update clipped to CLIP): the gradients' sizes come from
-    the steps' pre-clip grad_norm, their directions from the clipped updates."""
+    DPO's. Both steps are the gradient test's (SGD lr 1, global-norm clip CLIP), whose pre-clip grad_norm is
+    checked there against the recomputed gradient."""
     smpo_overrides = {"smpo.beta": 500.0, "smpo.inversion": "none", "smpo.gamma": 1.0, "smpo.reward_min": 0.0,
                       "smpo.reward_max": 1e-3}
     run_d, state, frozen, dpo_step = build("dpo", **SGD_LR1)
@@ -160,23 +162,20 @@ def test_smpo_without_inversion_and_a_certain_label_is_a_dpo_step(build):
     rewards = np.tile(np.asarray([[0.9, 0.2]], np.float32), (4, 1))   # r'_w − r'_l = 700: p = 1.0 in float32
     np.testing.assert_array_equal(np.asarray(objectives.smpo_preference(rewards[:, 0], rewards[:, 1], 0.0, 1e-3)), 1.0)
     rng = jax.random.PRNGKey(7)
-    update = lambda s: jax.tree_util.tree_map(lambda a, b: a - b, state.params, s.params)  # noqa: E731
     after_dpo, m_dpo = dpo_step(state, batch, rng, frozen)
     after_smpo, m_smpo = smpo_step(state, {**batch, "rewards": rewards}, rng, frozen)
-    u_dpo = update(after_dpo)
-    largest = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(u_dpo))
     assert float(m_smpo["smoothing"]) == 1.0
     assert float(m_smpo["loss"]) == pytest.approx(float(m_dpo["loss"]), rel=1e-6)
     assert float(m_smpo["grad_norm"]) == pytest.approx(float(m_dpo["grad_norm"]), rel=1e-5)
-    assert _tree_max_abs_diff(u_dpo, update(after_smpo)) <= 1e-5 * largest
-    # With a soft label (p < 1) the same pairs give a smaller gradient, in the same direction: the margin is scaled
-    # by γ(2p − 1) < 1 (at policy = reference, the gradient of -log σ(s·x) at x = 0 is linear in s).
+    assert _tree_max_abs_diff(after_dpo.params, after_smpo.params) <= 1e-6
+    # With a soft label (p < 1) the same pairs give a smaller step: the margin is scaled by γ(2p − 1) < 1. Its
+    # gradient is under the clip, so the step is the whole gradient, tanh(0.1) times DPO's (pre-clip) one.
     soft = np.tile(np.asarray([[0.0006, 0.0004]], np.float32), (4, 1))  # r' gap 0.2: γ(2p − 1) = tanh(0.1)
     after_soft, m_soft = smpo_step(state, {**batch, "rewards": soft}, rng, frozen)
     assert float(m_soft["smoothing"]) == pytest.approx(np.tanh(0.1), rel=1e-3)
-    assert float(m_soft["grad_norm"]) == pytest.approx(np.tanh(0.1) * float(m_dpo["grad_norm"]), rel=1e-3)
-    assert float(m_soft["grad_norm"]) > CLIP                              # still clipped: the same update size
-    assert _tree_max_abs_diff(u_dpo, update(after_soft)) <= 1e-3 * largest
+    assert float(m_dpo["grad_norm"]) > CLIP > float(m_soft["grad_norm"])
+    step_norm = lambda s: _tree_norm(jax.tree_util.tree_map(lambda a, b: a - b, state.params, s.params))  # noqa: E731
+    assert step_norm(after_soft) == pytest.approx(np.tanh(0.1) * float(m_dpo["grad_norm"]), rel=1e-3)
 
 
 def test_nan_batch_skips_the_update(build):
