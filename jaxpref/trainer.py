@@ -8,7 +8,9 @@ in/out shardings and a donated state. The train loop, the benchmarks and the tes
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import os
 from typing import Any
 
@@ -168,7 +170,23 @@ def lower_train_step(run: Run, mesh, state, batch, frozen, rng=None):
     return step.lower(state, batch, rng, frozen)
 
 
+# This process's compiled train steps by program (an LRU of _COMPILED_KEEP): a second ``train()`` of the same
+# program (the next seed of a sweep, a notebook cell run again, a resume in the same process) reuses the
+# executable instead of loading it from the persistent cache, which takes seconds on CPU.
+_COMPILED: collections.OrderedDict[str, Any] = collections.OrderedDict()
+_COMPILED_KEEP = 4
+
+
 def compile_train_step(run: Run, mesh, state, batch, frozen, rng=None):
     """The train step compiled ahead of time for these arguments (arrays or ShapeDtypeStructs):
-    ``compiled(state, batch, rng, frozen) -> (state, metrics)``."""
-    return lower_train_step(run, mesh, state, batch, frozen, rng).compile()
+    ``compiled(state, batch, rng, frozen) -> (state, metrics)``. The program (its StableHLO, shardings and
+    donation included) and the mesh's devices are the key of this process's cache."""
+    lowered = lower_train_step(run, mesh, state, batch, frozen, rng)
+    devices = [(d.platform, d.id) for d in mesh.devices.flat]
+    key = hashlib.sha256(f"{devices}\n{lowered.as_text()}".encode()).hexdigest()
+    if key not in _COMPILED:
+        _COMPILED[key] = lowered.compile()
+        while len(_COMPILED) > _COMPILED_KEEP:
+            _COMPILED.popitem(last=False)
+    _COMPILED.move_to_end(key)
+    return _COMPILED[key]

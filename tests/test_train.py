@@ -37,15 +37,21 @@ def test_reference_run_trains_checkpoints_and_exports(reference):
     assert len(th.checkpoint_meta(workdir, 6)["loaders"]) == 1
 
 
-def test_resume_in_process_repeats_the_uninterrupted_losses_exactly(world, reference, tmp_path):
+def test_resume_in_process_repeats_the_uninterrupted_losses_exactly(world, reference, tmp_path, monkeypatch):
     """0 -> 3 (max_steps), then a second train() in the same workdir restores checkpoint 3 (state + loader
-    position) and runs 3 -> 6: losses 4-6 and the final params equal the uninterrupted run's bit for bit."""
+    position) and runs 3 -> 6: losses 4-6 and the final params equal the uninterrupted run's bit for bit. The
+    second train() reuses the first's compiled step (the same program: trainer.compile_train_step's cache)."""
+    compiles = []
+    original = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **k: compiles.append(1) or original(self, *a, **k))
     ref_dir, ref = reference
     workdir = str(tmp_path / "run")
     config = th.tiny_dpo_config(*world)
     first = train_lib.train(config, workdir, max_steps=3)
     assert first["step"] == 3 and "exported_unet" not in first and th.checkpoint_steps(workdir) == [3]
+    compiled_before = len(compiles)
     second = train_lib.train(config, workdir)
+    assert len(compiles) == compiled_before
     want = th.losses(ref["history"])
     assert th.losses(first["history"]) == {k: want[k] for k in (1, 2, 3)}
     assert th.losses(second["history"]) == {k: want[k] for k in (4, 5, 6)}
