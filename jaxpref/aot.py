@@ -9,7 +9,8 @@ is a folder, else from ``jaxpref.models.presets``: SDXL's for a path naming an X
 placeholder) or ``--architecture=sdxl``, SD1.5's otherwise. Prints, per chip: argument bytes (params,
 optimizer, other state, reference + text encoder, batch), the compiler's temporaries, the total against
 the chip's HBM, FITS or DOES NOT FIT (exit 1), the compiler's FLOPs, and the largest buffers when it does
-not fit. Multi-host topologies (v5e:4x4, v4:2x2x4) compile the same way: all hosts' devices in one program.
+not fit (when the compiler refuses the program outright it assigns no buffers: then the largest values of
+the program before partitioning, e.g. dense attention's [B, heads, T, S] logits). Multi-host topologies (v5e:4x4, v4:2x2x4) compile the same way: all hosts' devices in one program.
 
   python -m jaxpref.aot --config=configs/drosd15.py --topology=v5e:2x4 --pairs_per_chip=4 --json fit.json
 """
@@ -229,7 +230,8 @@ def check(config, topology: str, top: int = 10, architecture: str = "auto") -> d
         if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds available" not in str(e):
             raise
         report.update(compile_seconds=time.perf_counter() - start, fits=False, compiler_refused=True,
-                      compiler_message=str(e)[:6000])
+                      compiler_message=str(e)[:6000],
+                      largest_before_partitioning=largest_buffers(lowered.as_text(dialect="hlo", debug_info=True), top))
         return report
     report["compile_seconds"] = time.perf_counter() - start
     m = compiled.memory_analysis()
@@ -289,6 +291,10 @@ def format_report(r: dict) -> str:
     elif r.get("compiler_refused"):
         lines += ["  the TPU compiler refused the program (over HBM):",
                   *("    " + line for line in r["compiler_message"].splitlines()[:40])]
+        if r.get("largest_before_partitioning"):
+            lines.append(f"  largest values of the program before partitioning (global shapes, no buffer assignment; "
+                         f"per chip about 1/{r['chips']} of those the batch is split over):")
+            lines += [f"    {gib(b['bytes'])}  {b['shape']:<28} {b['op']}" for b in r["largest_before_partitioning"]]
     else:
         m = r["memory"]
         lines += [f"  {'arguments (compiler)':<22}{gib(m['argument'])}   (TPU layout: small arrays padded to tiles)",

@@ -38,6 +38,27 @@ def test_tiny_dpo_step_fits_v5e_8(tmp_path):
     assert r["flops_per_chip"] > 0
 
 
+def test_a_refused_program_names_its_largest_values(monkeypatch):
+    """When the TPU compiler refuses a step outright (over HBM) it assigns no buffers; the report then lists the
+    program's largest values before partitioning with the ops that make them. The tiny DPO step with dense
+    (`xla`) attention, its compile refused by a stand-in for the compiler: the largest value is the top-level
+    self-attention's logits, f32 [2 x 16 pairs, 2 heads, 64 tokens, 64 tokens] (8 x 8 latents) = 1 MiB."""
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                           "temporaries (99.00G) exceeds available HBM (15.75G).")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
+    config = config_lib.load_config("tiny:dpo")
+    config.attention = "xla"
+    r = aot.check(config, "v5e:2x4", top=3)
+    assert r["compiler_refused"] and not r["fits"] and "99.00G" in r["compiler_message"]
+    largest = r["largest_before_partitioning"]
+    assert largest[0]["bytes"] == 4 * (2 * 16) * 2 * 64 * 64
+    assert any("attn1" in b["op"] and "dot_general" in b["op"] for b in largest), largest
+    text = aot.format_report(r)
+    assert "largest values of the program before partitioning" in text and "attn1" in text
+
+
 def test_an_oversized_batch_does_not_fit(tmp_path):
     """10 million pairs per chip: the batch alone is over 16 GiB per chip; DOES NOT FIT, exit 1."""
     p = _aot("--config=configs/tiny.py:dpo", "--topology=v5e:2x4", "--pairs_per_chip=10000000")
