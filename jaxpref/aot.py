@@ -10,7 +10,8 @@ placeholder) or ``--architecture=sdxl``, SD1.5's otherwise. Prints, per chip: ar
 optimizer, other state, reference + text encoder, batch), the compiler's temporaries, the total against
 the chip's HBM, FITS or DOES NOT FIT (exit 1), the compiler's FLOPs, and the largest buffers when it does
 not fit (when the compiler refuses the program outright it assigns no buffers: then the largest values of
-the program before partitioning, e.g. dense attention's [B, heads, T, S] logits). Multi-host topologies (v5e:4x4, v4:2x2x4) compile the same way: all hosts' devices in one program.
+the program before partitioning, e.g. dense attention's [B, heads, T, S] logits). Multi-host topologies
+(v5e:4x4, v4:2x2x4) compile the same way: all hosts' devices in one program.
 
   python -m jaxpref.aot --config=configs/drosd15.py --topology=v5e:2x4 --pairs_per_chip=4 --json fit.json
 """
@@ -231,7 +232,8 @@ def check(config, topology: str, top: int = 10, architecture: str = "auto") -> d
             raise
         report.update(compile_seconds=time.perf_counter() - start, fits=False, compiler_refused=True,
                       compiler_message=str(e)[:6000],
-                      largest_before_partitioning=largest_buffers(lowered.as_text(dialect="hlo", debug_info=True), top))
+                      largest_before_partitioning=largest_buffers(  # op names need the debug info
+                          lowered.as_text(dialect="hlo", debug_info=True), top))
         return report
     report["compile_seconds"] = time.perf_counter() - start
     m = compiled.memory_analysis()
