@@ -32,7 +32,7 @@ SD15_FWDBWD_FLOPS = 2.36e12  # forward + backward
 
 # Dense bf16 peak TFLOP/s per device, matched by substring of ``device_kind``, first match wins.
 PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0), ("H200", 989.0),
     ("A100", 312.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v4", 275.0),
 )
 

@@ -4,7 +4,8 @@ Dense XLA attention materialises the fp32 logits, [B, N, T, S]: at SD1.5's 4096 
 sample and head, kept again for the backward pass. The backends here compute the same function:
 
 - ``xla``: ``jax.nn.dot_product_attention``'s XLA path (logits and softmax in fp32);
-- ``cudnn``: its cuDNN flash attention (GPU, bf16/fp16, head dim a multiple of 8);
+- ``cudnn``: its cuDNN flash attention (GPU, bf16/fp16, head dim a multiple of 8, token counts multiples of
+  64); a call it does not take (SD's cross-attention on 77 text keys) runs ``xla``: its logits are small;
 - ``chunked``: pure JAX, query blocks in ``lax.map``, key blocks in ``lax.scan`` with an online softmax and
   fp32 accumulation; each query block is rematerialised in the backward pass, so memory is
   O(block × tokens) forward and backward, on any platform;
@@ -14,8 +15,8 @@ sample and head, kept again for the backward pass. The backends here compute the
   40/80/160 -> 128/128/256, SDXL's 64 -> 128: exact, the scale stays 1/√H of the real dim) and the token
   axes to a multiple of 128 (padded queries' rows dropped, padded keys masked by segment ids: SD's 77
   text tokens are 128 keys, 51 masked);
-- ``auto``: ``pallas_tpu`` on TPU; cuDNN where it supports the call; otherwise ``chunked`` for long
-  sequences, ``xla`` for short ones.
+- ``auto``: ``pallas_tpu`` on TPU; on GPU cuDNN where it supports the call, ``xla`` for cross-attention
+  on text it does not take; otherwise ``chunked`` for long sequences, ``xla`` for short ones.
 
 The platform (and, for ``pallas_tpu``, the mesh) is the one of ``use_mesh(mesh)`` while the step is traced
 (``trainer.jit_train_step`` sets it: a TPU step compiled ahead of time on a CPU host is a TPU step), or of
@@ -32,7 +33,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 from jax.sharding import PartitionSpec as P
 
 BACKENDS = ("auto", "xla", "cudnn", "chunked", "pallas_tpu")
@@ -48,6 +48,8 @@ KV_BLOCK = 1024
 # dense numerics; at 1024 x 1024 chunked needs 13x less forward temporaries (5 vs 64 MiB) at equal speed, and
 # at 4096 x 4096 21x less (50 vs 1024 MiB forward, 147 vs 2053 MiB with the gradient) and runs 2-3x faster.
 CHUNKED_FROM = 512 * 512
+TEXT_KEYS = 128  # at most this many keys: text conditioning, whose dense logits are small
+CUDNN_TOKENS = 64  # cuDNN flash attention's multiple of the query and key counts (see cudnn_supports)
 _MASKED = -1e30  # a finite -inf: masked logits and the empty running max stay NaN-free in the gradient
 
 
@@ -97,17 +99,23 @@ def resolve(backend: str, q, k, platform: str | None = None) -> str:
     platform = platform or target_platform()
     if platform == "tpu":
         return "pallas_tpu"
-    if platform in ("gpu", "cuda") and cudnn_supports(q):
-        return "cudnn"
+    if platform in ("gpu", "cuda"):
+        if cudnn_supports(q, k):
+            return "cudnn"
+        if k.shape[1] <= TEXT_KEYS:  # cross-attention on text: as the cudnn backend runs it
+            return "xla"
     return "chunked" if q.shape[1] * k.shape[1] >= CHUNKED_FROM else "xla"
 
 
-def cudnn_supports(q) -> bool:
-    """Whether cuDNN flash attention takes q: bf16/fp16, head dim a multiple of 8 up to 128 (256 on Hopper+)."""
+def cudnn_supports(q, k) -> bool:
+    """Whether cuDNN flash attention takes the call: bf16/fp16, head dim a multiple of 8 up to 128 (256 on
+    Hopper+), token counts multiples of 64. The last is jax 0.11's rule for a differentiated call: it refused
+    SD's cross-attention (4096 queries, 77 text keys) in the train step on an H200; jax 0.10 took it."""
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     head_dim = q.shape[-1]
-    return head_dim % 8 == 0 and head_dim <= (256 if _gpu_capability() >= 9.0 else 128)
+    tokens_ok = q.shape[1] % CUDNN_TOKENS == 0 and k.shape[1] % CUDNN_TOKENS == 0
+    return tokens_ok and head_dim % 8 == 0 and head_dim <= (256 if _gpu_capability() >= 9.0 else 128)
 
 
 def _gpu_capability() -> float:
@@ -127,9 +135,12 @@ def dot_product_attention(q, k, v, backend: str = "xla"):
             raise ValueError(f"attention backend 'pallas_tpu' needs a TPU, this step is traced for "
                              f"{target_platform()!r}; use 'auto', 'chunked' or 'xla'")
         return pallas_tpu_attention(q, k, v)
-    if backend == "cudnn" and target_platform() not in ("gpu", "cuda"):
-        raise ValueError(f"attention backend 'cudnn' needs a GPU, this process runs on {target_platform()!r}; "
-                         "use 'auto', 'chunked' or 'xla'")
+    if backend == "cudnn":
+        if target_platform() not in ("gpu", "cuda"):
+            raise ValueError(f"attention backend 'cudnn' needs a GPU, this process runs on {target_platform()!r}; "
+                             "use 'auto', 'chunked' or 'xla'")
+        if not cudnn_supports(q, k):  # cross-attention on 77 text tokens: small logits, dense is cheap
+            backend = "xla"
     return jax.nn.dot_product_attention(q, k, v, implementation=backend)
 
 
@@ -228,7 +239,8 @@ def _padded_attention(q, k, v, kernel, scale):
         return jnp.swapaxes(x, 1, 2)
 
     segment_ids = None
-    if sp != s:  # padded keys: segment 0, every query and real key: segment 1
+    if sp != s:
+        tpu_flash = _tpu_flash_module()  # padded keys: segment 0, every query and real key: segment 1
         segment_ids = tpu_flash.SegmentIds(q=jnp.ones((b, tp), jnp.int32),
                                            kv=jnp.broadcast_to((jnp.arange(sp) < s).astype(jnp.int32), (b, sp)))
     out = kernel(layout(q, tp), layout(k, sp), layout(v, sp), segment_ids, scale)
@@ -240,7 +252,15 @@ def _block(length: int) -> int:
     return next(b for b in (512, 256, 128) if length % b == 0)
 
 
+def _tpu_flash_module():
+    """Pallas' TPU flash attention, imported when a TPU program needs it: the other backends do not
+    depend on an experimental module's presence in the installed jax."""
+    from jax.experimental.pallas.ops.tpu import flash_attention
+    return flash_attention
+
+
 def _tpu_flash_kernel(q, k, v, segment_ids, scale):
+    tpu_flash = _tpu_flash_module()
     bq, bk = _block(q.shape[2]), _block(k.shape[2])
     blocks = tpu_flash.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
                                   block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
