@@ -239,8 +239,8 @@ def _padded_attention(q, k, v, kernel, scale):
         return jnp.swapaxes(x, 1, 2)
 
     segment_ids = None
-    if sp != s:
-        tpu_flash = _tpu_flash_module()  # padded keys: segment 0, every query and real key: segment 1
+    if sp != s:  # padded keys: segment 0, every query and real key: segment 1
+        tpu_flash = _tpu_flash_module()
         segment_ids = tpu_flash.SegmentIds(q=jnp.ones((b, tp), jnp.int32),
                                            kv=jnp.broadcast_to((jnp.arange(sp) < s).astype(jnp.int32), (b, sp)))
     out = kernel(layout(q, tp), layout(k, sp), layout(v, sp), segment_ids, scale)
