@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train_helpers as th
-from jaxpref import evaluate, export, sharding, step as step_lib, trainer
+from jaxpref import evaluate, export, lora, sharding, step as step_lib, trainer
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.models import conditioning, load_pipeline
 from test_step import make_batch, make_config
@@ -130,6 +130,39 @@ def test_export_then_diffusers_from_pretrained_gives_identical_outputs(folder, p
     ours = conditioning.apply_unet(pipe.unet, tuned, x.permute(0, 2, 3, 1).numpy(), jnp.array([10, 900]), cond)
     assert rel(ours, theirs.permute(0, 2, 3, 1)) <= 1e-5
     assert load_pipeline(out).is_sdxl
+
+
+def test_lora_on_sdxl_exports_what_diffusers_loads(folder, pipe, tmp_path):
+    """LoRA on the SDXL UNet (every attention projection, both encoders' context): our adapters, written as
+    pytorch_lora_weights.safetensors, loaded by StableDiffusionXLPipeline.load_lora_weights, give diffusers'
+    UNet our UNet-with-adapters output (fp32 <= 1e-4), with the text_embeds / time_ids conditioning."""
+    from diffusers import StableDiffusionXLPipeline
+
+    rank, alpha = 4, 8.0
+    cfg = make_config("dpo", **{"lora.enabled": True, "lora.rank": rank, "lora.alpha": alpha}).lora
+    fresh = lora.init_adapters(jax.random.PRNGKey(0), pipe.unet_params, cfg)
+    rng = np.random.default_rng(1)
+    adapters = jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.05 * rng.standard_normal(a.shape).astype(np.float32),
+                                      fresh)  # B no longer zero: the branch matters
+    lora.save_diffusers_lora(str(tmp_path), adapters, rank, alpha)
+    theirs_pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    theirs_pipe.load_lora_weights(str(tmp_path))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 8, 8, pipe.unet.in_channels)).astype(np.float32)
+    cond = {"context": rng.standard_normal((2, 7, pipe.unet.cross_attention_dim)).astype(np.float32),
+            "text_embeds": rng.standard_normal((2, pipe.text_encoder.projection_dim)).astype(np.float32),
+            "time_ids": np.array([[64.0, 64, 0, 0, 64, 64], [80, 72, 4, 8, 64, 64]], np.float32)}
+    t = np.array([10, 900])
+    with torch.no_grad():
+        added = {"text_embeds": torch.from_numpy(cond["text_embeds"]), "time_ids": torch.from_numpy(cond["time_ids"])}
+        theirs = theirs_pipe.unet(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
+                                  torch.from_numpy(cond["context"]), added_cond_kwargs=added).sample
+    args, kwargs = conditioning.unet_inputs(cond)
+    policy = lora.policy(adapters, pipe.unet_params, cfg)
+    ours = lora.apply(pipe.unet, policy, jnp.asarray(x), jnp.asarray(t), *args, **kwargs)
+    base = conditioning.apply_unet(pipe.unet, pipe.unet_params, x, t, cond)
+    assert rel(base, theirs.permute(0, 2, 3, 1)) > 1e-2  # the adapters change the output
+    assert rel(ours, theirs.permute(0, 2, 3, 1)) <= 1e-4
 
 
 def sdxl_run(pipe, objective, **overrides):

@@ -147,7 +147,7 @@ CONFIG_FILES = sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py") and f 
 
 # Configs sized for another device count than a v5e-8 / 8 GPUs (their docstrings say so): the LoRA config for
 # one 16 GiB chip, the SDXL configs for a v5p-8's 4 (megacore) chips, one pair per chip per micro-batch.
-SIZED_FOR = {"dposd15_lora.py": 1, "dposdxl.py": 4, "drosdxl.py": 4, "smposdxl.py": 4}
+SIZED_FOR = {"dposd15_lora.py": 1, "dposdxl.py": 4, "dposdxl_lora.py": 4, "drosdxl.py": 4, "smposdxl.py": 4}
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
