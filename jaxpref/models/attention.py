@@ -114,8 +114,12 @@ def cudnn_supports(q, k) -> bool:
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     head_dim = q.shape[-1]
-    tokens_ok = q.shape[1] % CUDNN_TOKENS == 0 and k.shape[1] % CUDNN_TOKENS == 0
-    return tokens_ok and head_dim % 8 == 0 and head_dim <= (256 if _gpu_capability() >= 9.0 else 128)
+    return cudnn_token_counts(q, k) and head_dim % 8 == 0 and head_dim <= (256 if _gpu_capability() >= 9.0 else 128)
+
+
+def cudnn_token_counts(q, k) -> bool:
+    """Whether the query and key counts are multiples of cuDNN flash attention's 64."""
+    return q.shape[1] % CUDNN_TOKENS == 0 and k.shape[1] % CUDNN_TOKENS == 0
 
 
 def _gpu_capability() -> float:
@@ -139,7 +143,7 @@ def dot_product_attention(q, k, v, backend: str = "xla"):
         if target_platform() not in ("gpu", "cuda"):
             raise ValueError(f"attention backend 'cudnn' needs a GPU, this process runs on {target_platform()!r}; "
                              "use 'auto', 'chunked' or 'xla'")
-        if not cudnn_supports(q, k):  # cross-attention on 77 text tokens: small logits, dense is cheap
+        if not cudnn_token_counts(q, k):  # cross-attention on 77 text tokens: small logits, dense is cheap
             backend = "xla"
     return jax.nn.dot_product_attention(q, k, v, implementation=backend)
 
