@@ -21,6 +21,7 @@ import train_helpers as th
 from jaxpref import evaluate, export, lora, sharding, step as step_lib, trainer
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.models import conditioning, load_pipeline
+from test_lora import trained_like
 from test_step import make_batch, make_config
 from tiny_sd import build_tiny_sdxl
 
@@ -140,10 +141,7 @@ def test_lora_on_sdxl_exports_what_diffusers_loads(folder, pipe, tmp_path):
 
     rank, alpha = 4, 8.0
     cfg = make_config("dpo", **{"lora.enabled": True, "lora.rank": rank, "lora.alpha": alpha}).lora
-    fresh = lora.init_adapters(jax.random.PRNGKey(0), pipe.unet_params, cfg)
-    rng = np.random.default_rng(1)
-    adapters = jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.05 * rng.standard_normal(a.shape).astype(np.float32),
-                                      fresh)  # B no longer zero: the branch matters
+    adapters = trained_like(lora.init_adapters(jax.random.PRNGKey(0), pipe.unet_params, cfg), scale=0.05)
     lora.save_diffusers_lora(str(tmp_path), adapters, rank, alpha)
     theirs_pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     theirs_pipe.load_lora_weights(str(tmp_path))
