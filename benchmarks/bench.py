@@ -56,7 +56,8 @@ from jaxpref.methods import METHODS  # noqa: E402
 from jaxpref.methods.base import pair_keys  # noqa: E402
 from jaxpref.methods.dro import empty_negatives_buffer  # noqa: E402
 from jaxpref.models.unet import count_params  # noqa: E402
-from measure import Row, fmt, format_table, median_seconds, peak, row_from_dict, unet_xla_flops, xla_flops  # noqa: E402
+from measure import (Row, fmt, format_table, mark_failed, median_seconds, peak, row_from_dict, timing_turn,  # noqa: E402
+                     unet_xla_flops, xla_flops)
 from memory_table import format_memory_table, memory_worker, run_memory_table  # noqa: E402
 from random_sd import SIZES, bench_config, make_batch, random_pipeline  # noqa: E402
 
@@ -109,9 +110,10 @@ def _aot(fn, *args, **jit_kwargs):
 def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int] = None, dtype: str = "float32",
                     remat: bool = False, attention: str = "xla", iters: int = 5, seed: int = 0,
                     unet_flops: Optional[tuple[float, float]] = None, log=print,
-                    overrides=()) -> tuple[list[Row], dict]:
+                    overrides=(), share: Optional[str] = None) -> tuple[list[Row], dict]:
     """Times one objective's programs; returns (rows, info). ``unet_flops``: (F, G) to use; default
-    the measured ones for sd15, else XLA's batch-1 counts of the lowered UNet."""
+    the measured ones for sd15, else XLA's batch-1 counts of the lowered UNet. ``share``: "DIR:N" when
+    N bench processes share the device (``measure.timing_turn``)."""
     size = SIZES[size_name]
     batch = batch or size.batch
     dev = jax.devices()[0]
@@ -157,42 +159,49 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
     common = dict(impl="jax", pairs=batch, device=kind)
     rows = []
 
-    # Loop programs first: the step donates the state.
-    loop = None
-    if objective == "dro" or (objective == "smpo" and config.smpo.inversion != "none"):
-        name, program = (("dro generation", generation_program(run)) if objective == "dro"
-                         else ("smpo inversion", inversion_program(run)))
-        compiled, compile_s = _aot(program, state.params, frozen, batch_arr, rngs[0])
-        calls = itertools.count()
-        seconds, times = median_seconds(
-            lambda p=state.params: jax.block_until_ready(compiled(p, frozen, batch_arr, rngs[next(calls) % len(rngs)])),
-            iters)
-        trips = config.dro.num_inference_steps if objective == "dro" else inversion_scan_steps(
-            config.smpo.inversion_steps, config.smpo.inversion)
-        raw = xla_flops(compiled)
-        xla, corrected = (None, False) if raw is None else loop_corrected(raw, raw, trips, flops(name))
-        loop = (raw, trips, corrected)
-        note = f"xla: loop body x{trips}" if corrected else ""
-        rows.append(Row(workload=name, seconds=seconds, model_flops=flops(name), xla_flops=xla,
-                        compile_seconds=compile_s, notes=note, times=times, **common))
-        rows[-1].peak_bytes, rows[-1].peak_source = peak(compiled)
-        log(f"  {name}: {seconds * 1e3:.2f} ms (compile {compile_s:.1f} s)")
-
+    # Every program compiled before any is timed (``timing_turn``: processes sharing a GPU time one at
+    # a time, after all have compiled); the loop program is timed first: the step donates the state.
+    has_part = objective == "dro" or (objective == "smpo" and config.smpo.inversion != "none")
+    if has_part:
+        part_name, program = (("dro generation", generation_program(run)) if objective == "dro"
+                              else ("smpo inversion", inversion_program(run)))
+        part_compiled, part_compile_s = _aot(program, state.params, frozen, batch_arr, rngs[0])
+        log(f"  {part_name}: compiled in {part_compile_s:.1f} s")
     start = time.perf_counter()
     compiled = trainer.compile_train_step(run, mesh, state, batch_arr, frozen, rngs[0])
     compile_s = time.perf_counter() - start
-    holder = {"state": state, "i": 0}
-    del state
+    log(f"  {objective} step: compiled in {compile_s:.1f} s")
 
-    def one_step():
-        holder["i"] += 1
-        holder["state"], metrics = compiled(holder["state"], batch_arr, rngs[holder["i"] % len(rngs)], frozen)
-        jax.block_until_ready((holder["state"], metrics))
-        holder.setdefault("first", metrics)
-        return metrics
+    with timing_turn(share, log):
+        loop = None
+        if has_part:
+            calls = itertools.count()
+            seconds, times = median_seconds(
+                lambda p=state.params: jax.block_until_ready(
+                    part_compiled(p, frozen, batch_arr, rngs[next(calls) % len(rngs)])), iters)
+            trips = config.dro.num_inference_steps if objective == "dro" else inversion_scan_steps(
+                config.smpo.inversion_steps, config.smpo.inversion)
+            raw = xla_flops(part_compiled)
+            xla, corrected = (None, False) if raw is None else loop_corrected(raw, raw, trips, flops(part_name))
+            loop = (raw, trips, corrected)
+            note = f"xla: loop body x{trips}" if corrected else ""
+            rows.append(Row(workload=part_name, seconds=seconds, model_flops=flops(part_name), xla_flops=xla,
+                            compile_seconds=part_compile_s, notes=note, times=times, **common))
+            rows[-1].peak_bytes, rows[-1].peak_source = peak(part_compiled)
+            log(f"  {part_name}: {seconds * 1e3:.2f} ms (compile {part_compile_s:.1f} s)")
 
-    seconds, times = median_seconds(one_step, iters)
-    metrics = jax.device_get(one_step())
+        holder = {"state": state, "i": 0}
+        del state
+
+        def one_step():
+            holder["i"] += 1
+            holder["state"], metrics = compiled(holder["state"], batch_arr, rngs[holder["i"] % len(rngs)], frozen)
+            jax.block_until_ready((holder["state"], metrics))
+            holder.setdefault("first", metrics)
+            return metrics
+
+        seconds, times = median_seconds(one_step, iters)
+        metrics = jax.device_get(one_step())
     # The first step starts at policy = reference (DPO: loss log 2 up to the bf16 reference's rounding);
     # the last has moved: with random weights the losses saturate within a few steps.
     info["first_metrics"] = {k: float(v) for k, v in jax.device_get(holder.pop("first")).items()}
@@ -233,6 +242,8 @@ def _worker_command(args, objective: str, out: str) -> list[str]:
             cmd += [flag, str(value)]
     if args.remat:
         cmd.append("--remat")
+    if args.share_device:
+        cmd += ["--share-device", args.share_device]
     for item in args.set:
         cmd += ["--set", item]
     return cmd
@@ -265,8 +276,12 @@ def _run_here(args, objective: str) -> dict:
     batch = args.batch or size.batch
     print(f"{objective}: {args.size}, {batch} pairs, {dtype}, remat={args.remat}, attention={args.attention}, "
           f"{dev.device_kind}", flush=True)
-    rows, info = bench_objective(objective, args.size, batch, dtype, args.remat, args.attention, iters,
-                                 overrides=args.set)
+    try:
+        rows, info = bench_objective(objective, args.size, batch, dtype, args.remat, args.attention, iters,
+                                     overrides=args.set, share=args.share_device)
+    except BaseException:
+        mark_failed(args.share_device)
+        raise
     return {"device": dev.device_kind, "platform": dev.platform, "num_devices": len(jax.devices()),
             "jax": jax.__version__, "size": args.size, "batch": batch, "dtype": dtype, "remat": args.remat,
             "attention": args.attention, "iters": iters,
@@ -315,6 +330,9 @@ def main(argv=None):
     parser.add_argument("--no-isolate", action="store_true",
                         help="run all objectives in this process (peak memory is then a running high-water mark; "
                         "on a GPU, --torch then competes with JAX's preallocation)")
+    parser.add_argument("--share-device", default=None, metavar="DIR:N",
+                        help="N bench commands started together on one GPU: all compile at once, then they time "
+                        "one at a time (a lock in DIR); set XLA_PYTHON_CLIENT_MEM_FRACTION below 1/N for each")
     parser.add_argument("--quiet-table", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-table", action="store_true",
                         help="per-device memory of the SD1.5 DPO step over 1/2/4/8 simulated CPU devices")

@@ -5,9 +5,11 @@
 #   bash benchmarks/gpu_bench.sh OUT_DIR [SECONDS]          # main rows: JAX's three steps + PyTorch eager
 #   OBJECTIVES=smpo bash benchmarks/gpu_bench.sh OUT_DIR [SECONDS]  # one objective (add TORCH= to skip PyTorch)
 #   STAGE=torch-compile bash benchmarks/gpu_bench.sh OUT_DIR [SECONDS]   # the torch.compile row alone
+#   STAGE=shared OBJECTIVES=smpo,dro bash benchmarks/gpu_bench.sh OUT_DIR [SECONDS]  # one process per
+#       objective: they compile at once (the compiles are CPU work, minutes each), then time one at a time
 #
 # Writes OUT_DIR/gpu.txt (device, clocks, versions), OUT_DIR/sd15_b8_cudnn.{json,log} or
-# OUT_DIR/torch_compile_sd15_b8.{json,log}. SECONDS (default 540) bounds the run: the process group is
+# OUT_DIR/torch_compile_sd15_b8.{json,log}, or (shared) OUT_DIR/sd15_b8_cudnn_<objective>.{json,log}. SECONDS (default 540) bounds the run: the process group is
 # stopped then, and the JSON keeps every objective that finished (bench.py rewrites it after each).
 # Missing packages (diffusers, ml_collections) may sit as wheels in .whl/ of the repository root.
 set -uo pipefail
@@ -57,8 +59,18 @@ case $stage in
     bounded "$seconds" bash -c "python3 benchmarks/bench.py --size $size --batch $batch --attention $attention \
       --objectives $objectives ${TORCH---torch} --json '$out/${size}_b${batch}_$attention.json' 2>&1 \
       | tee '$out/${size}_b${batch}_$attention.log'" ;;
+  shared)
+    IFS=, read -ra each <<< "$objectives"
+    turn=$(mktemp -d)
+    fraction=$(python3 -c "print(round(0.9 / ${#each[@]}, 2))")  # JAX would take 75% of the GPU per process
+    for o in "${each[@]}"; do
+      XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction bounded "$seconds" bash -c "python3 benchmarks/bench.py --size $size \
+        --batch $batch --attention $attention --objectives $o --share-device $turn:${#each[@]} \
+        --json '$out/${size}_b${batch}_${attention}_$o.json' 2>&1 | tee '$out/${size}_b${batch}_${attention}_$o.log'" &
+    done
+    wait ;;
   torch-compile)
     bounded "$seconds" bash -c "python3 benchmarks/torch_dpo_step.py --size $size --batch $batch --dtype bfloat16 \
       --compile --json '$out/torch_compile_${size}_b$batch.json' 2>&1 | tee '$out/torch_compile_${size}_b$batch.log'" ;;
-  *) echo "unknown STAGE=$stage (main, torch-compile)" >&2; exit 2 ;;
+  *) echo "unknown STAGE=$stage (main, shared, torch-compile)" >&2; exit 2 ;;
 esac

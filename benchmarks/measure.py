@@ -2,8 +2,12 @@
 the one table (``Row``, ``format_table``) that JAX's rows and the PyTorch reference's share."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import glob
 import math
+import os
 import statistics
 import time
 from typing import Optional
@@ -43,6 +47,42 @@ def peak(compiled) -> tuple[Optional[int], str]:
         return hwm, "hwm"
     b = compiled_bytes(compiled)
     return (b, "xla") if b is not None else (None, "")
+
+
+@contextlib.contextmanager
+def timing_turn(share: Optional[str], log=print, wait_s: float = 900.0):
+    """Several bench processes on one GPU: they compile at once (compiles are CPU work), then time one
+    at a time. ``share`` is "DIR:N": this process marks DIR/compiled.<pid>, waits (at most ``wait_s``)
+    until N processes have compiled or failed, then holds DIR/lock while its rows are timed, so no
+    timed call runs beside another process's compile (its autotuning runs on the GPU) or timing.
+    None: no sharing."""
+    if not share:
+        yield
+        return
+    folder, count = share.rsplit(":", 1)
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, f"compiled.{os.getpid()}"), "w").close()
+    start = time.perf_counter()
+    while len(glob.glob(os.path.join(folder, "compiled.*")) + glob.glob(os.path.join(folder, "failed.*"))) < int(count):
+        if time.perf_counter() - start > wait_s:
+            log(f"  timing_turn: {count} processes not all compiled after {wait_s:.0f} s; timing anyway")
+            break
+        time.sleep(1.0)
+    with open(os.path.join(folder, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        log(f"  timing_turn: waited {time.perf_counter() - start:.1f} s for the others' compiles and timings")
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def mark_failed(share: Optional[str]) -> None:
+    """A process of a ``timing_turn`` group that will not time: the others need not wait for it."""
+    if share:
+        folder = share.rsplit(":", 1)[0]
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f"failed.{os.getpid()}"), "w").close()
 
 
 def median_seconds(call, iters: int, warmup: int = 2) -> tuple[float, list[float]]:
