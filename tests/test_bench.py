@@ -93,3 +93,34 @@ def test_command_line_from_another_folder(tmp_path):
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "python benchmarks/bench.py --memory-table" in out.stdout and "SmPO inv" in out.stdout
+
+
+_TURN_WORKER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import measure
+share, compile_s, out = sys.argv[2], float(sys.argv[3]), sys.argv[4]
+time.sleep(compile_s)                      # the compile
+compiled = time.time()
+with measure.timing_turn(share, log=lambda *a: None):
+    start = time.time()
+    time.sleep(0.5)                        # the timed calls
+    end = time.time()
+json.dump({"compiled": compiled, "start": start, "end": end}, open(out, "w"))
+"""
+
+
+def test_processes_sharing_a_device_time_after_all_compiled_and_one_at_a_time(tmp_path):
+    """``bench.py --share-device DIR:N`` (gpu_bench.sh STAGE=shared): no process times while another
+    compiles or times; a failed one (``mark_failed``) is not waited for."""
+    import measure
+
+    share = f"{tmp_path / 'turn'}:4"
+    procs = [subprocess.Popen([sys.executable, "-c", _TURN_WORKER, BENCHMARKS, share, str(s), str(tmp_path / f"{i}.json")])
+             for i, s in enumerate((0.1, 1.5, 0.1))]
+    measure.mark_failed(share)  # the fourth process died before compiling
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    runs = sorted((json.loads((tmp_path / f"{i}.json").read_text()) for i in range(3)), key=lambda r: r["start"])
+    last_compile = max(r["compiled"] for r in runs)
+    assert all(r["start"] >= last_compile for r in runs)
+    assert all(a["end"] <= b["start"] for a, b in zip(runs, runs[1:]))
