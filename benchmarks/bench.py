@@ -56,8 +56,8 @@ from jaxpref.methods import METHODS  # noqa: E402
 from jaxpref.methods.base import pair_keys  # noqa: E402
 from jaxpref.methods.dro import empty_negatives_buffer  # noqa: E402
 from jaxpref.models.unet import count_params  # noqa: E402
-from measure import (Row, fmt, format_table, mark_failed, median_seconds, peak, row_from_dict, timing_turn,  # noqa: E402
-                     unet_xla_flops, xla_flops)
+from measure import (Row, fmt, format_table, mark_failed, median_seconds, parse_share, peak, row_from_dict,  # noqa: E402
+                     timing_turn, unet_xla_flops, xla_flops)
 from memory_table import format_memory_table, memory_worker, run_memory_table  # noqa: E402
 from random_sd import SIZES, bench_config, make_batch, random_pipeline  # noqa: E402
 
@@ -110,9 +110,9 @@ def _aot(fn, *args, **jit_kwargs):
 def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int] = None, dtype: str = "float32",
                     remat: bool = False, attention: str = "xla", iters: int = 5, seed: int = 0,
                     unet_flops: Optional[tuple[float, float]] = None, log=print,
-                    overrides=(), share: Optional[str] = None) -> tuple[list[Row], dict]:
+                    overrides=(), share: Optional[tuple[str, int]] = None) -> tuple[list[Row], dict]:
     """Times one objective's programs; returns (rows, info). ``unet_flops``: (F, G) to use; default
-    the measured ones for sd15, else XLA's batch-1 counts of the lowered UNet. ``share``: "DIR:N" when
+    the measured ones for sd15, else XLA's batch-1 counts of the lowered UNet. ``share``: (DIR, N) when
     N bench processes share the device (``measure.timing_turn``)."""
     size = SIZES[size_name]
     batch = batch or size.batch
@@ -234,6 +234,13 @@ def _default_dtype() -> str:
     return "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
 
 
+def _share_arg(value: str) -> tuple[str, int]:
+    try:
+        return parse_share(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _worker_command(args, objective: str, out: str) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--no-isolate", "--objectives", objective, "--size", args.size,
            "--attention", args.attention, "--json", out, "--quiet-table"]
@@ -242,8 +249,6 @@ def _worker_command(args, objective: str, out: str) -> list[str]:
             cmd += [flag, str(value)]
     if args.remat:
         cmd.append("--remat")
-    if args.share_device:
-        cmd += ["--share-device", args.share_device]
     for item in args.set:
         cmd += ["--set", item]
     return cmd
@@ -330,9 +335,10 @@ def main(argv=None):
     parser.add_argument("--no-isolate", action="store_true",
                         help="run all objectives in this process (peak memory is then a running high-water mark; "
                         "on a GPU, --torch then competes with JAX's preallocation)")
-    parser.add_argument("--share-device", default=None, metavar="DIR:N",
+    parser.add_argument("--share-device", default=None, metavar="DIR:N", type=_share_arg,
                         help="N bench commands started together on one GPU: all compile at once, then they time "
-                        "one at a time (a lock in DIR); set XLA_PYTHON_CLIENT_MEM_FRACTION below 1/N for each")
+                        "one at a time (a lock in DIR, a fresh folder per group); set XLA_PYTHON_CLIENT_MEM_FRACTION "
+                        "below 1/N for each")
     parser.add_argument("--quiet-table", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-table", action="store_true",
                         help="per-device memory of the SD1.5 DPO step over 1/2/4/8 simulated CPU devices")
@@ -360,6 +366,8 @@ def main(argv=None):
     for o in objectives:
         if o not in METHODS:
             parser.error(f"--objectives: {o!r} not in {tuple(METHODS)}")
+    if args.share_device and (len(objectives) > 1 or args.torch):
+        parser.error("--share-device: one objective per command and no --torch (the commands of a group run at once)")
     # Isolated, this process never starts a JAX backend: on a GPU it would hold most of the memory
     # while the workers and the PyTorch process run.
     isolate = not args.no_isolate and (len(objectives) > 1 or args.torch)

@@ -8,9 +8,10 @@
 #   STAGE=shared OBJECTIVES=smpo,dro bash benchmarks/gpu_bench.sh OUT_DIR [SECONDS]  # one process per
 #       objective: they compile at once (the compiles are CPU work, minutes each), then time one at a time
 #
-# Writes OUT_DIR/gpu.txt (device, clocks, versions), OUT_DIR/sd15_b8_cudnn.{json,log} or
-# OUT_DIR/torch_compile_sd15_b8.{json,log}, or (shared) OUT_DIR/sd15_b8_cudnn_<objective>.{json,log}. SECONDS (default 540) bounds the run: the process group is
-# stopped then, and the JSON keeps every objective that finished (bench.py rewrites it after each).
+# Writes OUT_DIR/gpu.txt (device, clocks, versions), OUT_DIR/sd15_b8_cudnn.{json,log},
+# OUT_DIR/torch_compile_sd15_b8.{json,log} or (shared) OUT_DIR/sd15_b8_cudnn_<objective>.{json,log}.
+# SECONDS (default 540) bounds the run: the process group is stopped then, and the JSON keeps every
+# objective that finished (bench.py rewrites it after each).
 # Missing packages (diffusers, ml_collections) may sit as wheels in .whl/ of the repository root.
 set -uo pipefail
 out=${1:?usage: gpu_bench.sh OUT_DIR [SECONDS]}

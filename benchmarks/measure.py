@@ -49,21 +49,29 @@ def peak(compiled) -> tuple[Optional[int], str]:
     return (b, "xla") if b is not None else (None, "")
 
 
+def parse_share(value: str) -> tuple[str, int]:
+    """``--share-device DIR:N`` as (DIR, N), checked before anything is compiled."""
+    folder, _, count = value.rpartition(":")
+    if not folder or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"expected DIR:N (a fresh folder per group, N >= 1 processes), got {value!r}")
+    return folder, int(count)
+
+
 @contextlib.contextmanager
-def timing_turn(share: Optional[str], log=print, wait_s: float = 900.0):
+def timing_turn(share: Optional[tuple[str, int]], log=print, wait_s: float = 900.0):
     """Several bench processes on one GPU: they compile at once (compiles are CPU work), then time one
-    at a time. ``share`` is "DIR:N": this process marks DIR/compiled.<pid>, waits (at most ``wait_s``)
-    until N processes have compiled or failed, then holds DIR/lock while its rows are timed, so no
-    timed call runs beside another process's compile (its autotuning runs on the GPU) or timing.
-    None: no sharing."""
+    at a time. ``share`` is (DIR, N) from ``parse_share``: this process marks DIR/compiled.<pid>, waits
+    (at most ``wait_s``) until N processes have compiled or failed, then holds DIR/lock while its rows
+    are timed, so no timed call runs beside another process's compile (its autotuning runs on the GPU)
+    or timing. None: no sharing."""
     if not share:
         yield
         return
-    folder, count = share.rsplit(":", 1)
+    folder, count = share
     os.makedirs(folder, exist_ok=True)
     open(os.path.join(folder, f"compiled.{os.getpid()}"), "w").close()
     start = time.perf_counter()
-    while len(glob.glob(os.path.join(folder, "compiled.*")) + glob.glob(os.path.join(folder, "failed.*"))) < int(count):
+    while len(glob.glob(os.path.join(folder, "compiled.*")) + glob.glob(os.path.join(folder, "failed.*"))) < count:
         if time.perf_counter() - start > wait_s:
             log(f"  timing_turn: {count} processes not all compiled after {wait_s:.0f} s; timing anyway")
             break
@@ -77,12 +85,11 @@ def timing_turn(share: Optional[str], log=print, wait_s: float = 900.0):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def mark_failed(share: Optional[str]) -> None:
+def mark_failed(share: Optional[tuple[str, int]]) -> None:
     """A process of a ``timing_turn`` group that will not time: the others need not wait for it."""
     if share:
-        folder = share.rsplit(":", 1)[0]
-        os.makedirs(folder, exist_ok=True)
-        open(os.path.join(folder, f"failed.{os.getpid()}"), "w").close()
+        os.makedirs(share[0], exist_ok=True)
+        open(os.path.join(share[0], f"failed.{os.getpid()}"), "w").close()
 
 
 def median_seconds(call, iters: int, warmup: int = 2) -> tuple[float, list[float]]:

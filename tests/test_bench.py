@@ -99,7 +99,7 @@ _TURN_WORKER = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import measure
-share, compile_s, out = sys.argv[2], float(sys.argv[3]), sys.argv[4]
+share, compile_s, out = measure.parse_share(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 time.sleep(compile_s)                      # the compile
 compiled = time.time()
 with measure.timing_turn(share, log=lambda *a: None):
@@ -118,9 +118,14 @@ def test_processes_sharing_a_device_time_after_all_compiled_and_one_at_a_time(tm
     share = f"{tmp_path / 'turn'}:4"
     procs = [subprocess.Popen([sys.executable, "-c", _TURN_WORKER, BENCHMARKS, share, str(s), str(tmp_path / f"{i}.json")])
              for i, s in enumerate((0.1, 1.5, 0.1))]
-    measure.mark_failed(share)  # the fourth process died before compiling
+    measure.mark_failed(measure.parse_share(share))  # the fourth process died before compiling
     assert all(p.wait(timeout=60) == 0 for p in procs)
     runs = sorted((json.loads((tmp_path / f"{i}.json").read_text()) for i in range(3)), key=lambda r: r["start"])
     last_compile = max(r["compiled"] for r in runs)
     assert all(r["start"] >= last_compile for r in runs)
     assert all(a["end"] <= b["start"] for a, b in zip(runs, runs[1:]))
+    for bad in ("turn", "turn:", "turn:0", ":2"):  # named at the command line, before any compile
+        with pytest.raises(ValueError, match="DIR:N"):
+            measure.parse_share(bad)
+    with pytest.raises(SystemExit):  # a group is N commands of one objective each, started together
+        bench.main(["--objectives", "dpo,dro", "--share-device", share])
