@@ -9,7 +9,9 @@ in/out shardings and a donated state. The train loop, the benchmarks and the tes
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import os
 from typing import Any
@@ -167,7 +169,22 @@ def lower_train_step(run: Run, mesh, state, batch, frozen, rng=None):
     step = jit_train_step(run, mesh, state_shardings(mesh, state_shapes, run.config, run.method), frozen_shardings(run, mesh, frozen),
                           jax.eval_shape(lambda b: b, batch))
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    return step.lower(state, batch, rng, frozen)
+    with _gc_paused():
+        return step.lower(state, batch, rng, frozen)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cycle collector off while a step is traced: tracing makes short-lived objects by the
+    million, and the collections they set off rescan every live object each time (measured on the tiny DRO
+    step: lowering 5.9 -> 4.7 s). Back on right after."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # This process's last compiled train step, by program: a second ``train()`` of the same program (the next seed of
