@@ -25,8 +25,26 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 # And XLA's YNNPACK fusions off (the flag's empty list): loading a cached step spends most of its time
 # rebuilding them (the tiny DRO step: 10 -> 4.5 s per load from the persistent cache) and the tiny DRO step
 # runs 10-15% faster without them; compile time unchanged, float rounding differs in the last bits.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_llvm_disable_expensive_passes=true"
-                           " --xla_cpu_experimental_ynn_fusion_type=").strip()
+# XLA stops at an unknown flag, so that one is added only where this jaxlib has it.
+
+
+def _jaxlib_has_flag(name: str) -> bool:
+    """Whether one of jaxlib's shared libraries names the XLA flag (read, not loaded: no backend starts)."""
+    import importlib.util
+    import mmap
+
+    spec = importlib.util.find_spec("jaxlib")
+    for lib in pathlib.Path(spec.origin).parent.glob("*.so") if spec and spec.origin else ():
+        with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data.find(name.encode()) >= 0:
+                return True
+    return False
+
+
+_FLAGS = ["--xla_llvm_disable_expensive_passes=true"]
+if _jaxlib_has_flag("xla_cpu_experimental_ynn_fusion_type"):
+    _FLAGS.append("--xla_cpu_experimental_ynn_fusion_type=")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_FLAGS]).strip()
 
 import jax  # noqa: E402
 

@@ -5,6 +5,7 @@ repeats the uninterrupted run's losses exactly (in-process, after SIGKILL, after
 Cost: one compile of the 1-device step (shared by every in-process run and by the CLI children through the
 persistent compile cache), plus the children of the slow tests.
 """
+import gc
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 import train_helpers as th
-from jaxpref import checkpoint as checkpoint_lib, config_lib, evaluate, train as train_lib
+from jaxpref import checkpoint as checkpoint_lib, config_lib, evaluate, train as train_lib, trainer
 from jaxpref.methods import get_method
 
 CONFIGS = os.path.join(th.REPO, "configs")
@@ -58,6 +59,23 @@ def test_resume_in_process_repeats_the_uninterrupted_losses_exactly(world, refer
     assert th.metrics_losses(workdir) == want
     assert th.tree_max_abs_diff(checkpoint_lib.load_policy_params(workdir),
                                 checkpoint_lib.load_policy_params(ref_dir)) == 0.0
+    assert gc.isenabled()  # paused while the step was traced, back on after
+
+
+def test_the_cycle_collector_pause_restores_its_state_on_errors_too():
+    with trainer._gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ZeroDivisionError), trainer._gc_paused():
+        1 / 0
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with trainer._gc_paused():
+            pass
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
 
 
 @pytest.mark.slow
