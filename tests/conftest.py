@@ -41,10 +41,15 @@ def _jaxlib_has_flag(name: str) -> bool:
     return False
 
 
-_FLAGS = ["--xla_llvm_disable_expensive_passes=true"]
-if _jaxlib_has_flag("xla_cpu_experimental_ynn_fusion_type"):
-    _FLAGS.append("--xla_cpu_experimental_ynn_fusion_type=")
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_FLAGS]).strip()
+def _add_xla_flag(flag: str, needs_check: bool = False) -> None:
+    """Appends ``flag`` to XLA_FLAGS once: xdist workers inherit the controller's, already set (no rescan)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if flag not in flags and (not needs_check or _jaxlib_has_flag(flag.lstrip("-").split("=")[0])):
+        os.environ["XLA_FLAGS"] = " ".join([*flags, flag])
+
+
+_add_xla_flag("--xla_llvm_disable_expensive_passes=true")
+_add_xla_flag("--xla_cpu_experimental_ynn_fusion_type=", needs_check=True)
 
 import jax  # noqa: E402
 
