@@ -59,6 +59,10 @@ _OWN_GROUP = {"test_cli_survives_sigkill_and_sigterm_and_exports", "test_two_pro
               "test_regeneration_is_byte_identical", "test_eight_devices_match_one"}
 
 
+# tryfirst: xdist reads the groups in its own pytest_collection_modifyitems; run after it, the markers were
+# ignored and a file's tests (and their module fixtures: the 8-device run, the step tests' compiles) split
+# over both workers.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.path.name
