@@ -25,16 +25,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 # XLA's YNNPACK fusions stay on (its default): turning them off (--xla_cpu_experimental_ynn_fusion_type=) loads a
 # cached step 2x faster, but compiles and runs slower with two workers on two cores (whole suite, same host, one
 # after the other: 1,190 s with them off, 1,103 s on).
-
-
-def _add_xla_flag(flag: str) -> None:
-    """Appends ``flag`` to XLA_FLAGS once: xdist workers inherit the controller's, already set."""
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    if flag not in flags:
-        os.environ["XLA_FLAGS"] = " ".join([*flags, flag])
-
-
-_add_xla_flag("--xla_llvm_disable_expensive_passes=true")
+_LLVM_FLAG = "--xla_llvm_disable_expensive_passes=true"
+if _LLVM_FLAG not in os.environ.get("XLA_FLAGS", "").split():  # xdist workers inherit the controller's, already set
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_LLVM_FLAG}".strip()
 
 import jax  # noqa: E402
 
