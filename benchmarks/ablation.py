@@ -52,6 +52,9 @@ VARIANTS = {
     # a share of the pairs inverted, the others forward-noised as "none" trains them
     "smpo/consistent+mix0.5": {"objective": "smpo", "smpo.inversion": "consistent", "smpo.inversion_fraction": 0.5},
     "smpo/consistent+mix0.25": {"objective": "smpo", "smpo.inversion": "consistent", "smpo.inversion_fraction": 0.25},
+    # inverted by the frozen reference: targets fixed per image instead of following the policy
+    "smpo/consistent+refinv": {"objective": "smpo", "smpo.inversion": "consistent",
+                               "smpo.inversion_model": "reference"},
     "dro/trajectory": {"objective": "dro", "dro.negative_target": "trajectory"},
     "dro/sample": {"objective": "dro", "dro.negative_target": "sample"},
     "dro/trajectory+stale": {"objective": "dro", "dro.negative_target": "trajectory", "dro.refresh_every": 10},

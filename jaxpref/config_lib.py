@@ -18,7 +18,7 @@ import ml_collections
 from jaxpref import diffusion, lora, objectives, optim, sharding
 from jaxpref.methods import METHODS
 from jaxpref.methods.dro import EXPERT_TIMESTEPS, NEGATIVE_TARGETS
-from jaxpref.methods.smpo import INVERSIONS as SMPO_INVERSIONS
+from jaxpref.methods.smpo import INVERSION_MODELS as SMPO_INVERSION_MODELS, INVERSIONS as SMPO_INVERSIONS
 from jaxpref.models import attention, unet as unet_lib
 from jaxpref.models.pipeline import EMBEDDED_TINY
 
@@ -109,7 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
         beta=2000.0, gamma=10.0,
         reward_min=objectives.PICKSCORE_MIN, reward_max=objectives.PICKSCORE_MAX,  # over Pick-a-Pic v2
         inversion="code", inversion_steps=5, inversion_iterations=2, inversion_window=(0, 3),
-        inversion_noise_regularization=False, inversion_noise_shifts="code", inversion_fraction=1.0))
+        inversion_noise_regularization=False, inversion_noise_shifts="code", inversion_fraction=1.0,
+        inversion_model="policy"))
     c.dro = ml_collections.ConfigDict(dict(
         margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0, buffer_size=4,
         steps_per_trajectory=1, refresh_every=0, expert_timestep="shared", negative_target="sample"))
@@ -207,6 +208,9 @@ KEY_HELP = {
     "smpo.inversion_noise_shifts": "the regularisation's autocorrelation rolls: 'code' = shifts 0..H/2-1 as the "
                                    "released code (shift 0 pulls the variance to 0: strong on small latents), "
                                    "'paper' = 1..H/2 as the regulariser's formula (correlations only)",
+    "smpo.inversion_model": f"the UNet that inverts, one of {SMPO_INVERSION_MODELS}: 'policy' (the references: "
+                            "the latents follow the current policy) or 'reference' (the frozen reference: fixed "
+                            "targets per image that the policy can move away from)",
     "smpo.inversion_fraction": "share of the pairs (drawn per pair) trained on inverted latents; the others on "
                                "forward noise at the same t as 'none' (1 = all inverted, the references' form)",
     "dro.margin": "DRO's hinge margin",
@@ -386,6 +390,8 @@ def _check_lora(config):
 def _check_smpo_inversion(s):
     if s.inversion_steps < 1:
         _fail("smpo.inversion_steps", s.inversion_steps, "a number of grid steps >= 1")
+    if s.inversion_model not in SMPO_INVERSION_MODELS:
+        _fail("smpo.inversion_model", s.inversion_model, f"one of {SMPO_INVERSION_MODELS}")
     if not 0.0 < s.inversion_fraction <= 1.0:
         _fail("smpo.inversion_fraction", s.inversion_fraction, "a share of the pairs in (0, 1] (no inversion: "
               "smpo.inversion='none')")

@@ -270,3 +270,35 @@ def test_consistent_smpo_step_evaluates_the_policy_where_the_latent_is(tmp_path)
             assert float(metrics[f"noise_err/t{lo}"]) == pytest.approx(noise_err[inside].mean(), rel=1e-4)
         else:
             assert np.isnan(float(metrics[f"tau_sq/t{lo}"]))
+
+
+def test_inversion_model_picks_the_unet_that_inverts(tmp_path, monkeypatch):
+    """``smpo.inversion_model``: "policy" inverts with the params being trained, "reference" with the frozen
+    reference the loss compares against (traced only: the step's inversion receives that very pytree)."""
+    pipeline = load_pipeline(build_tiny_sd(str(tmp_path / "tiny_sd")))
+    inverted_with = []
+
+    def forward_noise_instead(self, params, keys, x0_2, t2, text2):
+        inverted_with.append(params)
+        x_t, noise = self.noised_pairs(keys, x0_2, t2)
+        return SmPOInversion(latents=x_t, target=noise, timestep=t2)
+
+    monkeypatch.setattr(SmPO, "invert", forward_noise_instead)
+    shape = (2, 2, 8, 8, 4)
+    micro = {"input_ids": tokenize(pipeline.tokenizer, ["the cat", "cat"]),
+             "latent_mean": np.zeros(shape, np.float32), "latent_std": np.ones(shape, np.float32),
+             "rewards": np.array([[0.25, 0.15], [0.2, 0.18]], np.float32), "keys": pair_keys(jax.random.PRNGKey(0), 2)}
+    for model in ("policy", "reference"):
+        c = config_lib.base_config()
+        c.objective, c.dtype, c.reference_dtype, c.batch_size, c.data.resolution = "smpo", "float32", "float32", 2, 32
+        c.smpo.update(inversion="consistent", inversion_model=model)
+        run = trainer.build_run(config_lib.validate(c, check_paths=False), pipeline)
+
+        def loss(params, frozen):
+            out = run.method.loss(params, frozen, micro, jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
+            expected = params if model == "policy" else frozen["ref"]
+            assert inverted_with[-1] is expected, model
+            return out
+
+        jax.eval_shape(loss, pipeline.unet_params, trainer.frozen_params(run))
+    assert len(inverted_with) == 2

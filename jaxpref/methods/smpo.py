@@ -2,6 +2,7 @@
 
   p      = σ(r'_w − r'_l),  r' = (r − r_min) / (r_max − r_min)     smoothed label from offline rewards
   x̃, τ  = inversion of x0 to level t with the policy (no gradient)  (``diffusion.smpo_invert``)
+           or, ``smpo.inversion_model="reference"``, with the frozen reference
   Δθ     = err(θ, x̃_w, t, τ_w) − err(θ, x̃_l, t, τ_l);  Δref likewise
   loss   = −log σ(−β/2 · γ(2p − 1) · (Δθ − Δref))                    (``objectives.smpo_loss``)
 
@@ -19,6 +20,7 @@ from jaxpref import diffusion, objectives
 from jaxpref.methods.base import INVERTED, NOISE, Method, draw, stack
 
 INVERSIONS = (*diffusion.SMPO_MODES, "none")  # "none": forward noise, the ablation without inversion
+INVERSION_MODELS = ("policy", "reference")    # the UNet that inverts (``smpo.inversion_model``)
 
 
 T_BUCKETS = (0, 250, 500, 750)  # diagnostics by training timestep: [0, 250), [250, 500), ...
@@ -42,7 +44,8 @@ class SmPO(Method):
         if cfg.inversion == "none":
             x_inv, tau = self.noised_pairs(micro["keys"], x0_2, t2)
         else:
-            inverted = jax.lax.stop_gradient(self.invert(params, micro["keys"], x0_2, t2, text2))
+            inverter = params if cfg.inversion_model == "policy" else frozen["ref"]
+            inverted = jax.lax.stop_gradient(self.invert(inverter, micro["keys"], x0_2, t2, text2))
             x_inv, tau, t2 = self.mix_forward_noise(micro["keys"], inverted, x0_2, t2)
         err, ref_err = self.errors(params, frozen["ref"], x_inv, t2, text2, tau)
         rewards = micro["rewards"].astype(jnp.float32)
@@ -91,9 +94,9 @@ class SmPO(Method):
         return out
 
     def invert(self, params, keys, x0_2, t2, text2) -> diffusion.SmPOInversion:
-        """``smpo_invert`` of the [2B] stack with the policy. Noise regularisation ("consistent" only) draws
-        its reference noise from each pair's forward-noise key: x_ref = q_sample(x0, t, ε) with the ε that
-        "none" would use, shared by the pair's two images."""
+        """``smpo_invert`` of the [2B] stack with ``params`` (the policy's or the reference's). Noise
+        regularisation ("consistent" only) draws its reference noise from each pair's forward-noise key:
+        x_ref = q_sample(x0, t, ε) with the ε that "none" would use, shared by the pair's two images."""
         cfg = self.config.smpo
         regularize = cfg.inversion == "consistent" and cfg.inversion_noise_regularization
         noise_keys = draw(keys, NOISE, lambda k: k)
