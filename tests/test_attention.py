@@ -146,6 +146,7 @@ def test_transformer_block_with_chunked_attention_matches_the_default(monkeypatc
     assert _rel(got, want) < 1e-5
 
 
+@pytest.mark.compiled_for_few_runs
 def test_chunked_lowers_compiled_temporaries():
     """One SD1.5 top-block self-attention (4096 tokens, head dim 40), compiled for this CPU, never run.
 
@@ -164,6 +165,7 @@ def test_chunked_lowers_compiled_temporaries():
     assert temporaries(_dense, True) / temporaries(chunked, True) >= 5
 
 
+@pytest.mark.compiled_for_few_runs
 def test_chunked_lowers_an_sd15_shaped_unet_steps_temporaries_5x():
     """A reduced-depth SD1.5 UNet (SD1.5's first level at 64x64 latents: 4096 tokens, 8 heads of 40, 77 text
     tokens; one block per level, two levels) in bf16 with remat, the ε-MSE gradient the step takes at

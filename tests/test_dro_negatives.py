@@ -11,6 +11,8 @@ from jaxpref.methods.base import NOISE, draw, pair_keys
 from jaxpref.models import load_pipeline
 from tiny_sd import build_tiny_sd
 
+pytestmark = pytest.mark.compiled_for_few_runs  # a step compiled to run once or a few times (conftest)
+
 NUM_STEPS = 4  # sampler steps per trajectory (4 of 250 on the perturbed grid)
 
 

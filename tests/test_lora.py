@@ -76,6 +76,7 @@ def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.compiled_for_few_runs
 def test_fresh_adapters_are_the_base_exactly(pipe):
     """A ~ U(±1/√fan_in) (PEFT's kaiming-uniform, a=√5), B = 0: the policy's output equals the base's bit for bit."""
     adapters = lora.init_adapters(jax.random.PRNGKey(0), pipe.unet_params, lora_config(target_modules=lora.SUPPORTED_TARGETS))
@@ -91,6 +92,7 @@ def test_fresh_adapters_are_the_base_exactly(pipe):
     np.testing.assert_array_equal(ours(pipe, policy, inputs), ours(pipe, pipe.unet_params, inputs))
 
 
+@pytest.mark.compiled_for_few_runs
 def test_merged_equals_unmerged(pipe):
     """W + (α/r)·B A written into the kernels against the unmerged branch, fp32, remat on and off."""
     cfg = lora_config(target_modules=lora.SUPPORTED_TARGETS)
@@ -222,6 +224,7 @@ def test_export_cli_writes_adapters_or_the_merged_pipeline(lora_run, pipe, world
         export_lib.export(out, str(tmp_path / "again"), world[0])
 
 
+@pytest.mark.compiled_for_few_runs
 @pytest.mark.parametrize("objective", ["dro", "smpo"])
 def test_dro_and_smpo_steps_train_adapters(objective, pipe):
     """DRO with a stale sampling copy (θ = adapters on the shared base, sampled through ``eps_fn``) and SmPO

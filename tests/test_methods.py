@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxpref import config_lib, objectives, step as step_lib, trainer
 from jaxpref.methods import METHODS, Method
@@ -22,6 +23,7 @@ class WinnerSFT(Method):
         return jnp.mean(err), ({"winner_err": jnp.mean(err)}, method_state)
 
 
+@pytest.mark.compiled_for_few_runs
 def test_a_fourth_objective_needs_only_a_registry_entry(tmp_path, monkeypatch):
     monkeypatch.setitem(METHODS, "winner_sft", WinnerSFT)
     pipeline = load_pipeline(build_tiny_sd(str(tmp_path / "tiny_sd")))

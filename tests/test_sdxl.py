@@ -170,6 +170,7 @@ def sdxl_run(pipe, objective, **overrides):
     return run, state, trainer.frozen_params(run)
 
 
+@pytest.mark.compiled_for_few_runs
 @pytest.mark.parametrize("objective", ["smpo", "dro"])  # DPO's step: test_eight_devices_match_one
 def test_one_train_step_of_smpo_and_dro(pipe, objective):
     """SmPO inverts and DRO samples (with CFG, SDXL's zeroed uncond) on the conditioning pytree."""

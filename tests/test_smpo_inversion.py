@@ -217,6 +217,7 @@ def test_a_fraction_of_the_pairs_is_inverted_the_others_forward_noised():
         config_lib.validate(c, check_paths=False)
 
 
+@pytest.mark.compiled_for_few_runs
 def test_consistent_smpo_step_evaluates_the_policy_where_the_latent_is(tmp_path):
     """One SmPO step on the tiny random SD pipeline with inversion "consistent": the logged τ error is the
     policy's error at (x̃, t) against τ, re-computed here from the pairs' keys as the step draws them."""

@@ -83,6 +83,9 @@ ADAM = {"optimizer.lr": 3e-3}  # AdamW, no clipping: shared by the NaN test and 
 CLIP = 50.0
 SGD_LR1 = {"optimizer.name": "sgd", "optimizer.lr": 1.0, "sample_posterior": False, "dpo.beta": 500.0,
            "optimizer.grad_clip": CLIP}
+# Compile levels (conftest, compiled_for_few_runs): the gradient test and the SmPO-is-DPO test keep the shipped
+# level; at LLVM level 0 the step's policy and reference forwards round apart more (the loss at init 3.7e-5 from
+# log 2 instead of 1.1e-5), past their 2e-5 bound. The others compile at level 0.
 # DRO's reference (trajectory) form with a stale θ (refreshed every 1000 steps): from step 2 on the negatives'
 # term gets a gradient (the loss-lowering run); at step 1 θ = φ (the buffer test).
 DRO_STALE = {**ADAM, "dro.refresh_every": 1000, "dro.negative_target": "trajectory"}
@@ -133,6 +136,7 @@ def test_dpo_step_gradient_equals_plain_recomputation_and_the_clip_bounds_the_up
     assert rel <= 1e-4, rel
 
 
+@pytest.mark.compiled_for_few_runs
 def test_accumulated_step_equals_one_step_on_the_whole_batch(build):
     # A small β: the scanned micro-steps may round the policy and reference forwards differently (fp32,
     # ~1e-7 on Δθ − Δref), which the default β/2 = 2500 amplifies into a 1e-4 loss difference (seen on one CPU).
@@ -178,6 +182,7 @@ def test_smpo_without_inversion_and_a_certain_label_is_a_dpo_step(build):
     assert step_norm(after_soft) == pytest.approx(np.tanh(0.1) * float(m_dpo["grad_norm"]), rel=1e-3)
 
 
+@pytest.mark.compiled_for_few_runs
 def test_nan_batch_skips_the_update(build):
     run, state, frozen, train_step = build("dpo", **ADAM)
     batch = make_batch(run)
@@ -192,6 +197,7 @@ def test_nan_batch_skips_the_update(build):
     assert float(metrics["update_skipped"]) == 0.0 and _tree_max_abs_diff(newer.params, new_state.params) > 0
 
 
+@pytest.mark.compiled_for_few_runs
 def test_dro_step_fills_buffer_and_negatives_are_the_samplers_own_predictions(build):
     # The loss-lowering test's DRO config (one compile for both): at step 1 its stale sampler is θ itself.
     run, state, frozen, train_step = build("dro", **DRO_STALE)
@@ -213,6 +219,7 @@ def test_dro_step_fills_buffer_and_negatives_are_the_samplers_own_predictions(bu
 
 
 @pytest.mark.slow
+@pytest.mark.compiled_for_few_runs
 @pytest.mark.parametrize("objective", ["dpo", "smpo", "dro"])
 def test_training_lowers_each_loss_on_a_fixed_pair_set(build, objective):
     overrides = DRO_STALE if objective == "dro" else dict(ADAM)

@@ -241,6 +241,7 @@ def test_wrong_tensor_shape(sd15_case, tmp_path):
 # remat and bf16.
 
 
+@pytest.mark.compiled_for_few_runs
 def test_remat_same_output_and_gradient():
     # One cross-attention level (resnets + transformers, the remat'ed modules): compiles in seconds.
     module = UNet2DConditionModel(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4,
