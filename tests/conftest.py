@@ -83,17 +83,8 @@ def _shared_base(tmp_path_factory) -> pathlib.Path:
 # training runs (end to end, resume, sharding) keep the shipped level and compute what the command computes.
 @pytest.fixture(autouse=True)
 def _compile_for_few_runs(request, monkeypatch):
-    if request.node.get_closest_marker("compiled_for_few_runs") is None:
-        return
-    from jax._src import compiler
-
-    get_compile_options = compiler.get_compile_options
-
-    def at_level_0(*args, env_options_overrides=None, **kwargs):
-        overrides = {"xla_backend_optimization_level": 0, **(env_options_overrides or {})}
-        return get_compile_options(*args, env_options_overrides=overrides, **kwargs)
-
-    monkeypatch.setattr(compiler, "get_compile_options", at_level_0)
+    if request.node.get_closest_marker("compiled_for_few_runs") is not None:
+        th.compile_at_llvm_level_0(monkeypatch.setattr)
 
 
 @pytest.fixture(scope="session")

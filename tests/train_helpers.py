@@ -102,9 +102,32 @@ def install_pause_hook():
     checkpoint_lib.CheckpointManager.save = paused_save
 
 
-def subprocess_env(num_devices: int | None = None) -> dict:
-    """Environment of a child JAX process: CPU, the persistent compile cache, the tests on sys.path."""
+LLVM_LEVEL_0_ENV = "JAXPREF_TEST_LLVM_LEVEL_0"
+
+
+def compile_at_llvm_level_0(set_attribute=setattr):
+    """Every later compile of this process at LLVM optimisation level 0 (XLA's ``xla_backend_optimization_level``):
+    the same HLO program, its machine code built ~40% faster and run ~5x slower (conftest's
+    ``compiled_for_few_runs``; a child process started with ``subprocess_env(llvm_level_0=True)``). Test-only:
+    it wraps a jax internal; ``set_attribute`` may be a monkeypatch's, to undo it after the test."""
+    from jax._src import compiler
+
+    get_compile_options = compiler.get_compile_options
+
+    def at_level_0(*args, env_options_overrides=None, **kwargs):
+        overrides = {"xla_backend_optimization_level": 0, **(env_options_overrides or {})}
+        return get_compile_options(*args, env_options_overrides=overrides, **kwargs)
+
+    set_attribute(compiler, "get_compile_options", at_level_0)
+
+
+def subprocess_env(num_devices: int | None = None, llvm_level_0: bool = False) -> dict:
+    """Environment of a child JAX process: CPU, the persistent compile cache, the tests on sys.path; with
+    ``llvm_level_0`` the child compiles as ``compile_at_llvm_level_0`` (where its script calls it)."""
     env = dict(os.environ)
+    env.pop(LLVM_LEVEL_0_ENV, None)
+    if llvm_level_0:
+        env[LLVM_LEVEL_0_ENV] = "1"
     env["JAX_PLATFORMS"] = "cpu"
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jaxpref/jax_cache"))  # as conftest
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
