@@ -76,11 +76,10 @@ def _shared_base(tmp_path_factory) -> pathlib.Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-# Tests marked ``compiled_for_few_runs`` compile at LLVM optimisation level 0 (XLA's
-# ``xla_backend_optimization_level``, per compile): the same optimised HLO program, with machine code built ~40%
-# faster and running ~5x slower (the tiny DPO step: compile 18.9 -> 11.9 s, a step 34 -> 164 ms), a trade
-# that pays for tests that compile a step to run it a few times or only to read its memory analysis. The
-# training runs (end to end, resume, sharding) keep the shipped level and compute what the command computes.
+# Tests marked ``compiled_for_few_runs`` compile at LLVM level 0 (``train_helpers.compile_at_llvm_level_0``; the
+# tiny DPO step: compile 18.9 -> 11.9 s, a step 34 -> 164 ms): for tests that compile a step to run it a few times
+# or only to read its memory analysis. The training runs (end to end, resume, sharding) keep the shipped level and
+# compute what the command computes.
 @pytest.fixture(autouse=True)
 def _compile_for_few_runs(request, monkeypatch):
     if request.node.get_closest_marker("compiled_for_few_runs") is not None:

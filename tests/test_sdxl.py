@@ -214,8 +214,8 @@ def test_eight_devices_match_one(folder):
     devices gives the 1-device losses of both steps (the second after a sharded update)."""
     here = os.path.dirname(os.path.abspath(__file__))
     child = subprocess.Popen([sys.executable, os.path.join(here, "test_sdxl.py"), folder, "2", "4"],
-                             env=th.subprocess_env(8, llvm_level_0=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=here)
+                             env=th.subprocess_env(8, llvm_level_0=True), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=here)
     one = mesh_dpo_loss(folder, 1, 1)  # while the child compiles
     out, err = child.communicate(timeout=600)
     assert child.returncode == 0, err[-3000:]
