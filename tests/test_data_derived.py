@@ -134,6 +134,12 @@ def test_experts_are_the_global_top_k_unique_images(data, tmp_path):
         assert shapes.reward(common.decode_image(g["jpg"]), g["caption"]) == pytest.approx(float(g["reward"]), abs=1e-6)
     b = next(make_loader(experts, 4, process_index=0, process_count=1))
     assert b["images"].shape == (4, 32, 32, 3) and b["reward"].shape == (4,)
+    # Built: a second call (each training run makes one) reads it and writes nothing, so runs started together
+    # on one data dir never replace the file under each other.
+    written = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "e").iterdir()}
+    assert build_experts(name, tmp_path / "e", shapes.score_fn, k=k, data_dir=d, scorer_name="shapes",
+                         shard_size=10) == meta
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "e").iterdir()} == written
 
 
 def test_experts_count_an_image_shown_in_several_pairs_once(tmp_path, monkeypatch):

@@ -47,6 +47,8 @@ def build_experts(dataset: str, out_dir: str | os.PathLike, score_fn: ScoreFn | 
     settings = {"dataset": src.name, "split": split, "k": k, "resolution": resolution,
                 "scorer": f"scores:{os.fspath(scores)}" if scores is not None else scorer_name}
     job = records.ShardedJob(out_dir, "experts", settings, len(src), shard_size)
+    if job.meta.get("complete"):
+        return job.meta  # built before with these settings: read, never rewritten
     t0, new = time.time(), 0
     with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         for shard in job.pending():
@@ -81,9 +83,7 @@ def build_experts(dataset: str, out_dir: str | os.PathLike, score_fn: ScoreFn | 
             top = sorted(best.values(), key=lambda t: (-t[0], t[1], t[2]))[:k]
             cand = [{"score": v, "index": i, "slot": slot, "uid": key[0], "caption": key[1]} for v, i, slot, key in top]
             path = job.shard_path(shard, "json")
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(cand))
-            os.replace(tmp, path)
+            records.write_text_atomic(path, json.dumps(cand))
             job.mark_done(shard, {"unique": len(best), "skipped": skipped})
             new += 1
     if job.pending():

@@ -74,10 +74,20 @@ def decode_record(data: bytes) -> dict[str, Any]:
     return out
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+def _tmp_path(path: pathlib.Path) -> pathlib.Path:
+    """Where a file is written before its atomic rename: one name per process, so that two runs building the same
+    derived dataset at once (two trainings started together on a fresh data dir) never rename each other's file."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = _tmp_path(path)
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
 
 
 def _json_default(o):
@@ -91,7 +101,7 @@ def _json_default(o):
 def write_shard(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records to an array_record file atomically; returns the count."""
     path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path)
     writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")
     n = 0
     try:
