@@ -19,6 +19,7 @@ sys.path.insert(0, BENCHMARKS)
 import bench  # noqa: E402  (benchmarks/bench.py)
 
 
+@pytest.mark.compiled_for_few_runs  # checks the benchmark's fields and FLOP counts (HLO-level), not its speed
 def test_tiny_dpo_benchmark_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     payload = bench.main(["--size", "tiny", "--objectives", "dpo", "--dtype", "float32", "--iters", "2",

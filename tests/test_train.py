@@ -118,16 +118,18 @@ def test_cli_survives_sigkill_and_sigterm_and_exports(world, reference, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.compiled_for_few_runs  # both sides: the children and the one-process run here
 def test_two_processes_train_in_lockstep_and_resume(world, tmp_path_factory, tmp_path):
     """Two processes x 2 CPU devices (gloo collectives), mesh (data=1, fsdp=4) spanning both, params
     sharded over all 4 devices (fsdp threshold lowered to 256 elements for the tiny UNet). Each process
     trains 0 -> 3, then resumes 3 -> 6 from the checkpoint (each from its own loader position). Metrics
     match the single-process run fed the same global batches (tolerances of train_helpers.check_close;
-    measured: losses 1.6e-5, grad norms 2.7e-5 relative, ref_gap 8e-8); exported params within 1e-4
-    (measured 1.8e-5)."""
+    measured: losses 3.8e-5, grad norms 5.0e-5 relative, ref_gap 1e-7); exported params within 1e-4
+    (measured 3.9e-5). Both sides compile at LLVM level 0 (74 -> 57 s for this test alone; at the shipped
+    level: 2.3e-5, 1.8e-5, 9e-8 and 1.6e-5)."""
     args = dict(workdir=str(tmp_path / "run"), model_path=world[0], data_dir=world[1], min_size=256, data=1, fsdp=-1,
                 first=3, port=th.free_port(), num_processes=2)
-    procs = [th.run_script("multiproc", {**args, "process_id": i}, num_devices=2) for i in range(2)]
+    procs = [th.run_script("multiproc", {**args, "process_id": i}, num_devices=2, llvm_level_0=True) for i in range(2)]
     try:  # the reference runs here while the children start up
         ref_dir, ref = th.two_shard_reference(world, str(tmp_path_factory.mktemp("two_shard_reference") / "run"))
     except BaseException:

@@ -200,11 +200,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(mode: str, args: dict, num_devices: int) -> subprocess.Popen:
+def run_script(mode: str, args: dict, num_devices: int, llvm_level_0: bool = False) -> subprocess.Popen:
     """Starts ``python tests/train_helpers.py MODE ARGS`` (read the result with ``script_result``)."""
     log = f"{args['workdir']}.{mode}.{args.get('process_id', 0)}.{time.time_ns()}.log"
     return _popen([sys.executable, os.path.join(TESTS, "train_helpers.py"), mode, json.dumps(args)], log,
-                  subprocess_env(num_devices))
+                  subprocess_env(num_devices, llvm_level_0))
 
 
 def script_result(proc: subprocess.Popen, timeout: float = 500) -> dict:
@@ -445,6 +445,8 @@ if __name__ == "__main__":
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    if os.environ.get(LLVM_LEVEL_0_ENV):
+        compile_at_llvm_level_0()
     mode, raw = sys.argv[1], json.loads(sys.argv[2])
     result = {"mesh": _mesh_main, "multiproc": _multiproc_main}[mode](raw)
     print("RESULT " + json.dumps(result), flush=True)
