@@ -122,3 +122,17 @@ def test_wrong_data_dir_says_what_it_expected(tmp_path):
         open_source("pickapic_v2", "train", tmp_path)
     with pytest.raises(ValueError, match="expected a finished"):
         open_source(tmp_path / "nothing_here")
+
+
+def test_runs_started_together_build_the_world_once(tmp_path):
+    """Two builds of one config into a fresh data dir at the same time (two trainings started together): both
+    return the built dataset (TFDS alone fails the second one's final rename: FileExistsError)."""
+    import concurrent.futures
+
+    from jaxpref.data import prepare_shapes
+
+    build = lambda _: prepare_shapes(tmp_path, n_train_pairs=40, seed=5)  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(build, range(2))
+    assert a.is_prepared() and a.data_dir == b.data_dir
+    assert a.info.splits["train"].num_examples == b.info.splits["train"].num_examples > 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import os
 
@@ -135,13 +136,26 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare_shapes(data_dir: str | os.PathLike, kind: str = "pairs", **overrides) -> Shapes:
-    """The shapes builder for `kind` ('pairs' or 'base'), built into data_dir on first use (cached after)."""
+    """The shapes builder for `kind` ('pairs' or 'base'), built into data_dir on first use (cached after).
+
+    The build holds a file lock in data_dir: runs started together on a fresh data dir build it once (the others
+    wait and read it) instead of failing on TFDS's final rename."""
     cfg = shapes_config(kind, **overrides)
-    known = {c.name for c in Shapes.BUILDER_CONFIGS}
-    builder = Shapes(config=cfg.name if cfg.name in known else cfg, data_dir=os.fspath(data_dir), file_format="array_record")
-    if not builder.is_prepared():
-        # TFDS prints "Downloading and preparing dataset ..." to stdout; nothing is downloaded: say what happens.
-        print(f"building the shapes/{kind} dataset into {os.fspath(data_dir)} (first use only)", flush=True)
-        with contextlib.redirect_stdout(io.StringIO()):
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    builder = _builder(cfg, data_dir)
+    if builder.is_prepared():
+        return builder
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".shapes_{cfg.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = _builder(cfg, data_dir)  # another run may have built it while this one waited
+        if not builder.is_prepared():
+            # TFDS prints "Downloading and preparing dataset ..." to stdout; nothing is downloaded: say what happens.
+            print(f"building the shapes/{kind} dataset into {os.fspath(data_dir)} (first use only)", flush=True)
+            with contextlib.redirect_stdout(io.StringIO()):
+                builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
+
+
+def _builder(cfg: ShapesConfig, data_dir) -> Shapes:
+    known = {c.name for c in Shapes.BUILDER_CONFIGS}
+    return Shapes(config=cfg.name if cfg.name in known else cfg, data_dir=os.fspath(data_dir), file_format="array_record")
