@@ -138,15 +138,14 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 def prepare_shapes(data_dir: str | os.PathLike, kind: str = "pairs", **overrides) -> Shapes:
     """The shapes builder for `kind` ('pairs' or 'base'), built into data_dir on first use (cached after).
 
-    The build holds a file lock in data_dir: runs started together on a fresh data dir build it once (the others
-    wait and read it) instead of failing on TFDS's final rename."""
+    A local data_dir is built under a file lock: runs started together on a fresh data dir build it once (the
+    others wait and read it) instead of failing on TFDS's final rename. (A bucket path, gs://..., is built by
+    whichever run gets there first, as TFDS does.)"""
     cfg = shapes_config(kind, **overrides)
     builder = _builder(cfg, data_dir)
     if builder.is_prepared():
         return builder
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, f".shapes_{cfg.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _build_lock(os.fspath(data_dir), cfg.name):
         builder = _builder(cfg, data_dir)  # another run may have built it while this one waited
         if not builder.is_prepared():
             # TFDS prints "Downloading and preparing dataset ..." to stdout; nothing is downloaded: say what happens.
@@ -154,6 +153,17 @@ def prepare_shapes(data_dir: str | os.PathLike, kind: str = "pairs", **overrides
             with contextlib.redirect_stdout(io.StringIO()):
                 builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str, name: str):
+    if "://" in data_dir:
+        yield
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".shapes_{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _builder(cfg: ShapesConfig, data_dir) -> Shapes:
