@@ -227,8 +227,7 @@ def test_eight_devices_match_one(folder):
 
 
 if __name__ == "__main__":
-    if os.environ.get(th.LLVM_LEVEL_0_ENV):
-        th.compile_at_llvm_level_0()
+    th.compile_as_the_parent_asked()
     losses = mesh_dpo_loss(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
     print(json.dumps({"losses": losses, "devices": jax.device_count()}))
 

@@ -10,6 +10,7 @@ from jaxpref import config_lib, objectives, step as step_lib, trainer
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.methods.base import pair_keys
 from jaxpref.models import load_pipeline
+import train_helpers as th
 from tiny_sd import build_tiny_sd
 
 jax.config.update("jax_threefry_partitionable", True)
@@ -76,10 +77,6 @@ def _tree_diff(a, b):
     return jax.tree_util.tree_map(np.subtract, _host(a), _host(b))
 
 
-def _tree_max_abs_diff(a, b):
-    return max(float(np.max(np.abs(d))) for d in jax.tree_util.tree_leaves(_tree_diff(a, b)))
-
-
 def _tree_norm(t):
     return float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree_util.tree_leaves(_host(t)))))
 
@@ -142,7 +139,7 @@ def test_dpo_step_gradient_equals_plain_recomputation_and_the_clip_bounds_the_up
     assert _tree_norm(applied) == pytest.approx(CLIP, rel=1e-3)              # the update's size: the clip
     unclipped = jax.tree_util.tree_map(lambda u: u * (norm / CLIP), applied)  # its direction: the gradient's
     largest = max(float(np.max(np.abs(x))) for x in jax.tree_util.tree_leaves(_host(grad)))
-    rel = _tree_max_abs_diff(unclipped, grad) / largest
+    rel = th.tree_max_abs_diff(unclipped, grad) / largest
     assert rel <= 1e-4, rel
 
 
@@ -160,7 +157,7 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(build):
     out4, m4 = step4(state4, batch, rng, frozen)
     assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-5)
     assert float(m1["grad_norm"]) == pytest.approx(float(m4["grad_norm"]), rel=1e-5)
-    assert _tree_max_abs_diff(out1.params, out4.params) <= 1e-5
+    assert th.tree_max_abs_diff(out1.params, out4.params) <= 1e-5
 
 
 def test_smpo_without_inversion_and_a_certain_label_is_a_dpo_step(build):
@@ -181,7 +178,7 @@ def test_smpo_without_inversion_and_a_certain_label_is_a_dpo_step(build):
     assert float(m_smpo["smoothing"]) == 1.0
     assert float(m_smpo["loss"]) == pytest.approx(float(m_dpo["loss"]), rel=1e-6)
     assert float(m_smpo["grad_norm"]) == pytest.approx(float(m_dpo["grad_norm"]), rel=1e-5)
-    assert _tree_max_abs_diff(after_dpo.params, after_smpo.params) <= 1e-6
+    assert th.tree_max_abs_diff(after_dpo.params, after_smpo.params) <= 1e-6
     # With a soft label (p < 1) the same pairs give a smaller step: the margin is scaled by γ(2p − 1) < 1. Its
     # gradient is under the clip, so the step is the whole gradient, tanh(0.1) times DPO's (pre-clip) one.
     soft = np.tile(np.asarray([[0.0006, 0.0004]], np.float32), (4, 1))  # r' gap 0.2: γ(2p − 1) = tanh(0.1)
@@ -199,12 +196,12 @@ def test_nan_batch_skips_the_update(build):
     batch["latent_mean"][1, 0, 0, 0, 0] = np.nan
     new_state, metrics = train_step(state, batch, jax.random.PRNGKey(0), frozen)
     assert float(metrics["update_skipped"]) == 1.0 and int(new_state.skipped) == 1
-    assert _tree_max_abs_diff(state.params, new_state.params) == 0.0
-    assert _tree_max_abs_diff(state.opt_state, new_state.opt_state) == 0.0
+    assert th.tree_max_abs_diff(state.params, new_state.params) == 0.0
+    assert th.tree_max_abs_diff(state.opt_state, new_state.opt_state) == 0.0
     assert int(new_state.step) == 1
     # A finite batch afterwards trains normally.
     newer, metrics = train_step(new_state, make_batch(run), jax.random.PRNGKey(1), frozen)
-    assert float(metrics["update_skipped"]) == 0.0 and _tree_max_abs_diff(newer.params, new_state.params) > 0
+    assert float(metrics["update_skipped"]) == 0.0 and th.tree_max_abs_diff(newer.params, new_state.params) > 0
 
 
 @pytest.mark.compiled_for_few_runs

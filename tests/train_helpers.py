@@ -121,9 +121,16 @@ def compile_at_llvm_level_0(set_attribute=setattr):
     set_attribute(compiler, "get_compile_options", at_level_0)
 
 
+def compile_as_the_parent_asked():
+    """In a child started with ``subprocess_env(llvm_level_0=True)``: ``compile_at_llvm_level_0``."""
+    if os.environ.get(LLVM_LEVEL_0_ENV):
+        compile_at_llvm_level_0()
+
+
 def subprocess_env(num_devices: int | None = None, llvm_level_0: bool = False) -> dict:
     """Environment of a child JAX process: CPU, the persistent compile cache, the tests on sys.path; with
-    ``llvm_level_0`` the child compiles as ``compile_at_llvm_level_0`` (where its script calls it)."""
+    ``llvm_level_0`` the child compiles as ``compile_at_llvm_level_0`` (where its script calls
+    ``compile_as_the_parent_asked``)."""
     env = dict(os.environ)
     env.pop(LLVM_LEVEL_0_ENV, None)
     if llvm_level_0:
@@ -445,8 +452,7 @@ if __name__ == "__main__":
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    if os.environ.get(LLVM_LEVEL_0_ENV):
-        compile_at_llvm_level_0()
+    compile_as_the_parent_asked()
     mode, raw = sys.argv[1], json.loads(sys.argv[2])
     result = {"mesh": _mesh_main, "multiproc": _multiproc_main}[mode](raw)
     print("RESULT " + json.dumps(result), flush=True)
