@@ -1,6 +1,7 @@
 """The benchmark suite (``python benchmarks/bench.py``) keeps working: the tiny DPO benchmark end to end
 (CLI, table, JSON), the PyTorch reference step's loss at init, and the FSDP per-device state bytes of
-SD1.5 falling as 1/N over 1/2/4/8 simulated devices (eval_shape only). The FLOP model and MFU are
+SD1.5 falling as 1/N over 1/2/4/8 simulated devices (eval_shape only), the self-generated data benchmark's
+pairs and experts. The FLOP model and MFU are
 ``jaxpref.flops``' (tests/test_flops.py)."""
 import json
 import math
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxpref import flops
@@ -130,3 +132,30 @@ def test_processes_sharing_a_device_time_after_all_compiled_and_one_at_a_time(tm
             measure.parse_share(bad)
     with pytest.raises(SystemExit):  # a group is N commands of one objective each, started together
         bench.main(["--objectives", "dpo,dro", "--share-device", share])
+
+
+def test_self_generated_benchmark_data_is_what_the_trainer_reads(tmp_path):
+    """``benchmarks/self_generated.py``'s pairs rank each caption's images best against worst with near-ties
+    dropped, and its experts folder opens as DRO's data (each caption's best 3, best first); hand-set rewards."""
+    import self_generated
+    from jaxpref.data import common, sources
+
+    captions = ["a red circle on a white background", "two blue squares on a black background"]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 6, 16, 16, 3), dtype=np.uint8)
+    rewards = np.array([[0.1, 0.9, 0.5, 0.3, 0.7, 0.2], [0.40, 0.41, 0.8, 0.2, 0.6, 0.395]], np.float32)
+    pairs = self_generated.pair_source(captions, images, rewards)
+    got = [(r["caption"].decode(), r["reward_0"], r["reward_1"]) for r in pairs.data]
+    want = [(captions[0], 0.9, 0.1), (captions[0], 0.7, 0.2), (captions[0], 0.5, 0.3),
+            (captions[1], 0.8, 0.2), (captions[1], 0.6, 0.395)]  # 0.41 vs 0.40: a tie, dropped
+    assert [(c, pytest.approx(w), pytest.approx(l)) for c, w, l in want] == got
+    assert pairs.kind == "pairs" and pairs.reward_range == pytest.approx((0.1, 0.9))
+    np.testing.assert_array_equal(common.decode_image(pairs.data[0]["jpg_0"]), images[0, 1])  # PNG: lossless
+    np.testing.assert_array_equal(common.decode_image(pairs.data[0]["jpg_1"]), images[0, 0])
+
+    experts = sources.open_source(self_generated.write_experts(str(tmp_path / "experts"), captions, images, rewards))
+    assert experts.kind == "images" and len(experts) == 6
+    kept = [(e["caption"], float(e["reward"])) for e in (experts[i] for i in range(len(experts)))]
+    assert kept == sorted(kept, key=lambda e: -e[1])
+    assert sorted(r for c, r in kept if c == captions[0]) == pytest.approx([0.5, 0.7, 0.9])
+    assert sorted(r for c, r in kept if c == captions[1]) == pytest.approx([0.41, 0.6, 0.8])
