@@ -140,26 +140,37 @@ def plot(results: dict, path: str):
     fig.savefig(path, dpi=120)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+def sweep_parser(doc: str, variants, out_name: str) -> argparse.ArgumentParser:
+    """The arguments every sweep over ``variants`` on the embedded world takes (this file's and others')."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(variants), help=f"comma-separated, from {list(variants)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", out_name))
+    p.add_argument("--workdir", default="", help="run folders (default: a temporary folder)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the variants already in --out; add or replace only those run now")
+    return p
+
+
+def chosen_variants(p: argparse.ArgumentParser, args, variants) -> list[str]:
+    """--variants as a list; an unknown name ends the command before anything trains."""
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known {list(variants)}")
+    return names
+
+
+def main():
+    p = sweep_parser(__doc__, VARIANTS, "ablation_tiny.json")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a configs/tiny.py key changed for every variant, e.g. optimizer.lr=3e-4")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                 "ablation_tiny.json"))
-    p.add_argument("--workdir", default="", help="run folders (default: a temporary folder)")
-    p.add_argument("--merge", action="store_true",
-                   help="keep the variants already in --out; add or replace only those run now")
     p.add_argument("--from", dest="source", default="", metavar="RUN.json",
                    help="take the variants' results from this earlier output instead of training them")
     args = p.parse_args()
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variants {unknown}; known {list(VARIANTS)}")
+    names = chosen_variants(p, args, VARIANTS)
     shared = config_lib.parse_overrides(args.set)
     config_lib.apply_overrides(config_lib.load_config("tiny"), shared)  # a typo fails here, before anything trains
     meta = run_meta(args, shared)
