@@ -87,15 +87,20 @@ def eval_curve(workdir: str, base: float) -> list[tuple[int, float]]:
 
 
 def run_one(name, seed, args, shared, pipeline, root) -> dict:
-    workdir = os.path.join(root, name.replace("/", "_"), f"seed{seed}")
     config = variant_config(name, seed, args.steps, args.eval_every, shared)
+    return measured_run(name, config, pipeline, root)
+
+
+def measured_run(name, config, pipeline, root) -> dict:
+    """Trains ``config`` (variant ``name``) in ``root``/<name>/seed<seed>: its gain, win rate, speed and curve."""
+    workdir = os.path.join(root, name.replace("/", "_"), f"seed{config.seed}")
     start = time.perf_counter()
     summary = train_lib.train(config, workdir, pipeline=pipeline)
     base, trained = summary["base"][METRIC], summary["trained"][METRIC]
-    out = {"seed": seed, "base": base, "trained": trained, "gain": trained - base,
+    out = {"seed": config.seed, "base": base, "trained": trained, "gain": trained - base,
            "win_rate": summary["trained"]["shapes/win_rate"], "steps_per_sec": summary["steps_per_sec"],
            "wall_seconds": time.perf_counter() - start, "curve": eval_curve(workdir, base)}
-    print(f"{name} seed {seed}: gain {out['gain']:+.4f} win {out['win_rate']:.3f} "
+    print(f"{name} seed {config.seed}: gain {out['gain']:+.4f} win {out['win_rate']:.3f} "
           f"{out['steps_per_sec']:.2f} steps/s ({out['wall_seconds']:.0f} s)", flush=True)
     return out
 

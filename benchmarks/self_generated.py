@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 import ablation
-from jaxpref import config_lib, evaluate, train as train_lib
+from jaxpref import config_lib, evaluate
 from jaxpref.data import common, feed, records, shapes, sources
 from jaxpref.models import load_pipeline, resolve_model_path
 
@@ -86,14 +86,20 @@ def write_experts(out_dir: str, captions, images, rewards) -> str:
 
 @contextlib.contextmanager
 def training_pairs(source):
-    """Pair objectives read ``source`` instead of the world's render pairs (None: unchanged)."""
-    opened = feed.open_train_source
-    if source is not None:
-        feed.open_train_source = lambda config, method: source
+    """Pair objectives read ``source`` instead of the world's render pairs (None: unchanged). The config has no
+    key for an in-memory source, so the run's data opener is swapped for the run; a run that did not read it
+    (the trainer opening its data some other way) fails here rather than reporting the render pairs' result."""
+    if source is None:
+        yield
+        return
+    opened, reads = feed.open_train_source, []
+    feed.open_train_source = lambda config, method: reads.append(method) or source
     try:
         yield
     finally:
         feed.open_train_source = opened
+    if not reads:
+        raise RuntimeError("self_generated: the run did not read the generated pairs (feed.open_train_source unused)")
 
 
 def run_one(name, seed, pipeline, data, root) -> dict:
@@ -108,17 +114,8 @@ def run_one(name, seed, pipeline, data, root) -> dict:
             config.data.experts_dir = data["experts_dir"]
         else:
             pairs = data["pairs"]
-    workdir = os.path.join(root, name.replace("/", "_"), f"seed{seed}")
-    start = time.perf_counter()
     with training_pairs(pairs):
-        summary = train_lib.train(config, workdir, pipeline=pipeline)
-    base, trained = summary["base"][ablation.METRIC], summary["trained"][ablation.METRIC]
-    out = {"seed": seed, "base": base, "trained": trained, "gain": trained - base,
-           "win_rate": summary["trained"]["shapes/win_rate"], "steps_per_sec": summary["steps_per_sec"],
-           "wall_seconds": time.perf_counter() - start, "curve": ablation.eval_curve(workdir, base)}
-    print(f"{name} seed {seed}: gain {out['gain']:+.4f} win {out['win_rate']:.3f} ({out['wall_seconds']:.0f} s)",
-          flush=True)
-    return out
+        return ablation.measured_run(name, config, pipeline, root)
 
 
 def main():

@@ -136,7 +136,8 @@ def test_processes_sharing_a_device_time_after_all_compiled_and_one_at_a_time(tm
 
 def test_self_generated_benchmark_data_is_what_the_trainer_reads(tmp_path):
     """``benchmarks/self_generated.py``'s pairs rank each caption's images best against worst with near-ties
-    dropped, and its experts folder opens as DRO's data (each caption's best 3, best first); hand-set rewards."""
+    dropped, its experts folder opens as DRO's data (each caption's best 3, best first; hand-set rewards), and a
+    run that does not read the pairs is refused."""
     import self_generated
     from jaxpref.data import common, sources
 
@@ -159,3 +160,13 @@ def test_self_generated_benchmark_data_is_what_the_trainer_reads(tmp_path):
     assert kept == sorted(kept, key=lambda e: -e[1])
     assert sorted(r for c, r in kept if c == captions[0]) == pytest.approx([0.5, 0.7, 0.9])
     assert sorted(r for c, r in kept if c == captions[1]) == pytest.approx([0.41, 0.6, 0.8])
+
+    # The pairs reach a run through its data opener; a run that never opened them fails instead of reporting.
+    from jaxpref.data import feed
+    opener = feed.open_train_source
+    with self_generated.training_pairs(pairs):
+        assert feed.open_train_source(None, None) is pairs
+    with pytest.raises(RuntimeError, match="did not read the generated pairs"):
+        with self_generated.training_pairs(pairs):
+            pass
+    assert feed.open_train_source is opener
