@@ -45,7 +45,9 @@ def get_config(objective: str = "dro"):
         # win rate 0.78 / 0.63 (this setting, same day: +0.044 / +0.039, 0.72 / 0.66): the same on average.
         # Experts from the base model's own generations (benchmarks/self_generated.py, seeds 0-2): +0.020 ± 0.021
         # against +0.045 ± 0.005 for this setting's render experts. Larger margins (seed 0, 2026-12-05): 0.05 +0.029,
-        # 0.2 -0.037 (0.611 after 50 updates, then falling).
+        # 0.2 -0.037 (0.611 after 50 updates, then falling). Training t restricted to one half of the negatives'
+        # 10-step trajectory (seed 0, a script outside the repo): t >= ~500 only +0.041, t < ~500 only +0.004:
+        # the gain is made at high noise levels, and no band adds to it.
         c.optimizer.update(lr=3e-4, schedule="cosine")
     c.ema.update(enabled=True)                # EMA as DRO's reference code keeps (min((1+s)/(10+s), 0.9999))
     # SmPO at this budget (benchmarks/self_generated.py, seeds 0-2): β 500 +0.023 ± 0.016, β 2000 +0.022 ± 0.009.
