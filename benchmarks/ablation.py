@@ -198,9 +198,13 @@ def main():
     print(table(results))
 
 
+def device_name() -> str:
+    """The device a sweep ran on, as its JSON names it: e.g. "cpu (x86_64, 2 cores)"."""
+    return f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
 def run_meta(args, shared) -> dict:
-    return {"device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
-                      f"{os.cpu_count()} cores)", "steps": args.steps, "eval_every": args.eval_every,
+    return {"device": device_name(), "steps": args.steps, "eval_every": args.eval_every,
             "seeds": args.seeds, "budget": BUDGET, "shared_changes": shared,
             "base_config": "configs/tiny.py:<objective>", "metric": METRIC}
 

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import tempfile
 import time
 
-import jax
 import numpy as np
 
 import ablation
@@ -123,6 +121,12 @@ def main():
     args = p.parse_args()
     names = ablation.chosen_variants(p, args, VARIANTS)
     root = args.workdir or tempfile.mkdtemp(prefix="self_generated_")
+    meta = {"device": ablation.device_name(), "base_config": "configs/tiny.py:<objective> as shipped",
+            "seeds": args.seeds, "metric": ablation.METRIC,
+            "settings": {"images_per_caption": IMAGES_PER_CAPTION, "image_seed": IMAGE_SEED,
+                         "tie_margin": TIE_MARGIN, "experts_per_caption": EXPERTS_PER_CAPTION, "experts_k": EXPERTS_K}}
+    if args.merge:  # other settings are refused here, before the generation; the generated data after it
+        ablation.load_results(args.out, meta)
     pipeline = load_pipeline(resolve_model_path("embedded:tiny"))
     start = time.perf_counter()
     captions, images, rewards = generate_train_set(pipeline)
@@ -134,11 +138,7 @@ def main():
         [r["reward_0"] - r["reward_1"] for r in data["pairs"].data])))
     print(f"generated {images.shape[0]} x {images.shape[1]} images in {seconds:.0f} s: {generated}",
           flush=True)
-    meta = {"device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
-                      f"{os.cpu_count()} cores)", "base_config": "configs/tiny.py:<objective> as shipped",
-            "seeds": args.seeds, "metric": ablation.METRIC, "generated": generated,
-            "settings": {"images_per_caption": IMAGES_PER_CAPTION, "image_seed": IMAGE_SEED,
-                         "tie_margin": TIE_MARGIN, "experts_per_caption": EXPERTS_PER_CAPTION, "experts_k": EXPERTS_K}}
+    meta["generated"] = generated
     results = ablation.load_results(args.out, meta) if args.merge else {}  # refused unless comparable
     for name in names:
         runs = [run_one(name, s, pipeline, data, root) for s in args.seeds]
