@@ -28,10 +28,11 @@ setup(
         "pillow",
         "pyarrow",
         "tensorboardX",
+        "matplotlib",           # the run's figures (before_after.png, reward_curve.png)
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel the CI machines carry; an unpinned torch pulls GBs of CUDA.
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "peft", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "peft", "nbclient", "nbformat", "ipykernel"],
         # The TPU compiler (libtpu): runs on TPU VMs, and compiles for TPU topologies on any host
         # (python -m jaxpref.aot). Same version as jax.
         "tpu": ["jax[tpu]==0.10.2"],

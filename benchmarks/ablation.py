@@ -10,7 +10,7 @@ for ``--steps`` updates per seed, evaluated on the held-out prompts every
 changes the shared settings of every variant (the budget is the same for all of them). Writes
 ``--out`` (JSON: per variant and seed the reward curve, final gain over the base model, win rate and
 steps/s; per variant mean ± std over seeds) and the plot beside it (held-out reward vs step, mean ± std
-band per variant), and prints the table the README shows. ``--merge`` keeps the variants already in
+band per variant), and prints the table docs/results.md shows. ``--merge`` keeps the variants already in
 ``--out`` and adds or replaces only the ones run now (the settings must match); ``--from RUN.json`` takes
 the variants' results from an earlier run's JSON instead of training them:
 

@@ -51,7 +51,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxpref import config_lib, diffusion, flops as flop_model, sharding, trainer  # noqa: E402
-from jaxpref.flops import inversion_scan_steps, loop_corrected, model_flops, peak_flops  # noqa: E402
+from jaxpref.flops import loop_corrected, model_flops, peak_flops  # noqa: E402
+from jaxpref.methods.smpo import inversion_scan_steps  # noqa: E402
 from jaxpref.methods import METHODS  # noqa: E402
 from jaxpref.methods.base import pair_keys  # noqa: E402
 from jaxpref.methods.dro import empty_negatives_buffer  # noqa: E402
@@ -139,10 +140,7 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
         source = "given"
     fwd, fwdbwd = unet_flops
     info.update(fwd_flops=fwd, fwdbwd_flops=fwdbwd, flops_source=source)
-    flop_kw = dict(gen_steps=config.dro.num_inference_steps, steps_per_trajectory=config.dro.steps_per_trajectory,
-                   guidance_scale=config.dro.guidance_scale, inversion_steps=config.smpo.inversion_steps,
-                   inversion_mode=config.smpo.inversion)
-    flops = lambda w: model_flops(w, batch, fwd, fwdbwd, **flop_kw)  # noqa: E731
+    flops = lambda w: model_flops(w, batch, fwd, fwdbwd, config)  # noqa: E731
 
     # The state and frozen params as the training loop builds them: born sharded on the mesh.
     mesh = sharding.make_mesh(data=-1, fsdp=1)

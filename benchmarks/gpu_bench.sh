@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark of benchmarks/NOTES.md §3 as one script: SD1.5 DPO, SmPO and DRO steps (8 pairs, bf16,
+# The GPU benchmark of docs/performance.md as one script: SD1.5 DPO, SmPO and DRO steps (8 pairs, bf16,
 # cuDNN flash attention) beside the PyTorch diffusers DPO step, on one GPU, in one run.
 #
 #   bash benchmarks/gpu_bench.sh OUT_DIR [SECONDS]          # main rows: JAX's three steps + PyTorch eager

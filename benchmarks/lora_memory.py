@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (pairs / grad_accum each)")
     p.add_argument("--attention", default="auto",
                    help="the UNet's attention backend; 'auto' picks 'chunked' off GPU for 64x64 latents, as on a TPU "
-                        "(the dense 'xla' path materialises 4096^2 maps: NOTES.md)")
+                        "(the dense 'xla' path materialises 4096^2 maps: docs/performance.md)")
     p.add_argument("--no-compile", action="store_true", help="state bytes only")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

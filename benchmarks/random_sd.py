@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpref import config_lib
+from jaxpref.methods import get_method
 from jaxpref.flops import SD15_FWD_FLOPS, SD15_FWDBWD_FLOPS
 from jaxpref.models import clip, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
 from jaxpref.models.presets import (BENCH_TINY_TEXT as TINY_TEXT, BENCH_TINY_UNET as TINY_UNET_CONFIG,
@@ -91,7 +92,7 @@ def bench_config(size: Size, objective: str, batch: int, dtype: str, remat: bool
     c.batch_size, c.grad_accum = batch, 1
     c.data.resolution = size.latent * 2 ** (len(size.vae_channels) - 1)
     config_lib.apply_overrides(c, config_lib.parse_overrides(overrides))
-    c.dro.buffer_size = max(c.dro.buffer_size, batch // c.dro.steps_per_trajectory)
+    get_method(c.objective).fit_config_to_batch(c, batch)
     return config_lib.validate(c)
 
 

@@ -6,24 +6,27 @@ with β = 5000 (the paper's SD1.5 headline used 2000: ``--config.dpo.beta=2000``
 (1e-8 x 2048 pairs), wd 1e-2, 500 warmup steps of 2000, constant, clip 1.0, 2048 pairs per update
 (16 per micro-batch x 128 micro-batches), 512 px resize + center crop + flip, prompt dropout 0.2.
 
-Data: a local diffusers SD1.5 folder (``model_path``) and Pick-a-Pic v2 built from its parquet shards with
-``python -m jaxpref.data.pickapic --parquet_dir ... --data_dir ...``, plus (recommended) its latent cache
-``python -m jaxpref.data.cache ...`` so the step runs no VAE (see README).
+Data: SD1.5 (``model_path``: a hub id or a local diffusers folder) and Pick-a-Pic v2 built with
+``python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 --split=train --data_dir=...``, plus
+(recommended) its latent cache ``python -m jaxpref.data.cache ...`` so the step runs no VAE (docs/training.md).
+Memory: compiled for a TPU v5e-8 at 4 pairs per chip the step needs 10.3 of 16 GiB per chip, on a v4-8 at 8
+pairs per chip 11.6 of 32 GiB (docs/performance.md).
 Cost: 2000 x 2048 pairs; the paper used 16 A100s for ~1.5 days. Expected result: implicit-reward
 accuracy ~60.8% on Pick-a-Pic validation; beats SD1.5 ~60% of the time on PartiPrompts (docs/methods.md §5).
 
-  python -m jaxpref.train --config=configs/dposd15.py --workdir=/tmp/dpo \
-      --config.model_path=/path/to/stable-diffusion-v1-5 --config.data.data_dir=/path/to/data
+  python -m jaxpref.train --config=configs/dposd15.py --workdir=/runs/dpo \
+      --config.model_path=stable-diffusion-v1-5/stable-diffusion-v1-5 --config.data.data_dir=/data/tfds
 """
-from jaxpref import config_lib
+from jaxpref import config_lib, layouts
 
 
-def get_config():
+def get_config(runtime: str = ""):
+    """runtime: '' (a TPU v5e-8, as below) or 'gpu8' (one node of 8 x 80 GB GPUs, one process; jaxpref/layouts.py)."""
     c = config_lib.base_config()
     c.objective = "dpo"
     c.model_path = "/path/to/stable-diffusion-v1-5"
     c.dtype = "bfloat16"
-    # Sized for a TPU v5e-8 (16 GiB per chip; benchmarks/NOTES.md, python -m jaxpref.aot): params, AdamW state
+    # Sized for a TPU v5e-8 (16 GiB per chip; docs/performance.md, python -m jaxpref.aot): params, AdamW state
     # and reference split over every device (fsdp), each UNet block rematerialised, attention 'auto' (Pallas
     # flash attention on TPU, cuDNN on GPU).
     c.remat = True
@@ -37,4 +40,4 @@ def get_config():
     c.data.update(name="pickapic_v2", resolution=512)
     c.checkpoint.update(every=200, keep=3)
     c.eval.update(every=500, num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=7.5)
-    return c
+    return layouts.for_runtime(c, runtime)

@@ -5,12 +5,12 @@ projections to_q/to_k/to_v/to_out.0 of every SD1.5 transformer block (1.59 M par
 loss (β = 5000) on Pick-a-Pic v2 pairs; the frozen base UNet is stored once in bf16 and is also the
 reference. The settings follow the diffusers Diffusion-DPO LoRA example: AdamW lr 1e-5 constant, no warmup,
 32 pairs per update (2 per micro-batch x 16 micro-batches), 10,000 updates, remat, 512 px.
-Memory (benchmarks/NOTES.md §8): the state is 2.08 GiB (adapters + AdamW 0.018 GiB, bf16 base/reference
+Memory (docs/performance.md): the state is 2.08 GiB (adapters + AdamW 0.018 GiB, bf16 base/reference
 1.60 GiB, text encoder 0.46 GiB) against 11.67 GiB for the full fine-tune. Compiled by the TPU compiler
-for one v5e chip (benchmarks/NOTES.md §6) the step needs 6.0 GiB at 4 pairs per micro-batch; XLA:CPU's memory
-analysis (§8) had put it at 18.6 GiB with 4 and 15.4 GiB with 2 pairs, the 2 this file keeps (safe either way).
-Cost: 10,000 x 32 pairs, one policy forward/backward and one reference forward per pair. Expected result: not
-measured here; the LoRA run of the diffusers example is reported as experimental (low-data regime).
+for one v5e chip the step needs 6.0 GiB at 4 pairs per micro-batch; XLA:CPU's memory analysis gives 18.6 GiB
+with 4 and 15.4 GiB with 2 pairs, the 2 this file keeps (safe on either count).
+Cost: 10,000 x 32 pairs, one policy forward/backward and one reference forward per pair. Expected result:
+unmeasured; the LoRA run of the diffusers example is reported as experimental (low-data regime).
 
 The other objectives take the same overrides on their configs:
 
@@ -18,12 +18,12 @@ The other objectives take the same overrides on their configs:
   (configs/drosd15.py, configs/smposd15.py; drosd15's EMA then averages the adapters, DRO's sampling copy is a copy
   of the adapters on the shared base, SmPO inverts with base + adapters)
 
-Export: ``python -m jaxpref.export --checkpoint=/tmp/dpo_lora --base=/path/to/stable-diffusion-v1-5
---out=/tmp/dpo_lora_out`` writes pytorch_lora_weights.safetensors (``pipe.load_lora_weights``); ``--merge``
+Export: ``python -m jaxpref.export --checkpoint=/runs/dpo_lora --base=stable-diffusion-v1-5/stable-diffusion-v1-5
+--out=/models/dpo_lora`` writes pytorch_lora_weights.safetensors (``pipe.load_lora_weights``); ``--merge``
 writes a merged diffusers pipeline folder. Resume from a diffusers LoRA: ``--config.lora.init_from=FILE``.
 
-  python -m jaxpref.train --config=configs/dposd15_lora.py --workdir=/tmp/dpo_lora \
-      --config.model_path=/path/to/stable-diffusion-v1-5 --config.data.data_dir=/path/to/data
+  python -m jaxpref.train --config=configs/dposd15_lora.py --workdir=/runs/dpo_lora \
+      --config.model_path=stable-diffusion-v1-5/stable-diffusion-v1-5 --config.data.data_dir=/data/tfds
 """
 from jaxpref import config_lib
 
@@ -35,7 +35,7 @@ def get_config():
     c.dtype = c.reference_dtype = "bfloat16"   # the frozen base/reference stored in bf16
     c.remat = True
     c.lora.update(enabled=True, rank=8, alpha=8.0)
-    c.batch_size, c.grad_accum = 32, 16       # 2 pairs per micro-batch: 15.4 GiB compiled (NOTES.md §8)
+    c.batch_size, c.grad_accum = 32, 16       # 2 pairs per micro-batch: 15.4 GiB on XLA:CPU
     c.total_steps = 10000
     c.optimizer.update(name="adamw", lr=1e-5, weight_decay=1e-2, warmup_steps=0, schedule="constant",
                        grad_clip=1.0, decay_steps=10000)

@@ -12,18 +12,18 @@ flip (``--random_crop`` is off by default; ``--config.data.crop=random`` for our
 time ids fixed at (1024, 1024, 0, 0, 1024, 1024) for every image (``data.time_ids="fixed"``;
 ``"crop"`` feeds each image's recorded size and crop, as diffusers' own SDXL script).
 Ours: 1 pair per chip per micro-batch on a 4-chip v5p-8 / v4-8 (2048 pairs = 512 micro-batches x 4);
-compiled for TPU (benchmarks/NOTES.md §7): 19.5 GiB per chip on a v5p-8, 20.7 GiB on a v4-8: fits.
+compiled for TPU (docs/performance.md): 19.5 GiB per chip on a v5p-8, 20.7 GiB on a v4-8: fits.
 
-Data: a local diffusers SDXL folder (``model_path``), the fp16-fix VAE folder (``vae_path``, what the
-release encodes with; our VAE runs in ``vae_dtype`` fp32 or bf16), Pick-a-Pic v2 at 1024 px
+Data: SDXL base (``model_path``: a hub id or a local diffusers folder), the fp16-fix VAE (``vae_path``, what
+the release encodes with; our VAE runs in ``vae_dtype`` fp32 or bf16), Pick-a-Pic v2 at 1024 px
 (``python -m jaxpref.data.pickapic ...``) and its latent cache (``python -m jaxpref.data.cache ... --vae
-VAE_PATH --resolution 1024``), see README.
+VAE_PATH --resolution 1024``), docs/training.md.
 Cost: 2000 x 2048 pairs; the launcher notes ~30 hours per 200 steps on its GPUs. Expected result: the paper's
 DPO-SDXL (human preference over SDXL base on PartiPrompts and HPDv2), not reproduced here.
 
-  python -m jaxpref.train --config=configs/dposdxl.py --workdir=/tmp/dposdxl \
-      --config.model_path=/path/to/stable-diffusion-xl-base-1.0 --config.vae_path=/path/to/sdxl-vae-fp16-fix \
-      --config.data.data_dir=/path/to/data
+  python -m jaxpref.train --config=configs/dposdxl.py --workdir=/runs/dposdxl \
+      --config.model_path=stabilityai/stable-diffusion-xl-base-1.0 --config.vae_path=madebyollin/sdxl-vae-fp16-fix \
+      --config.data.data_dir=/data/tfds
 """
 from jaxpref import config_lib
 

@@ -14,10 +14,10 @@ original size and crop top-left (``data.time_ids="crop"``, the default).
 Ours: 16 pairs per update on a 4-chip v5p-8 or v4-8, 1 pair per chip per micro-batch x 4 micro-batches. Memory:
 the step's arguments are 2.08 GiB per chip (adapters and AdamW 0.11, bf16 base/reference 1.20, text encoders
 0.76; ``jaxpref.aot``'s accounting) against 4.88 for the full fine-tune, whose compiled step needs 19.5 GiB per
-chip on a v5p-8 and 20.7 on a v4-8 at the same micro-batch (benchmarks/NOTES.md §7); the LoRA step itself was
-not compiled for TPU (its activations are the full fine-tune's: the backward still runs through the UNet).
-Cost: 2000 x 16 pairs, one policy forward/backward and one reference forward per pair. Expected result: not
-measured here; the example's scripts are described by their authors as experimental (low-data regime).
+chip on a v5p-8 and 20.7 on a v4-8 at the same micro-batch (docs/performance.md); the LoRA step itself is
+uncompiled for TPU (its activations are the full fine-tune's: the backward still runs through the UNet).
+Cost: 2000 x 16 pairs, one policy forward/backward and one reference forward per pair. Expected result:
+unmeasured; the example's scripts are described by their authors as experimental (low-data regime).
 
 The other SDXL objectives take the same overrides on their configs:
 
@@ -25,13 +25,13 @@ The other SDXL objectives take the same overrides on their configs:
   --config.optimizer.lr=1e-5 --config.optimizer.warmup_steps=0 --config.reference_dtype=bfloat16
   (configs/drosdxl.py, configs/smposdxl.py)
 
-Export: ``python -m jaxpref.export --checkpoint=/tmp/dposdxl_lora --base=/path/to/stable-diffusion-xl-base-1.0
---out=/tmp/dposdxl_lora_out`` writes pytorch_lora_weights.safetensors
+Export: ``python -m jaxpref.export --checkpoint=/runs/dposdxl_lora --base=stabilityai/stable-diffusion-xl-base-1.0
+--out=/models/dposdxl_lora`` writes pytorch_lora_weights.safetensors
 (``StableDiffusionXLPipeline.load_lora_weights``); ``--merge`` writes a merged diffusers SDXL folder.
 
-  python -m jaxpref.train --config=configs/dposdxl_lora.py --workdir=/tmp/dposdxl_lora \
-      --config.model_path=/path/to/stable-diffusion-xl-base-1.0 --config.vae_path=/path/to/sdxl-vae-fp16-fix \
-      --config.data.data_dir=/path/to/data
+  python -m jaxpref.train --config=configs/dposdxl_lora.py --workdir=/runs/dposdxl_lora \
+      --config.model_path=stabilityai/stable-diffusion-xl-base-1.0 --config.vae_path=madebyollin/sdxl-vae-fp16-fix \
+      --config.data.data_dir=/data/tfds
 """
 from jaxpref import config_lib
 

@@ -9,26 +9,30 @@ code's form (``dro.negative_target="trajectory"``: a recorded step x_k with targ
 their error and gradient are ~0 and the hinge is a trust region on denoising the experts);
 kept here so that this run reproduces the released code. ``"sample"`` (the policy's generated x0, noised
 at t; the base default) gives the negative term a gradient and gained 2.5x the trajectory form's held-out
-reward in the embedded ablation (README), not yet measured on SD1.5: ``--config.dro.negative_target=sample``
-(docs/methods.md §2 and the README explain the logged expert_gap, negative_gap, implicit_acc and active_hinge).
+reward in the embedded ablation (docs/results.md); on SD1.5 unmeasured: ``--config.dro.negative_target=sample``
+(docs/methods.md §2 and docs/operating.md explain the logged expert_gap, negative_gap, implicit_acc and
+active_hinge).
 
-Data: a local diffusers SD1.5 folder (``model_path``) and the DRO expert set built from the Pick-a-Pic
-v2 parquet shards (``python -m jaxpref.data.experts ...``, see README).
+Data: SD1.5 (``model_path``: a hub id or a local diffusers folder) and the DRO expert set built from Pick-a-Pic
+v2 (``python -m jaxpref.data.experts --scorer pickscore:yuvalkirstain/PickScore_v1 ...``, docs/training.md).
+Memory: compiled for a TPU v5e-8 at 4 pairs per chip the step (EMA, sampling copy and negatives buffer
+included) needs 8.7 of 16 GiB per chip, on a v4-8 at 8 pairs per chip 12.4 of 32 GiB (docs/performance.md).
 Cost: each pair costs ~20 generation forwards plus one train forward/backward; the reference reports
 ~1 day on 4 A100s. Expected result: HPDv2 PickScore/HPSv2 above SD1.5's (docs/methods.md §5).
 
-  python -m jaxpref.train --config=configs/drosd15.py --workdir=/tmp/dro \
-      --config.model_path=/path/to/stable-diffusion-v1-5 --config.data.data_dir=/path/to/data
+  python -m jaxpref.train --config=configs/drosd15.py --workdir=/runs/dro \
+      --config.model_path=stable-diffusion-v1-5/stable-diffusion-v1-5 --config.data.experts_dir=/data/experts
 """
-from jaxpref import config_lib
+from jaxpref import config_lib, layouts
 
 
-def get_config():
+def get_config(runtime: str = ""):
+    """runtime: '' (a TPU v5e-8, as below) or 'gpu8' (one node of 8 x 80 GB GPUs, one process; jaxpref/layouts.py)."""
     c = config_lib.base_config()
     c.objective = "dro"
     c.model_path = "/path/to/stable-diffusion-v1-5"
     c.dtype = "bfloat16"
-    # Sized for a TPU v5e-8 (16 GiB per chip; benchmarks/NOTES.md, python -m jaxpref.aot): params, AdamW state
+    # Sized for a TPU v5e-8 (16 GiB per chip; docs/performance.md, python -m jaxpref.aot): params, AdamW state
     # and reference split over every device (fsdp), each UNet block rematerialised, attention 'auto' (Pallas
     # flash attention on TPU, cuDNN on GPU).
     c.remat = True
@@ -45,4 +49,4 @@ def get_config():
     c.data.update(name="pickapic_v2", resolution=512)
     c.checkpoint.update(every=100, keep=3)
     c.eval.update(every=200, num_prompts=64, sampler="ddpm", num_steps=50, guidance_scale=7.5)
-    return c
+    return layouts.for_runtime(c, runtime)

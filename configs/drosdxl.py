@@ -10,17 +10,16 @@ constant, 256 pairs per update, 25,600 micro-steps / 16 = 1,600 updates, grad-no
 prompt dropout 0.2, DPM-Solver++ 20 steps at guidance 1.0, center crop, random flip. Not from the
 release: 1024 px (its ``--resolution`` defaults to 512 for SDXL too; SDXL is trained at 1024) and remat
 (its gradient checkpointing is off by default; SDXL at 1024 px needs it on 4 chips).
-Ours: 1 expert per chip per micro-batch on a 4-chip v5p-8 (256 = 64 micro-batches x 4); per-chip memory
-measured for the DPO config only (benchmarks/NOTES.md §7:
-19.5 GiB per chip on a v5p-8 at 1 pair per chip).
+Ours: 1 expert per chip per micro-batch on a 4-chip v5p-8 (256 = 64 micro-batches x 4); per-chip memory is
+measured for the DPO config only (docs/performance.md: 19.5 GiB per chip on a v5p-8 at 1 pair per chip).
 
 Data: as configs/drosd15.py (``python -m jaxpref.data.experts ...``) at 1024 px.
 Cost: each expert costs ~20 SDXL generation forwards at 1024 px plus one train forward/backward.
 Expected result: unpublished for SDXL.
 
-  python -m jaxpref.train --config=configs/drosdxl.py --workdir=/tmp/drosdxl \
-      --config.model_path=/path/to/stable-diffusion-xl-base-1.0 --config.vae_path=/path/to/sdxl-vae-fp16-fix \
-      --config.data.data_dir=/path/to/data
+  python -m jaxpref.train --config=configs/drosdxl.py --workdir=/runs/drosdxl \
+      --config.model_path=stabilityai/stable-diffusion-xl-base-1.0 --config.vae_path=madebyollin/sdxl-vae-fp16-fix \
+      --config.data.data_dir=/data/tfds
 """
 from jaxpref import config_lib
 

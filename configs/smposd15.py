@@ -8,28 +8,35 @@ default so a run reproduces the released code; "paper" lands exactly on t; "cons
 per-sample grid ending at t with two ReNoise iterations, so latent, timestep and target agree: the
 released form lands on the grid level at or above t while the models are told t, docs/methods.md §3)
 instead of forward noise. On the embedded world no inversion helped (100 updates, seeds 0-2: none
-+0.031, code and consistent below the base model; README, the ablation); unmeasured on SD1.5, where the
++0.031, code and consistent below the base model; docs/results.md); unmeasured on SD1.5, where the
 paper reports the inversion's gain. β = 2000, AdamW lr 1.024e-5, 100 warmup, wd 1e-2, clip 1.0,
 1024 pairs per update, 200 updates. Policy and reference start from an SFT checkpoint (SD1.5 fine-tuned
-on preferred images): point ``model_path`` at it.
+on preferred images): point ``model_path`` at it (the first two commands below make it).
 
-Data: Pick-a-Pic v2 with PickScore rewards (``python -m jaxpref.data.scores ...``, needs a local
-PickScore CLIPModel folder), see README.
+Data: Pick-a-Pic v2 with PickScore rewards (``python -m jaxpref.data.scores --scorer
+pickscore:yuvalkirstain/PickScore_v1 ...``, docs/training.md).
+Memory: compiled for a TPU v5e-8 at 4 pairs per chip (the inversion inside the step) 9.3 of 16 GiB per chip,
+on a v4-8 at 8 pairs per chip 14.3 of 32 GiB (docs/performance.md).
 Cost: 200 x 1024 pairs, each with 2 x 5 x 2 no-grad inversion forwards. Expected result (HPDv2 medians):
 PickScore 22.08, HPSv2.1 29.31, ImageReward 0.885, Aesthetic 5.831 (docs/methods.md §5).
 
-  python -m jaxpref.train --config=configs/smposd15.py --workdir=/tmp/smpo \
-      --config.model_path=/path/to/sd15-sft --config.data.data_dir=/path/to/data
+  python -m jaxpref.train --config=configs/sftsd15.py --workdir=/runs/sft \
+      --config.model_path=stable-diffusion-v1-5/stable-diffusion-v1-5 --config.data.data_dir=/data/tfds
+  python -m jaxpref.export --checkpoint=/runs/sft --base=stable-diffusion-v1-5/stable-diffusion-v1-5 \
+      --out=/models/sd15-sft
+  python -m jaxpref.train --config=configs/smposd15.py --workdir=/runs/smpo --config.model_path=/models/sd15-sft \
+      --config.data.data_dir=/data/tfds --config.data.scores_dir=/data/scores
 """
-from jaxpref import config_lib
+from jaxpref import config_lib, layouts
 
 
-def get_config():
+def get_config(runtime: str = ""):
+    """runtime: '' (a TPU v5e-8, as below) or 'gpu8' (one node of 8 x 80 GB GPUs, one process; jaxpref/layouts.py)."""
     c = config_lib.base_config()
     c.objective = "smpo"
     c.model_path = "/path/to/sd15-sft"
     c.dtype = "bfloat16"
-    # Sized for a TPU v5e-8 (16 GiB per chip; benchmarks/NOTES.md, python -m jaxpref.aot): params, AdamW state
+    # Sized for a TPU v5e-8 (16 GiB per chip; docs/performance.md, python -m jaxpref.aot): params, AdamW state
     # and reference split over every device (fsdp), each UNet block rematerialised, attention 'auto' (Pallas
     # flash attention on TPU, cuDNN on GPU).
     c.remat = True
@@ -43,4 +50,4 @@ def get_config():
     c.data.update(name="pickapic_v2", resolution=512)
     c.checkpoint.update(every=50, keep=3)
     c.eval.update(every=100, num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=7.5)
-    return c
+    return layouts.for_runtime(c, runtime)

@@ -10,17 +10,16 @@ warmup steps, lr 1e-8 scaled by the pairs per update (1 per GPU x 128 accumulati
 SD1.5), Adafactor (scale_parameter=False, relative_step=False, clip 1.0, weight decay 1e-2), gradient
 checkpointing, γ = 10 (hard-coded in the loss), 1024 px, prompt dropout 0.2 ("" encoded), center crop,
 grad-norm clip 1.0, time ids fixed at (1024, 1024, 0, 0, 1024, 1024) (``data.time_ids="fixed"``).
-Ours: 1 pair per chip per micro-batch on a 4-chip v5p-8 (1024 = 256 micro-batches x 4); per-chip memory
-measured for the DPO config only (benchmarks/NOTES.md §7:
-19.5 GiB per chip on a v5p-8 at 1 pair per chip).
+Ours: 1 pair per chip per micro-batch on a 4-chip v5p-8 (1024 = 256 micro-batches x 4); per-chip memory is
+measured for the DPO config only (docs/performance.md: 19.5 GiB per chip on a v5p-8 at 1 pair per chip).
 
-Data: as configs/dposdxl.py plus PickScore rewards (``python -m jaxpref.data.scores ...``), see README.
+Data: as configs/dposdxl.py plus PickScore rewards (``python -m jaxpref.data.scores ...``, docs/training.md).
 Cost: 200 x 1024 pairs, each with 2 x 10 x 2 no-grad SDXL inversion forwards before its train step.
 Expected result: the paper's SmPO-SDXL (reward scores above DPO-SDXL's), not reproduced here.
 
-  python -m jaxpref.train --config=configs/smposdxl.py --workdir=/tmp/smposdxl \
-      --config.model_path=/path/to/stable-diffusion-xl-base-1.0 --config.vae_path=/path/to/sdxl-vae-fp16-fix \
-      --config.data.data_dir=/path/to/data
+  python -m jaxpref.train --config=configs/smposdxl.py --workdir=/runs/smposdxl \
+      --config.model_path=stabilityai/stable-diffusion-xl-base-1.0 --config.vae_path=madebyollin/sdxl-vae-fp16-fix \
+      --config.data.data_dir=/data/tfds
 """
 from jaxpref import config_lib
 

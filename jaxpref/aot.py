@@ -25,16 +25,18 @@ import sys
 import time
 
 if __name__ == "__main__":
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from jaxpref import console as _console
+    _console.quiet_native_logs()   # before jax loads: XLA's C++ log reads its level once
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from jax.experimental import topologies
 from ml_collections import config_flags
 
 from jaxpref import config_lib, sharding, trainer
+from jaxpref.methods import get_method
 from jaxpref.models import clip, conditioning, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
 from jaxpref.models.presets import (SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD_VAE_CHANNELS, SDXL_TEXT, SDXL_TEXT_2,
                                      SDXL_UNET)
@@ -335,15 +337,12 @@ def _define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
     try:
         if FLAGS.pairs_per_chip:
             chips = len(topology_devices(FLAGS.topology))
             config.batch_size = FLAGS.pairs_per_chip * chips * config.grad_accum
-            config.dro.buffer_size = max(config.dro.buffer_size,
-                                         FLAGS.pairs_per_chip * chips // config.dro.steps_per_trajectory)
+            get_method(config.objective).fit_config_to_batch(config, FLAGS.pairs_per_chip * chips)
         report = check(config, FLAGS.topology, FLAGS.top, FLAGS.architecture)
     except ValueError as e:
         print(f"jaxpref.aot: {e}", file=sys.stderr)
@@ -358,4 +357,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    _console.run(main, "jaxpref.aot")

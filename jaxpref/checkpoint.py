@@ -24,15 +24,21 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxpref import errors
+
 LOCK_FILE = "lock"
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(errors.JaxprefError, RuntimeError):
     """A checkpoint could not be written (full disk, lost mount, permissions): the run stops."""
 
+    exit_code = errors.EXIT_IO
 
-class WorkdirLocked(RuntimeError):
+
+class WorkdirLocked(errors.JaxprefError, RuntimeError):
     """Another live run holds the workdir."""
+
+    exit_code = errors.EXIT_IO
 
 
 class CheckpointManager:
@@ -91,6 +97,42 @@ class CheckpointManager:
             raise
         return out["state"], dict(out["meta"])
 
+    def restore_latest(self, target_shapes: Any, target_shardings: Any, say=print):
+        """(step, state, meta) of the newest checkpoint that restores, or None when there is none.
+
+        A newest checkpoint that cannot be read (a truncated file after a crash) is renamed
+        ``<step>.unreadable`` (kept, not deleted), said in one line, and the one before it is restored. When
+        that one fails too, the cause is not one damaged checkpoint (another model, another config): the
+        first error is raised and nothing is renamed.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        try:
+            return (steps[0], *self.restore(steps[0], target_shapes, target_shardings))
+        except Exception as first:  # noqa: BLE001 - any read failure; judged by whether the previous one restores
+            if len(steps) < 2:
+                raise
+            try:
+                state, meta = self.restore(steps[1], target_shapes, target_shardings)
+            except Exception:  # noqa: BLE001 - both fail: not a damaged file; report the newest's error
+                raise first from None
+            kept = self._set_aside(steps[0])
+            say(f"checkpoint {steps[0]} cannot be restored ({_first_line(first)}); kept as {kept}; resuming from "
+                f"checkpoint {steps[1]}")
+            return steps[1], state, meta
+
+    def _set_aside(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.unreadable"
+        n = 1
+        while os.path.exists(dst):
+            n += 1
+            dst = f"{src}.unreadable{n}"
+        os.replace(src, dst)
+        self._manager.reload()
+        return dst
+
     def wait(self):
         """Waits for the save in flight; CheckpointSaveError (with the OS error and the path) if it failed."""
         step, self._unconfirmed = self._unconfirmed, None
@@ -118,6 +160,11 @@ class CheckpointManager:
         return CheckpointSaveError(f"saving checkpoint {step} to {self.directory} failed: {error}. The run stopped; "
                                    f"{kept} once the cause is fixed (a full disk: free space or pass another "
                                    "--workdir)")
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def check_workdir(workdir: str):

@@ -9,16 +9,16 @@ trains, its cost and the expected result. A key that is not in ``base_config()``
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import os
 
 import jax.numpy as jnp
 import ml_collections
 
-from jaxpref import diffusion, lora, objectives, optim, sharding
+from jaxpref import hub, lora, optim, sharding
+from jaxpref.errors import ConfigError
 from jaxpref.methods import METHODS
-from jaxpref.methods.dro import EXPERT_TIMESTEPS, NEGATIVE_TARGETS
-from jaxpref.methods.smpo import INVERSION_MODELS as SMPO_INVERSION_MODELS, INVERSIONS as SMPO_INVERSIONS
 from jaxpref.models import attention, unet as unet_lib
 from jaxpref.models.pipeline import EMBEDDED_TINY
 
@@ -78,7 +78,7 @@ def config_path(name: str) -> str:
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run understands, with its default; what each means: ``KEY_HELP`` (``--print_config``)."""
     c = ml_collections.ConfigDict()
-    c.objective = "dro"
+    c.objective = next(iter(METHODS))   # the first registered method (Diffusion-DPO); every config names its own
     c.seed = 0
     c.model_path = EMBEDDED_TINY
     c.reference_path = ""
@@ -96,24 +96,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_accum = 1
     c.total_steps = 1000
     c.max_consecutive_skips = 20
+    c.peak_tflops = 0.0
+    c.profile = ""
 
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0,
         warmup_steps=0, schedule="constant", decay_steps=1000))
     c.ema = ml_collections.ConfigDict(dict(enabled=False, max_decay=0.9999))
     c.lora = ml_collections.ConfigDict(dict(
-        enabled=False, rank=4, alpha=4.0, target_modules=lora.DEFAULT_TARGETS, dropout=0.0, init_from=""))
+        enabled=False, rank=4, alpha=4.0, target_modules=lora.DEFAULT_TARGETS, dropout=0.0, init_from="",
+        fuse_reference_forward=False))
 
-    c.dpo = ml_collections.ConfigDict(dict(beta=5000.0))
-    c.smpo = ml_collections.ConfigDict(dict(
-        beta=2000.0, gamma=10.0,
-        reward_min=objectives.PICKSCORE_MIN, reward_max=objectives.PICKSCORE_MAX,  # over Pick-a-Pic v2
-        inversion="code", inversion_steps=5, inversion_iterations=2, inversion_window=(0, 3),
-        inversion_noise_regularization=False, inversion_noise_shifts="code", inversion_fraction=1.0,
-        inversion_model="policy"))
-    c.dro = ml_collections.ConfigDict(dict(
-        margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0, buffer_size=4,
-        steps_per_trajectory=1, refresh_every=0, expert_timestep="shared", negative_target="sample"))
+    for method in METHODS.values():        # each method's own section (its module holds defaults and help)
+        if method.config_section:
+            c[method.config_section] = method.default_config()
 
     c.data = ml_collections.ConfigDict(dict(
         name="shapes", data_dir="", source_dir="", split="train", resolution=32, cache_dir="", scores_dir="",
@@ -152,17 +148,21 @@ KEY_HELP = {
     "objective": f"the method trained: one of {tuple(METHODS)}",
     "seed": "the run's rng seed (noise, timesteps, prompt dropout, DRO's sampling)",
     "model_path": "a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL: also "
-                  "text_encoder_2/, tokenizer_2/), or "
+                  "text_encoder_2/, tokenizer_2/), a Hugging Face hub id org/name[@revision][/subfolder] (fetched "
+                  "into the HF cache once, before the data: HF_HOME, HF_TOKEN, HF_HUB_OFFLINE), or "
                   "'embedded:tiny' for the shipped tiny model of the shapes world",
-    "reference_path": "the frozen reference UNet (a pipeline or UNet folder); '' = model_path's starting weights",
+    "reference_path": "the frozen reference UNet (a pipeline or UNet folder, or a hub id); '' = model_path's starting "
+                      "weights",
     "dtype": f"compute dtype {tuple(DTYPES)}; params stay fp32",
     "reference_dtype": "storage dtype of the frozen reference params",
-    "vae_path": "a diffusers VAE folder used instead of model_path's vae/ (e.g. SDXL's fp16-fix VAE); '' = model_path's",
+    "vae_path": "a diffusers VAE folder or hub id used instead of model_path's vae/ (e.g. SDXL's fp16-fix VAE, "
+                "madebyollin/sdxl-vae-fp16-fix); '' = model_path's",
     "vae_dtype": f"the VAE's compute dtype {tuple(DTYPES)}; '' = config.dtype (SDXL's original VAE overflows in half "
                  "precision: use 'float32' or the fp16-fix VAE)",
     "remat": "gradient checkpointing per UNet block (less memory, more compute)",
-    "remat_policy": f"with remat, what each block keeps for the backward pass {unet_lib.REMAT_POLICIES}: nothing "
-                    "(least memory), the weight matmuls' outputs, or every matmul's",
+    "remat_policy": f"with remat, what each block keeps for the backward pass {tuple(unet_lib.REMAT_POLICIES)}: "
+                    "nothing (least memory), the weight matmuls' outputs, those and the convolutions' outputs, or "
+                    "every matmul's and convolution's (attention's logits included)",
     "attention": f"the UNet's attention backend, one of {attention.BACKENDS}: 'auto' = cuDNN flash on GPU where it "
                  "applies, else 'chunked' (O(block x tokens) memory) for long sequences and 'xla' (dense) for short",
     "sample_posterior": "x0 = a sample of the VAE posterior (False: its mean)",
@@ -172,6 +172,10 @@ KEY_HELP = {
     "total_steps": "optimizer updates of the whole run (a resumed run continues to it)",
     "max_consecutive_skips": "stop the run (non-zero exit, no export) after this many updates in a row were "
                              "skipped for a non-finite loss or gradient: it has diverged; 0 = never stop",
+    "peak_tflops": "one device's peak TFLOP/s for perf/mfu; 0 = from the known devices (GPUs, TPUs; CPU: none, "
+                   "so no MFU is logged)",
+    "profile": "'a:b' writes a jax.profiler trace of updates a..b (1-based, inclusive) to <workdir>/profile "
+               "(TensorBoard's profile tab, Perfetto); '' = none",
     "optimizer.name": f"one of {optim.OPTIMIZERS}",
     "optimizer.lr": "peak learning rate",
     "optimizer.b1": "Adam's first-moment decay",
@@ -191,42 +195,14 @@ KEY_HELP = {
     "lora.target_modules": "diffusers module names adapted (a module matches if its name ends with one), from "
                            f"{lora.SUPPORTED_TARGETS}; default: every attention's to_q/to_k/to_v/to_out.0",
     "lora.dropout": "dropout on a target layer's input to its LoRA branch (PEFT's lora_dropout), training only",
-    "lora.init_from": "start from a diffusers/PEFT LoRA file (pytorch_lora_weights.safetensors or its folder) "
-                      "instead of fresh adapters (A random, B = 0); '' = fresh",
-    "dpo.beta": "DPO's β (KL weight; the loss uses β/2)",
-    "smpo.beta": "SmPO's β",
-    "smpo.gamma": "SmPO's γ scaling the smoothed preference 2p - 1",
-    "smpo.reward_min": "reward score mapped to preference 0 (PickScore's minimum over Pick-a-Pic v2)",
-    "smpo.reward_max": "reward score mapped to preference 1 (PickScore's maximum over Pick-a-Pic v2)",
-    "smpo.inversion": f"one of {SMPO_INVERSIONS}: 'code' as JaydenLyh/SmPO runs it; 'paper' lands exactly on t; "
-                      "'consistent' keeps latent, timestep and target at one level; 'none' uses DPO's forward "
-                      "noise (the inversion ablation); docs/methods.md §3",
-    "smpo.inversion_steps": "inversion grid steps (the per-sample grid's steps in 'consistent')",
-    "smpo.inversion_iterations": "'consistent': ReNoise iterations K per step (0 = plain DDIM inversion)",
-    "smpo.inversion_window": "'consistent': average ε of iterations a <= i < b for the final update",
-    "smpo.inversion_noise_regularization": "'consistent': ReNoise's noise regularisation of ε",
-    "smpo.inversion_noise_shifts": "the regularisation's autocorrelation rolls: 'code' = shifts 0..H/2-1 as the "
-                                   "released code (shift 0 pulls the variance to 0: strong on small latents), "
-                                   "'paper' = 1..H/2 as the regulariser's formula (correlations only)",
-    "smpo.inversion_model": f"the UNet that inverts, one of {SMPO_INVERSION_MODELS}: 'policy' (the references: "
-                            "the latents follow the current policy) or 'reference' (the frozen reference: fixed "
-                            "targets per image that the policy can move away from)",
-    "smpo.inversion_fraction": "share of the pairs (drawn per pair) trained on inverted latents; the others on "
-                               "forward noise at the same t as 'none' (1 = all inverted, the references' form)",
-    "dro.margin": "DRO's hinge margin",
-    "dro.sampler": "sampler that generates DRO's negatives",
-    "dro.num_inference_steps": "sampler steps of one negative trajectory",
-    "dro.guidance_scale": "classifier-free guidance of the negatives' sampling (1 = none)",
-    "dro.buffer_size": "trajectories kept (global); >= pairs per micro-batch / steps_per_trajectory",
-    "dro.steps_per_trajectory": "recorded steps of one trajectory used as negatives (reference: 1)",
-    "dro.refresh_every": "micro-steps between θ <- φ; 0 = θ is φ (refreshed every update)",
-    "dro.expert_timestep": f"one of {EXPERT_TIMESTEPS}: 'shared' noises the expert at the negative's t_k "
-                           "(reference code)",
-    "dro.negative_target": f"one of {NEGATIVE_TARGETS}: 'sample' (default: the ablation's best) = the generated x0 "
-                           "noised at t_k with the expert's ε; 'trajectory' = recorded (x_k, ε_θ(x_k)) (reference "
-                           "code; configs/drosd15.py) (docs/methods.md §2)",
+    "lora.fuse_reference_forward": "policy and reference (the base) errors from one UNet call on the stacked batch "
+                                   "instead of two (same result to rounding); its backward runs through both "
+                                   "halves: docs/performance.md has the measured cost",
+    "lora.init_from": "start from a diffusers/PEFT LoRA file (pytorch_lora_weights.safetensors, its folder or a hub "
+                      "id) instead of fresh adapters (A random, B = 0); '' = fresh",
     "data.name": f"one of {DATASETS}",
-    "data.data_dir": "where the built datasets live ('' = ~/.cache/jaxpref/data)",
+    "data.data_dir": "where the built datasets live ('' = $JAXPREF_DATA_DIR, else $XDG_CACHE_HOME/jaxpref/tfds, "
+                     "i.e. ~/.cache/jaxpref/tfds when XDG_CACHE_HOME is unset)",
     "data.source_dir": "pickapic_v2: the folder of downloaded parquet shards",
     "data.split": "dataset split trained on",
     "data.resolution": "image side in pixels (latents are this / the VAE's downsampling)",
@@ -252,7 +228,8 @@ KEY_HELP = {
     "log.sample_prompts": "held-out prompts in a sample grid",
     "eval.every": "updates between evaluations (0: only the final base-vs-trained one)",
     "eval.prompts": "a prompt-set spec (jaxpref.prompts.load_prompts): shapes, parti:/x.tsv, hpdv2:/dir, ...",
-    "eval.rewards": "reward specs (jaxpref.rewards.load_scorers): shapes, pickscore=/dir, hpsv2=/file, ...",
+    "eval.rewards": "reward specs (jaxpref.rewards.load_scorers): shapes, pickscore=/dir, hpsv2=/file, ...; a path "
+                    "may be a hub id (pickscore=yuvalkirstain/PickScore_v1)",
     "eval.num_prompts": "prompts per evaluation",
     "eval.images_per_prompt": "images generated per prompt",
     "eval.sampler": "sampler of the evaluation images",
@@ -263,14 +240,23 @@ KEY_HELP = {
 }
 
 
+def key_help() -> dict[str, str]:
+    """``KEY_HELP`` with every registered method's section (``Method.config_help``)."""
+    out = dict(KEY_HELP)
+    for method in METHODS.values():
+        if method.config_section:
+            out.update({f"{method.config_section}.{k}": v for k, v in method.config_help.items()})
+    return out
+
+
 def describe(config) -> str:
     """Every key of ``config`` with its value (and base_config()'s default where it differs) and its one-line
     meaning (``python -m jaxpref.train --print_config``)."""
-    base, lines = base_config(), []
+    base, lines, helps = base_config(), [], key_help()
     for key in _flat_keys(config):
         value, default = _lookup(config, key), _lookup(base, key)
         changed = "" if value == default else f"   (base default: {default!r})"
-        lines.append(f"{key} = {value!r}{changed}\n    {KEY_HELP.get(key, '(not a key of base_config(): a typo?)')}")
+        lines.append(f"{key} = {value!r}{changed}\n    {helps.get(key, '(not a key of base_config(): a typo?)')}")
     return "\n".join(lines)
 
 
@@ -284,18 +270,20 @@ def _lookup(config, key: str):
 
 
 def _fail(key, value, why):
-    raise ValueError(f"config.{key}={value!r}: {why}")
+    raise ConfigError(key, value, why)
 
 
 def validate(config, num_devices: int | None = None, check_paths: bool = True):
     """Checks a config before anything compiles; raises ValueError naming the key and the fix."""
-    ref = base_config()
-    unknown = sorted(set(_flat_keys(config)) - set(_flat_keys(ref)))
+    if config.get("objective") not in METHODS:
+        _fail("objective", config.get("objective"), f"one of {tuple(METHODS)}{did_you_mean(config.get('objective'), METHODS)}")
+    known = list(_flat_keys(base_config()))
+    unknown = sorted(set(_flat_keys(config)) - set(known))
     if unknown:
-        raise ValueError(f"config keys not understood: {unknown}; known keys are those of "
-                         "jaxpref.config_lib.base_config() (check the spelling)")
-    if config.objective not in METHODS:
-        _fail("objective", config.objective, f"supported {tuple(METHODS)}")
+        raise ConfigError(unknown[0], _lookup(config, unknown[0]),
+                          f"no such config key{did_you_mean(unknown[0], known)} (python -m jaxpref.train "
+                          "--print_config lists them)")
+    _check_sizes(config)
     for key in ("dtype", "reference_dtype"):
         if config[key] not in DTYPES:
             _fail(key, config[key], f"supported {tuple(DTYPES)}")
@@ -306,7 +294,7 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
     if config.vae_dtype and config.vae_dtype not in DTYPES:
         _fail("vae_dtype", config.vae_dtype, f"supported {tuple(DTYPES)} or '' (= config.dtype)")
     if config.remat_policy not in unet_lib.REMAT_POLICIES:
-        _fail("remat_policy", config.remat_policy, f"supported {unet_lib.REMAT_POLICIES}")
+        _fail("remat_policy", config.remat_policy, f"supported {tuple(unet_lib.REMAT_POLICIES)}")
     _check_attention(config)
     if config.optimizer.name not in optim.OPTIMIZERS:
         _fail("optimizer.name", config.optimizer.name, f"supported {optim.OPTIMIZERS}")
@@ -323,30 +311,11 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
         _fail("max_consecutive_skips", config.max_consecutive_skips, "a number of updates >= 0 (0: never stop)")
     if not 0.0 <= config.prompt_dropout < 1.0:
         _fail("prompt_dropout", config.prompt_dropout, "a probability in [0, 1)")
-    if config.objective == "dro":
-        d = config.dro
-        if micro % d.steps_per_trajectory:
-            _fail("dro.steps_per_trajectory", d.steps_per_trajectory,
-                  f"must divide the micro-batch of {micro} pairs")
-        if d.buffer_size < micro // d.steps_per_trajectory:
-            _fail("dro.buffer_size", d.buffer_size,
-                  f"must hold at least one micro-batch of trajectories ({micro // d.steps_per_trajectory})")
-        if d.steps_per_trajectory > d.num_inference_steps:
-            _fail("dro.steps_per_trajectory", d.steps_per_trajectory, "at most dro.num_inference_steps")
-        if d.expert_timestep not in EXPERT_TIMESTEPS:
-            _fail("dro.expert_timestep", d.expert_timestep, f"supported {EXPERT_TIMESTEPS}")
-        if d.negative_target not in NEGATIVE_TARGETS:
-            _fail("dro.negative_target", d.negative_target, f"supported {NEGATIVE_TARGETS}")
-        if d.refresh_every < 0:
-            _fail("dro.refresh_every", d.refresh_every, "0 (θ = φ) or a positive number of micro-steps")
-    if config.objective == "smpo":
-        if config.smpo.inversion not in SMPO_INVERSIONS:
-            _fail("smpo.inversion", config.smpo.inversion, f"supported {SMPO_INVERSIONS}")
-        if config.smpo.reward_max <= config.smpo.reward_min:
-            _fail("smpo.reward_max", config.smpo.reward_max, "must exceed smpo.reward_min")
-        _check_smpo_inversion(config.smpo)
+    METHODS[config.objective].validate_config(config, micro)
     if config.lora.enabled:
         _check_lora(config)
+    elif config.lora.fuse_reference_forward:
+        _fail("lora.fuse_reference_forward", True, "applies with lora.enabled (the policy's base is the reference)")
     if config.data.name not in DATASETS:
         _fail("data.name", config.data.name, f"supported {DATASETS}")
     for pattern, rule in config.sharding_rules:
@@ -379,6 +348,8 @@ def _check_lora(config):
         _fail("lora.alpha", c.alpha, "a positive scale numerator (α; the update is α / r · B A)")
     if not 0.0 <= c.dropout < 1.0:
         _fail("lora.dropout", c.dropout, "a probability in [0, 1)")
+    if c.fuse_reference_forward and not METHODS[config.objective].uses_reference:
+        _fail("lora.fuse_reference_forward", True, f"objective {config.objective!r} has no reference forward to fuse")
     unknown = [t for t in c.target_modules if t not in lora.SUPPORTED_TARGETS]
     if not c.target_modules or unknown:
         _fail("lora.target_modules", tuple(c.target_modules), f"choose from {lora.SUPPORTED_TARGETS}")
@@ -387,47 +358,83 @@ def _check_lora(config):
               "with config.lora.enabled the frozen base UNet is the reference; leave reference_path empty")
 
 
-def _check_smpo_inversion(s):
-    if s.inversion_steps < 1:
-        _fail("smpo.inversion_steps", s.inversion_steps, "a number of grid steps >= 1")
-    if s.inversion_model not in SMPO_INVERSION_MODELS:
-        _fail("smpo.inversion_model", s.inversion_model, f"one of {SMPO_INVERSION_MODELS}")
-    if not 0.0 < s.inversion_fraction <= 1.0:
-        _fail("smpo.inversion_fraction", s.inversion_fraction, "a share of the pairs in (0, 1] (no inversion: "
-              "smpo.inversion='none')")
-    if s.inversion != "consistent":
-        if s.inversion_noise_regularization:
-            _fail("smpo.inversion_noise_regularization", True, "applies to smpo.inversion='consistent' only")
-        return
-    k = s.inversion_iterations
-    if not isinstance(k, int) or k < 0:
-        _fail("smpo.inversion_iterations", k, "a number of ReNoise iterations >= 0 (0: plain DDIM inversion)")
-    if s.inversion_noise_shifts not in diffusion.NOISE_SHIFTS:
-        _fail("smpo.inversion_noise_shifts", s.inversion_noise_shifts, f"one of {tuple(diffusion.NOISE_SHIFTS)}")
-    window = tuple(s.inversion_window)
-    if len(window) != 2 or not all(isinstance(v, int) for v in window) or not 0 <= window[0] < window[1]:
-        _fail("smpo.inversion_window", s.inversion_window, "(a, b) with 0 <= a < b: iterations a <= i < b averaged")
-    if k > 0 and window[1] > k + 1:
-        _fail("smpo.inversion_window", s.inversion_window,
-              f"must lie within iterations 0..{k} of smpo.inversion_iterations={k}, e.g. (0, {k + 1})")
-
-
 def _check_paths(config):
-    if config.model_path != EMBEDDED_TINY and not os.path.isdir(config.model_path):
-        _fail("model_path", config.model_path,
+    """Local paths must exist; a hub id is checked for its syntax only (``jaxpref.hub`` fetches it later)."""
+    model = config.model_path
+    if model != EMBEDDED_TINY and not os.path.isdir(model) and not hub.is_hub_id(model):
+        _fail("model_path", model,
               "not a folder; point it at a local diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, "
-              "tokenizer/, scheduler/) or use 'embedded:tiny'")
-    if config.reference_path and not os.path.isdir(config.reference_path):
-        _fail("reference_path", config.reference_path, "not a folder (leave empty to use model_path)")
-    if config.vae_path and not os.path.isfile(os.path.join(config.vae_path, "config.json")):
-        _fail("vae_path", config.vae_path, "not a diffusers VAE folder (config.json missing); leave empty to use "
-                                           "model_path's vae/")
-    if config.lora.enabled and config.lora.init_from and not os.path.exists(config.lora.init_from):
-        _fail("lora.init_from", config.lora.init_from, "no such file or folder (a diffusers LoRA: "
-                                                      "pytorch_lora_weights.safetensors or the folder holding it)")
+              f"tokenizer/, scheduler/), {hub.ID_SYNTAX} or 'embedded:tiny'")
+    if config.reference_path and not os.path.isdir(config.reference_path) and not hub.is_hub_id(config.reference_path):
+        _fail("reference_path", config.reference_path, f"not a folder nor {hub.ID_SYNTAX} (leave empty to use "
+                                                       "model_path)")
+    if (config.vae_path and not os.path.isfile(os.path.join(config.vae_path, "config.json"))
+            and not hub.is_hub_id(config.vae_path)):
+        _fail("vae_path", config.vae_path, f"not a diffusers VAE folder (config.json missing) nor {hub.ID_SYNTAX}; "
+                                           "leave empty to use model_path's vae/")
+    init_from = config.lora.init_from
+    if config.lora.enabled and init_from and not os.path.exists(init_from) and not hub.is_hub_id(init_from):
+        _fail("lora.init_from", init_from, "no such file or folder (a diffusers LoRA: pytorch_lora_weights.safetensors "
+                                           f"or the folder holding it) nor {hub.ID_SYNTAX}")
     for key in ("cache_dir", "scores_dir", "experts_dir"):
         if config.data[key] and not os.path.isdir(os.path.expanduser(config.data[key])):
             _fail(f"data.{key}", config.data[key], "not a folder")
+
+
+def did_you_mean(name, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of ``choices`` to a mistyped ``name``, else ''."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _positive(config, key, *, integer=True, allow_zero=False, why=""):
+    value = _lookup(config, key)
+    ok = isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float))
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        _fail(key, value, f"{kind} {'>= 0' if allow_zero else '> 0'}{why}")
+
+
+def profile_range(config) -> tuple[int, int] | None:
+    """(first, last) update of ``config.profile`` ('a:b'), or None."""
+    if not config.profile:
+        return None
+    try:
+        first, last = (int(v) for v in str(config.profile).split(":"))
+    except ValueError:
+        first = last = 0
+    if not 1 <= first <= last:
+        _fail("profile", config.profile, "'a:b' with 1 <= a <= b (updates a to b traced), or '' for none")
+    return first, last
+
+
+def _check_sizes(config):
+    """Sizes, steps and rates that no run can use, refused before anything loads."""
+    profile_range(config)
+    _positive(config, "peak_tflops", integer=False, allow_zero=True)
+    for key in ("batch_size", "grad_accum", "total_steps", "eval.num_prompts", "eval.images_per_prompt",
+                "eval.num_steps", "eval.batch_size", "data.resolution", "log.sample_prompts"):
+        _positive(config, key)
+    for key in ("checkpoint.every", "log.every", "log.sample_every", "eval.every", "optimizer.warmup_steps",
+                "data.worker_count"):
+        _positive(config, key, allow_zero=True)
+    _positive(config, "checkpoint.keep")
+    _positive(config, "optimizer.lr", integer=False)
+    _positive(config, "optimizer.eps", integer=False)
+    _positive(config, "optimizer.weight_decay", integer=False, allow_zero=True)
+    for key in ("optimizer.b1", "optimizer.b2"):
+        if not 0.0 <= _lookup(config, key) < 1.0:
+            _fail(key, _lookup(config, key), "a decay rate in [0, 1)")
+    if config.optimizer.schedule != "constant":
+        _positive(config, "optimizer.decay_steps")
+    if config.optimizer.warmup_steps > config.total_steps:
+        _fail("optimizer.warmup_steps", config.optimizer.warmup_steps,
+              f"at most config.total_steps={config.total_steps}")
+    if not 0.0 < config.ema.max_decay < 1.0:
+        _fail("ema.max_decay", config.ema.max_decay, "a decay in (0, 1)")
+    if config.eval.guidance_scale < 0:
+        _fail("eval.guidance_scale", config.eval.guidance_scale, "a guidance scale >= 0 (1 = no guidance)")
 
 
 def _flat_keys(cfg, prefix=""):

@@ -17,10 +17,17 @@ uses zeros instead of the encoded empty prompt and time ids (H, W, 0, 0, H, W), 
 
 Outputs in ``--out``: images/<prompt>_<k>.png, grid.png, scores.npz (per image, [n_prompts, k] per reward),
 metrics.json and metrics.md (mean / median / std per reward, per category when the set has them, and
-per-prompt win rates against --baseline). Python API: ``generate``, ``score``, ``summarize``, ``compare``,
-``evaluate`` (what the train loop calls; returns a flat dict of floats), ``log_to_tensorboard``.
+per-prompt win rates against --baseline, with 95 % bootstrap intervals). ``--protocol=dro|smpo|dpo|kto|mapo``
+evaluates a paper's way (``jaxpref.protocols``: base and --checkpoint side by side on its prompt sets), and
+``--compare=RUN_A,RUN_B`` compares two earlier evaluations (``jaxpref.paper_eval``). Python API:
+``generate``, ``score``, ``summarize``, ``compare``, ``evaluate`` (what the train loop calls; returns a flat
+dict of floats), ``log_to_tensorboard``.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":
+    from jaxpref import console as _console
+    _console.quiet_native_logs()   # before jax loads: XLA's C++ log reads its level once
 
 import dataclasses
 import functools
@@ -28,21 +35,22 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.sharding import Mesh, PartitionSpec as P
 from ml_collections import config_flags
 from PIL import Image
 
-from jaxpref import diffusion, export, figures, prompts as prompts_lib, rewards, sharding
+from jaxpref import console, diffusion, export, figures, hub, prompts as prompts_lib, protocols, rewards, sharding
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.models import attention, conditioning, pipeline as pipeline_lib
 from jaxpref.prompts import PromptSet
 from jaxpref.rewards.scorer import Scorer, as_prompts
+from jaxpref.stats import paired_comparison
 
 PipelineLike = Union[pipeline_lib.SDPipeline, str]
 PromptsLike = Union[PromptSet, Sequence[str]]
@@ -199,7 +207,7 @@ def _round_up(n: int, multiple: int) -> int:
 def _as_pipeline(pipeline_or_parts: PipelineLike) -> pipeline_lib.SDPipeline:
     if isinstance(pipeline_or_parts, pipeline_lib.SDPipeline):
         return pipeline_or_parts
-    return pipeline_lib.load_pipeline(os.fspath(pipeline_or_parts))
+    return pipeline_lib.load_pipeline(hub.resolve(os.fspath(pipeline_or_parts), key="pipeline"))
 
 
 def _prompt_list(prompts: PromptsLike) -> list[str]:
@@ -213,14 +221,15 @@ def generate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, *, unet_para
              num_images_per_prompt: int = 1, sampler: str = "ddpm", num_steps: int = 50,
              guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 8, height: Optional[int] = None,
              width: Optional[int] = None, negative_prompt: str = "", eta: float = 0.0, devices=None,
-             mesh: Optional[Mesh] = None) -> Generation:
+             mesh: Optional[Mesh] = None, progress: Optional[Callable[[int, int], None]] = None) -> Generation:
     """K images for each of N prompts, image k of prompt i from seed ``seed + i + k·N`` (module docstring).
 
     pipeline_or_parts: an ``SDPipeline`` or a diffusers folder; unet_params replace its UNet params (the
     policy being trained or evaluated). batch_size: images per compiled call, rounded up to a multiple
     of the device count (the last batch is padded, so one program serves the whole run); devices: where
     to generate (default all), the batch split across them; mesh: a training mesh (``sharding.make_mesh``)
-    to generate on instead, the batch split over its batch axes.
+    to generate on instead, the batch split over its batch axes. progress(done, total): called as batches
+    finish.
     Returns ``Generation`` (images uint8 [N, K, H, W, 3], latents, seeds, seconds).
     """
     pipe = _as_pipeline(pipeline_or_parts)
@@ -262,8 +271,12 @@ def generate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, *, unet_para
                   uncond_batch)
         if pending is not None:  # copy the previous batch while this one runs (async dispatch)
             collect(pending)
+            if progress is not None:
+                progress(s, len(flat_seeds))
         pending = (out, keep)
     collect(pending)
+    if progress is not None:
+        progress(len(flat_seeds), len(flat_seeds))
     seconds = time.perf_counter() - start
     to_grid = lambda a: np.concatenate(a).reshape(k, n, *a[0].shape[1:]).swapaxes(0, 1)  # -> [N, K, ...]
     return Generation(to_grid(images), to_grid(latents).astype(np.float32), seeds, seconds)
@@ -299,20 +312,17 @@ def summarize(scores: Mapping[str, np.ndarray], categories: Optional[Sequence[st
 
 
 def compare(scores_a: np.ndarray, scores_b: np.ndarray) -> dict:
-    """Per-prompt win rate of A over B: each prompt's mean score over its K images, win 1, tie 1/2, loss 0.
+    """Per-prompt win rate of A over B: each prompt's mean score over its K images, win 1, tie 1/2, loss 0;
+    with the mean difference A - B and 95 % bootstrap intervals over prompts of both (``jaxpref.stats``).
 
     scores_*: [N] or [N, K] for the same N prompts in the same order.
     """
-    a, b = (np.asarray(s, np.float64) for s in (scores_a, scores_b))
-    a, b = (s.reshape(s.shape[0], -1).mean(axis=1) for s in (a, b))
-    if a.shape != b.shape:
-        raise ValueError(f"compare: {a.shape[0]} prompts vs {b.shape[0]}; evaluate both on the same prompt set")
-    wins, ties = float(np.mean(a > b)), float(np.mean(a == b))
-    return {"win_rate": wins + 0.5 * ties, "wins": wins, "ties": ties, "n_prompts": int(a.shape[0])}
+    return paired_comparison(scores_a, scores_b)
 
 
 def flat_metrics(summary: Mapping[str, Any], win_rates: Optional[Mapping[str, dict]] = None) -> dict[str, float]:
-    """{"pickscore/mean": ..., "pickscore/win_rate": ...}: the dict a train loop logs."""
+    """{"pickscore/mean": ..., "pickscore/win_rate": ..., "pickscore/mean_diff_ci_low": ...}: the dict a train
+    loop logs (the intervals' ends when ``win_rates`` came from ``compare``)."""
     out = {}
     for name, stats in summary.items():
         out.update({f"{name}/{key}": float(stats[key]) for key in ("mean", "median", "std")})
@@ -320,18 +330,24 @@ def flat_metrics(summary: Mapping[str, Any], win_rates: Optional[Mapping[str, di
             out[f"{name}/{cat}/mean"] = float(cstats["mean"])
     for name, w in (win_rates or {}).items():
         out[f"{name}/win_rate"] = float(w["win_rate"])
+        if "mean_diff_ci" in w:  # compare()'s bootstrap intervals
+            out[f"{name}/mean_diff"] = float(w["mean_diff"])
+            for key in ("mean_diff", "win_rate"):
+                out[f"{name}/{key}_ci_low"], out[f"{name}/{key}_ci_high"] = map(float, w[f"{key}_ci"])
     return out
 
 
 def markdown_table(summary: Mapping[str, Any], win_rates: Optional[Mapping[str, dict]] = None) -> str:
-    """The metrics as Markdown: one row per reward (then one per reward and category)."""
-    head = "| reward | mean | median | std | n |" + (" win rate vs baseline |" if win_rates else "")
-    rule = "|---|---:|---:|---:|---:|" + ("---:|" if win_rates else "")
+    """The metrics as Markdown: one row per reward (then one per reward and category); against a baseline
+    also the difference of means and the win rate, each with its 95 % interval when ``compare`` gave one."""
+    versus = " vs baseline [95% CI] | win rate vs baseline |"
+    head = "| reward | mean | median | std | n |" + (versus if win_rates else "")
+    rule = "|---|---:|---:|---:|---:|" + ("---:|---:|" if win_rates else "")
     lines = [head, rule]
     for name, s in summary.items():
         row = f"| {name} | {s['mean']:.4f} | {s['median']:.4f} | {s['std']:.4f} | {s['n']} |"
         if win_rates:
-            row += f" {win_rates[name]['win_rate']:.3f} |" if name in win_rates else " |"
+            row += _versus_cells(win_rates[name]) if name in win_rates else " | |"
         lines.append(row)
     cats = [(name, c, cs) for name, s in summary.items() for c, cs in s.get("by_category", {}).items()]
     if cats:
@@ -339,6 +355,14 @@ def markdown_table(summary: Mapping[str, Any], win_rates: Optional[Mapping[str, 
         lines += [f"| {name} | {c} | {cs['mean']:.4f} | {cs['median']:.4f} | {cs['std']:.4f} | {cs['n']} |"
                   for name, c, cs in cats]
     return "\n".join(lines) + "\n"
+
+
+def _versus_cells(w: Mapping[str, Any]) -> str:
+    """" +0.0570 [+0.0410, +0.0720] | 0.780 [0.66, 0.89] |" (the intervals only when ``w`` has them)."""
+    if "mean_diff_ci" not in w:
+        return f" | {w['win_rate']:.3f} |"
+    (dl, dh), (wl, wh) = w["mean_diff_ci"], w["win_rate_ci"]
+    return f" {w['mean_diff']:+.4f} [{dl:+.4f}, {dh:+.4f}] | {w['win_rate']:.3f} [{wl:.2f}, {wh:.2f}] |"
 
 
 def make_grid(images: np.ndarray, max_prompts: int = 16) -> np.ndarray:
@@ -378,7 +402,9 @@ def evaluate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, scorers: Map
     """
     prompt_set = prompts if isinstance(prompts, PromptSet) else None
     texts = _prompt_list(prompts)
-    gen = generate(pipeline_or_parts, texts, unet_params=unet_params, mesh=mesh, **generate_kwargs)
+    progress = generate_kwargs.pop("progress", None)
+    gen = generate(pipeline_or_parts, texts, unet_params=unet_params, mesh=mesh, progress=progress,
+                   **generate_kwargs)
     start = time.perf_counter()
     scores = score(gen.images, texts, scorers)
     score_seconds = time.perf_counter() - start
@@ -431,18 +457,35 @@ def log_to_tensorboard(writer, metrics: Mapping[str, float], step: int, prefix: 
 # ---------------------------------------------------------------------------------------------
 # A training run's evaluations (what ``jaxpref.train`` calls; ``run`` is a ``jaxpref.trainer.Run``).
 
-def evaluate_run(run, unet_params, out_dir, baseline=None, mesh=None) -> dict:
-    """The run's held-out evaluation (config.eval) of ``unet_params`` on the training ``mesh``; {} across
-    several processes (generation gathers to one host's devices; not done across hosts yet)."""
+def evaluate_run(run, unet_params, out_dir, baseline=None, mesh=None, label: str = "the policy") -> dict:
+    """The run's held-out evaluation (config.eval) of ``unet_params`` on the training ``mesh``, announced on
+    the console with its progress and duration; {} across several processes (generation gathers to one
+    host's devices; not done across hosts yet)."""
     cfg = run.config.eval
     if jax.process_count() > 1:
         return {}
     prompts = prompts_lib.load_prompts(cfg.prompts, limit=cfg.num_prompts)
     scorers = rewards.load_scorers(cfg.rewards)
-    return evaluate(run.pipeline, prompts, scorers, unet_params=sharding.host_params(unet_params),
-                    out_dir=out_dir, baseline_scores=baseline, num_images_per_prompt=cfg.images_per_prompt,
-                    sampler=cfg.sampler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
-                    seed=run.config.seed, batch_size=cfg.batch_size, mesh=mesh)
+    what = (f"evaluating {label}: {len(prompts)} prompts x {cfg.images_per_prompt} images "
+            f"({cfg.sampler.upper()} {cfg.num_steps}, CFG {cfg.guidance_scale:g})")
+    with console.phase(what):
+        return evaluate(run.pipeline, prompts, scorers, unet_params=sharding.host_params(unet_params),
+                        out_dir=out_dir, baseline_scores=baseline, num_images_per_prompt=cfg.images_per_prompt,
+                        sampler=cfg.sampler, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                        seed=run.config.seed, batch_size=cfg.batch_size, mesh=mesh, progress=_ProgressLine())
+
+
+class _ProgressLine:
+    """'  64/128 images' as generation batches finish, at most one line every 10 s (and the last)."""
+
+    def __init__(self, every_seconds: float = 10.0):
+        self.every, self.last = every_seconds, time.perf_counter()
+
+    def __call__(self, done: int, total: int):
+        now = time.perf_counter()
+        if done >= total or now - self.last >= self.every:
+            self.last = now
+            console.say(f"  {done}/{total} images")
 
 
 _BASE_EVALS: dict = {"model": None, "runs": {}}  # the last pipeline's base evaluations in this process
@@ -460,7 +503,7 @@ def evaluate_base(run, out_dir, mesh=None) -> dict:
     if done is not None and os.path.isdir(done["dir"]):
         shutil.copytree(done["dir"], out_dir, dirs_exist_ok=True)
         return dict(done["metrics"])
-    metrics = evaluate_run(run, run.pipeline.unet_params, out_dir, mesh=mesh)
+    metrics = evaluate_run(run, run.pipeline.unet_params, out_dir, mesh=mesh, label="the base model")
     _BASE_EVALS["runs"][key] = {"dir": out_dir, "metrics": dict(metrics)}
     return metrics
 
@@ -481,7 +524,8 @@ def base_vs_trained(run, unet_params, workdir: str, mesh=None) -> tuple[dict, di
     before_after.png and prints the table. Returns (base, trained) metrics."""
     base = evaluate_base(run, os.path.join(workdir, "eval_base"), mesh)
     trained = evaluate_run(run, unet_params, os.path.join(workdir, "eval_trained"),
-                           baseline=load_scores(os.path.join(workdir, "eval_base")), mesh=mesh)
+                           baseline=load_scores(os.path.join(workdir, "eval_base")), mesh=mesh,
+                           label="the trained policy")
     before_after_grid(workdir)
     print_report(base, trained, workdir)
     return base, trained
@@ -511,15 +555,29 @@ def main_reward(metrics: Mapping[str, float]) -> str:
 
 
 def print_report(base: dict, trained: dict, workdir: str):
-    lines = ["", "held-out prompts       base      trained", "-" * 42]
+    """The run's final table: base and trained means/medians, trained - base and the win rate with their 95 %
+    bootstrap intervals over prompts (e.g. ``+0.057 [+0.041, +0.072]``, ``0.780 [0.66, 0.89]``)."""
+    lines = ["", "held-out prompts       base      trained   trained - base [95% CI]", "-" * 66]
     for key in sorted(base):
         if key.endswith("/mean") or key.endswith("/median"):
-            lines.append(f"{key:<20} {base[key]:>9.4f} {trained.get(key, float('nan')):>12.4f}")
+            diff = _interval_text(trained, key + "_diff", "+.3f") if key.endswith("/mean") else ""
+            lines.append(f"{key:<20} {base[key]:>9.4f} {trained.get(key, float('nan')):>12.4f}{diff}")
     for key in sorted(trained):
         if key.endswith("win_rate"):
-            lines.append(f"{key:<20} {'':>9} {trained[key]:>12.3f}")
+            lines.append(f"{key:<20} {'':>9} {trained[key]:>12.3f}"
+                         + _interval_text(trained, key, ".2f", value=False))
     lines.append(f"before/after grid: {os.path.join(workdir, 'before_after.png')}")
     print("\n".join(lines), flush=True)
+
+
+def _interval_text(metrics: Mapping[str, float], key: str, fmt: str, value: bool = True) -> str:
+    """"   +0.057 [+0.041, +0.072]" from key and its _ci_low/_ci_high in metrics ("" when absent)."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if low is None or high is None:
+        return ""
+    head = f"{metrics[key]:{fmt}} " if value else ""
+    return f"   {head}[{low:{fmt}}, {high:{fmt}}]"
+
 
 # ---------------------------------------------------------------------------------------------
 # Command line.
@@ -548,8 +606,15 @@ def _resolve_flags(f) -> dict:
 def main(argv) -> None:
     del argv
     f = flags.FLAGS
+    if f.protocol or f.compare:  # the papers' protocols and paired comparisons (docs/evaluation.md)
+        from jaxpref import paper_eval
+        if f.compare:
+            paper_eval.run_compare(f.compare, f.out)
+        else:
+            paper_eval.run_protocol(f, _resolve_flags(f))
+        return
     s = _resolve_flags(f)
-    model_path = pipeline_lib.resolve_model_path(s["model_path"])
+    model_path = s["model_path"] and hub.resolve(s["model_path"], key="--model_path")   # a hub id: fetched first
     # Everything that can fail on a path fails before any generation.
     prompt_set = prompts_lib.load_prompts(f.prompts, s["num_prompts"] or None)
     scorers = rewards.load_scorers(f.reward, batch_size=f.score_batch_size) if f.reward else {}
@@ -563,7 +628,7 @@ def main(argv) -> None:
     print(f"evaluating {len(prompt_set)} prompts x {settings['num_images_per_prompt']} images on "
           f"{jax.device_count()} device(s)", flush=True)
     metrics = evaluate(pipe, prompt_set, scorers, unet_params=unet_params, out_dir=f.out, baseline_scores=baseline,
-                       **settings)
+                       height=f.resolution or None, width=f.resolution or None, **settings)
     with open(os.path.join(f.out, "metrics.md")) as fh:
         print(fh.read(), flush=True)
     print(json.dumps(metrics, indent=2), flush=True)
@@ -571,11 +636,13 @@ def main(argv) -> None:
 
 def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "optional training config: supplies model_path and config.eval")
-    flags.DEFINE_string("model_path", None, "base diffusers SD folder (or embedded:tiny)")
+    flags.DEFINE_string("model_path", None, "base diffusers SD folder, a Hugging Face hub id org/name[@revision] "
+                                            "(fetched into the HF cache) or embedded:tiny")
     flags.DEFINE_string("checkpoint", None, "policy: pipeline folder, UNet folder or training workdir (None: the base)")
-    flags.DEFINE_string("prompts", "shapes", "prompt set spec (see jaxpref.prompts)")
+    flags.DEFINE_string("prompts", "shapes", "prompt set spec (see jaxpref.prompts); with --protocol a comma list")
     flags.DEFINE_integer("num_prompts", 0, "keep the first n prompts (0: all)")
-    flags.DEFINE_string("reward", "", "comma list of name or name=PATH (see jaxpref.rewards)")
+    flags.DEFINE_string("reward", "", "comma list of name or name=PATH, PATH a folder or a hub id (see "
+                                      "jaxpref.rewards)")
     flags.DEFINE_string("out", None, "output folder", required=True)
     flags.DEFINE_string("baseline", None, "an earlier --out folder: per-prompt win rates against it")
     flags.DEFINE_integer("num_images_per_prompt", 5, "K images per prompt")
@@ -586,8 +653,13 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 8, "images per generation call (all devices)")
     flags.DEFINE_integer("score_batch_size", 32, "images per reward-model call")
     flags.DEFINE_bool("use_ema", True, "training workdirs: evaluate the EMA params")
+    flags.DEFINE_integer("resolution", 0, "image height and width in pixels (0: the model's native size)")
+    flags.DEFINE_enum("protocol", None, sorted(protocols.PROTOCOLS), "a paper's evaluation protocol "
+                      "(jaxpref.protocols): base and --checkpoint on its prompt sets; a flag given wins over it")
+    flags.DEFINE_string("compare", None, "RUN_A,RUN_B (two earlier --out folders) or one training workdir: paired "
+                                         "win rates and 95% bootstrap intervals, nothing generated")
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    _console.run(main, "jaxpref.evaluate")

@@ -2,6 +2,9 @@
 
     python -m jaxpref.export --checkpoint=WORKDIR_OR_FOLDER --out=/models/dro-sd15 --base=/models/sd15
 
+``--base`` (and ``--checkpoint``) may also be a Hugging Face hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+fetched into the Hugging Face cache: ``jaxpref.hub``) or ``embedded:tiny``, the shipped tiny model.
+
 The exported folder loads with ``diffusers.StableDiffusionPipeline.from_pretrained(out)`` in PyTorch,
 so results leave this repo in the format everyone else evaluates. ``--checkpoint`` is any of:
 
@@ -26,6 +29,10 @@ A fine-tune never changes the UNet's shapes, so a policy whose params do not mat
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    from jaxpref import console as _console
+    _console.quiet_native_logs()   # before jax loads: XLA's C++ log reads its level once
+
 import dataclasses
 import json
 import os
@@ -33,9 +40,9 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
-from jaxpref import checkpoint as checkpoint_lib, lora
+from jaxpref import checkpoint as checkpoint_lib, hub, lora
 from jaxpref.models import pipeline as pipeline_lib, unet as unet_lib, weights
 
 KINDS = ("pipeline", "unet", "workdir", "lora")
@@ -124,12 +131,24 @@ class _Lora:
     init_from: str = ""
 
 
+def local_model_args(checkpoint: Optional[str], base: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """--checkpoint and --base as local paths: 'embedded:tiny' and hub ids (org/name[@rev][/subfolder], fetched
+    into the Hugging Face cache) become folders; a local path, or a missing one, stays as given (a missing
+    checkpoint is then named by ``checkpoint_kind``)."""
+    if base:
+        base = hub.resolve(base, key="--base")
+    if checkpoint and (checkpoint == hub.EMBEDDED_TINY or hub.is_hub_id(checkpoint)):
+        checkpoint = hub.resolve(checkpoint, key="--checkpoint")
+    return checkpoint, base
+
+
 def load_trained(checkpoint: Optional[str], base: Optional[str], *, dtype=jnp.float32,
                  use_ema: bool = True) -> tuple[pipeline_lib.SDPipeline, Any]:
     """(pipeline with the policy's UNet module, policy UNet params) for a --checkpoint (module docstring).
 
     ``checkpoint`` None evaluates/exports the base itself. ``dtype`` is the compute dtype; params fp32.
     """
+    checkpoint, base = local_model_args(checkpoint, base)
     kind = checkpoint_kind(checkpoint) if checkpoint else None
     base = base or (checkpoint if kind == "pipeline" else None)
     if base is None:
@@ -161,6 +180,7 @@ def export(checkpoint: Optional[str], out: str, base: Optional[str] = None, *, u
     ``merge``, ``out/pytorch_lora_weights.safetensors`` (the adapters) instead."""
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty; choose a new --out or pass --overwrite")
+    checkpoint, base = local_model_args(checkpoint, base)
     kind = checkpoint_kind(checkpoint) if checkpoint else None
     if kind == "lora" and not merge:
         raise ValueError(f"{checkpoint}: already a diffusers LoRA; pass --merge to write the merged pipeline")
@@ -189,10 +209,12 @@ def main(argv) -> None:
 
 def _define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "pipeline folder, UNet folder, training workdir (full or LoRA) or a "
-                                            "diffusers LoRA file", required=True)
+                                            "diffusers LoRA file; or a hub id of a pipeline, UNet or LoRA",
+                        required=True)
     flags.DEFINE_string("out", None, "output folder (a diffusers pipeline, or a LoRA run's adapters file)",
                         required=True)
-    flags.DEFINE_string("base", None, "base diffusers SD folder (VAE, text encoder, tokenizer, scheduler)")
+    flags.DEFINE_string("base", None, "base diffusers SD folder (VAE, text encoder, tokenizer, scheduler), a "
+                                      "Hugging Face hub id org/name[@revision] or embedded:tiny")
     flags.DEFINE_bool("use_ema", True, "training workdirs: export the EMA params (False: the raw params)")
     flags.DEFINE_bool("overwrite", False, "write into a non-empty --out")
     flags.DEFINE_bool("merge", False, "LoRA checkpoints: write the merged pipeline (W + α/r·BA) instead of the "
@@ -201,4 +223,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    _console.run(main, "jaxpref.export")

@@ -1,17 +1,8 @@
-"""The FLOP model of a train step and its MFU (used by ``benchmarks/bench.py``).
+"""The FLOP model of a train step and its MFU (used by the train loop's perf/mfu and ``benchmarks/bench.py``).
 
-Per step of B pairs (F = one UNet forward of one image, G = forward + backward):
-  DPO         2B·G + 2B·F                policy fwd+bwd and reference fwd on the 2B winner/loser latents
-  DRO update  2B·G + 2B·F                the same on B experts + B negatives
-  DRO gen     K·(B/spt)·F·c              DPM++ K = 20 forwards per trajectory, one trajectory per
-                                         ``dro.steps_per_trajectory`` (spt) pairs; c = 2 with CFG, else 1
-  DRO step    DRO update + DRO gen
-  SmPO inv    2·S·2B·F                   S scan steps × 2 ReNoise predictions × the 2B images (= 2·2·S
-                                         forwards per pair); S = smpo.inversion_steps ("code"), +1 ("paper").
-                                         The masked scan computes a step unless every sample is past it,
-                                         so this counts what runs, not the ~7.6 forwards/image that
-                                         uniform t needs.
-  SmPO step   DPO + SmPO inv
+Each method counts its own update (``Method.flops``: F = one UNet forward of one image, G = forward +
+backward; e.g. DPO 2B·G + 2B·F on B pairs: the policy's forward and backward and the reference's forward on
+the 2B winner/loser latents); ``model_flops("<method> <part>", ...)`` reads it from the registry.
 Not counted: the CLIP text encoder (0.013 TFLOP per caption, B per step: < 0.3%), loss and optimizer
 elementwise work, and remat's recomputation (MFU counts model FLOPs, not executed ones).
 
@@ -53,26 +44,47 @@ def mfu(flops: Optional[float], seconds: float, device_kind: str) -> Optional[fl
     return flops / seconds / peak
 
 
-def inversion_scan_steps(steps: int, mode: str) -> int:
-    """Steps of SmPO's inversion scan: one per grid source ("code"), one more to reach t > top ("paper"),
-    none without inversion ("none": forward noise, as DPO)."""
-    if mode == "none":
-        return 0
-    return steps + (1 if mode == "paper" else 0)
+def model_flops(workload: str, pairs: int, fwd: float, fwdbwd: float, config=None) -> float:
+    """FLOPs of ``workload`` ("<objective> <part>": "dpo step", "dro generation", ...) on ``pairs`` pairs, by
+    the method's own model (``Method.flops``) under ``config`` (default: base_config() with that objective)."""
+    from jaxpref import config_lib
+    from jaxpref.methods import get_method
+
+    name, _, part = workload.partition(" ")
+    method = get_method(name)
+    if config is None:
+        config = config_lib.base_config()
+        config.objective = name
+    parts = method.flops(config, pairs, fwd, fwdbwd)
+    if part not in parts:
+        raise ValueError(f"workload {workload!r}: {name} counts {sorted(parts)}")
+    return float(parts[part])
 
 
-def model_flops(workload: str, pairs: int, fwd: float, fwdbwd: float, *, gen_steps: int = 20,
-                steps_per_trajectory: int = 1, guidance_scale: float = 1.0, inversion_steps: int = 5,
-                inversion_mode: str = "code") -> float:
-    """FLOPs of one call of ``workload`` on ``pairs`` pairs by the model in the module docstring."""
-    update = 2 * pairs * fwdbwd + 2 * pairs * fwd
-    gen = gen_steps * (pairs // steps_per_trajectory) * fwd * (2 if guidance_scale != 1.0 else 1)
-    inv = 2 * inversion_scan_steps(inversion_steps, inversion_mode) * 2 * pairs * fwd
-    table = {"dpo step": update, "dro update": update, "dro generation": gen, "dro step": update + gen,
-             "smpo inversion": inv, "smpo step": update + inv}
-    if workload not in table:
-        raise ValueError(f"workload {workload!r}: known {sorted(table)}")
-    return float(table[workload])
+def unet_flops(method, unet_params, latent_shape, text_shape) -> tuple[float, float] | None:
+    """XLA's count of one image's UNet forward and forward+backward (F, G) at the run's shapes, from the
+    lowered (pre-optimisation) programs: no compile (within 0.1% of the compiled count for the UNet, whose
+    FLOPs are convolutions and matmuls). ``method.eps`` feeds the UNet as training does (SDXL's pytree
+    conditioning included); ``unet_params`` may be ShapeDtypeStructs."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((1, *latent_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    text = jax.tree_util.tree_map(lambda s: jnp.zeros((1, *s), jnp.float32), text_shape,
+                                  is_leaf=lambda s: isinstance(s, tuple))
+    fwd = lambda p: method.eps(p, x, t, text)  # noqa: E731
+    loss = lambda p: jnp.mean(jnp.square(fwd(p)))  # noqa: E731
+    f = _lowered_flops(jax.jit(fwd).lower(unet_params))
+    g = _lowered_flops(jax.jit(jax.value_and_grad(loss)).lower(unet_params))
+    return (f, g) if f and g else None
+
+
+def _lowered_flops(lowered) -> float | None:
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    value = float(cost.get("flops", 0.0)) if cost else 0.0
+    return value if value > 0 else None
 
 
 def loop_corrected(raw: float, body: float, trips: int, model: Optional[float]) -> tuple[float, bool]:
@@ -85,3 +97,26 @@ def loop_corrected(raw: float, body: float, trips: int, model: Optional[float]) 
     if model is not None and raw >= 0.5 * model:
         return raw, False
     return raw + (trips - 1) * body, True
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: generating and scoring images (docs/evaluation.md).
+
+SD_VAE_DECODE_FLOPS = 2.50e12   # SD's VAE decoder, one 512 px image (64x64 latents)
+# One (image, caption) pair through a reward model at 224 px, image and text towers (the aesthetic head
+# reads the image tower only). XLA's count of our modules, batch 1: CLIP ViT-H/14 (PickScore, HPSv2),
+# CLIP ViT-L/14 (CLIP score, aesthetic), BLIP ViT-L/16 + BERT-base with cross-attention (ImageReward).
+SCORER_FLOPS = {"pickscore": 0.385e12, "hpsv2": 0.385e12, "clipscore": 0.176e12, "aesthetic": 0.162e12,
+                "imagereward": 0.139e12, "shapes": 0.0}
+
+
+def evaluation_flops(num_images: int, num_steps: int, guidance_scale: float, scorers, *,
+                     fwd: float = SD15_FWD_FLOPS, decode: float = SD_VAE_DECODE_FLOPS) -> float:
+    """FLOPs of generating ``num_images`` images (``num_steps`` UNet evaluations each, two with CFG, and one
+    VAE decode) and scoring each with every reward in ``scorers``. Not counted: the text encoder, once per
+    prompt (0.013 TFLOP), and the samplers' elementwise updates."""
+    unknown = [s for s in scorers if s not in SCORER_FLOPS]
+    if unknown:
+        raise ValueError(f"scorers {unknown}: no FLOP count; known {sorted(SCORER_FLOPS)}")
+    per_image = num_steps * fwd * (2 if guidance_scale != 1.0 else 1) + decode + sum(SCORER_FLOPS[s] for s in scorers)
+    return float(num_images * per_image)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpref import hub
 from jaxpref.models import weights
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")           # every attention's projections
@@ -168,9 +169,12 @@ def _lora_branch(module, x, a, b, scale_: float, dropout: float, rng):
     return (scale_ * (h @ b)).astype(dtype)
 
 
-def apply(module: nn.Module, params, *args, **kwargs):
+def apply(module: nn.Module, params, *args, policy_rows: int | None = None, **kwargs):
     """``module.apply({'params': params}, *args)``; for a ``LoraParams`` policy each adapted layer adds its
-    LoRA branch to the frozen layer's output (a Flax method interceptor; the module is unchanged)."""
+    LoRA branch to the frozen layer's output (a Flax method interceptor; the module is unchanged).
+
+    policy_rows: the branch is added to the first ``policy_rows`` rows of the batch only, the others run the
+    base alone: the policy and its reference (the base) in one call on a stacked batch."""
     if not isinstance(params, LoraParams):
         return module.apply({"params": params}, *args, **kwargs)
     flat = flatten(params.adapters)
@@ -184,7 +188,11 @@ def apply(module: nn.Module, params, *args, **kwargs):
         if ab is None:
             return out
         x = call_args[0] if call_args else call_kwargs["inputs"]
-        return out + _lora_branch(layer, x, ab["lora_A"], ab["lora_B"], params.scale, params.dropout, params.rng)
+        if policy_rows is None:
+            return out + _lora_branch(layer, x, ab["lora_A"], ab["lora_B"], params.scale, params.dropout, params.rng)
+        branch = _lora_branch(layer, x[:policy_rows], ab["lora_A"], ab["lora_B"], params.scale, params.dropout,
+                              params.rng)
+        return out.at[:policy_rows].add(branch)
 
     with nn.intercept_methods(interceptor):
         return module.apply({"params": params.base}, *args, **kwargs)
@@ -294,7 +302,8 @@ def initial_adapters(lora_config, unet_params, seed: int) -> dict:
     else fresh ones (``init_adapters``)."""
     if not lora_config.init_from:
         return init_adapters(jax.random.PRNGKey(seed), unet_params, lora_config)
-    adapters, rank, alpha = load_diffusers_lora(lora_config.init_from, unet_params)
+    adapters, rank, alpha = load_diffusers_lora(hub.resolve(lora_config.init_from, key="config.lora.init_from",
+                                                            components=None), unet_params)
     want = set(target_kernels(unet_params, lora_config.target_modules))
     got = set(flatten(adapters))
     if rank != lora_config.rank or not math.isclose(alpha, lora_config.alpha) or want != got:

@@ -1,7 +1,8 @@
-"""The three preference objectives as pure functions of per-sample denoising errors.
+"""The preference objectives as pure functions of per-sample denoising errors.
 
 Each takes errors err = mean_{H,W,C} (eps_pred - target)^2, one number per image (``denoising_error``),
-from the policy and the frozen reference, and returns (loss, metrics). docs/methods.md §1-3.
+from the policy and (except MaPO) the frozen reference, and returns (loss, metrics). docs/methods.md §1-3,
+§7 (Diffusion-KTO), §8 (MaPO).
 """
 from __future__ import annotations
 
@@ -86,5 +87,67 @@ def dro_loss(expert_err, expert_ref_err, negative_err, negative_ref_err, margin=
         "active_hinge": jnp.mean((hinge > 0).astype(jnp.float32)),
         "expert_err": jnp.mean(expert_err),
         "negative_err": jnp.mean(negative_err),
+    }
+    return loss, metrics
+
+
+def kto_loss(err, ref_err, desirable, beta, lambda_desirable=1.0, lambda_undesirable=1.0):
+    """Diffusion-KTO (Li et al. 2024) with the Kahneman-Tversky sigmoid value, as the released code trains it.
+
+    err, ref_err: [N] per-image errors; desirable: [N] bool, the image's binary label. Per image the implicit
+    log-likelihood ratio g = err_ref - err; the reference point z = max(0, mean g) is one number over all N
+    images of the micro-batch (every device's), clipped at 0 and held constant (no gradient):
+      loss = mean λ_y (1 - σ(y β (g - z))),  y = +1 desirable, -1 undesirable.
+    At policy = reference: loss = mean λ_y / 2, and the gradient lowers desirable errors and raises undesirable ones.
+    """
+    gap = ref_err - err
+    ref_point = jax.lax.stop_gradient(jnp.maximum(jnp.mean(gap), 0.0))
+    sign = jnp.where(desirable, 1.0, -1.0)
+    logit = sign * beta * (gap - ref_point)
+    weight = jnp.where(desirable, lambda_desirable, lambda_undesirable)
+    loss = jnp.mean(weight * (1.0 - jax.nn.sigmoid(logit)))
+
+    def masked_mean(v, mask):  # 0 where the micro-batch holds no image of that label
+        return jnp.sum(jnp.where(mask, v, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+    metrics = {
+        "implicit_acc": jnp.mean((logit > 0).astype(jnp.float32)),
+        "reference_point": ref_point,
+        "mean_gap": jnp.mean(gap),                 # the reference point before clipping
+        "desirable_gap": masked_mean(gap, desirable),
+        "undesirable_gap": masked_mean(gap, ~desirable),
+        "err": jnp.mean(err),
+    }
+    return loss, metrics
+
+
+def mapo_score(err, snr_value=0.5):
+    """MaPO's per-image score of the released code: x / (exp(x) - 1), x = snr_value · err (1 at x = 0); it
+    falls as the error grows, so a better-denoised image scores higher."""
+    x = snr_value * err
+    nonzero = x != 0
+    safe = jnp.where(nonzero, x, 1.0)
+    return jnp.where(nonzero, safe / jnp.expm1(safe), 1.0)
+
+
+def mapo_loss(err_w, err_l, beta, snr_value=0.5, num_timesteps=1000):
+    """MaPO (Hong et al. 2024), reference-free: the winner's denoising error plus a margin term on the pair.
+
+    err_w, err_l: [B] policy errors of winner and loser (one t and one ε per pair):
+      margin = T · (score(err_w) - score(err_l))            (``mapo_score``; T = the schedule's timesteps)
+      loss   = mean err_w - β · mean log σ(margin)
+    A pair whose winner already scores far above its loser saturates σ and leaves the winner's term alone.
+    """
+    margin = num_timesteps * (mapo_score(err_w, snr_value) - mapo_score(err_l, snr_value))
+    log_odds = jax.nn.log_sigmoid(margin)
+    winner_err = jnp.mean(err_w)
+    loss = winner_err - beta * jnp.mean(log_odds)
+    metrics = {
+        "implicit_acc": jnp.mean((margin > 0).astype(jnp.float32)),
+        "reward_margin": jnp.mean(margin),
+        "margin_loss": -jnp.mean(log_odds),
+        "model_gap": jnp.mean(err_w - err_l),
+        "err_w": winner_err,
+        "err_l": jnp.mean(err_l),
     }
     return loss, metrics

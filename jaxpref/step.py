@@ -84,13 +84,17 @@ def make_train_step(config, method: Method, optimizer: optax.GradientTransformat
             grads, method_state = carry
             micro, index = xs
             micro_rng = jax.random.fold_in(rng, index)
-            method_state = method.begin_micro_step(method_state, state.params, state.step * num_micro + index)
+            method_state = method.begin_micro_step(method_state, state.params, state.step * num_micro + index,
+                                                   log_step)
             loss_fn = lambda p, *args: method.loss(policy_params(config, p, frozen, micro_rng), *args)
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
             (loss, (metrics, method_state)), g = grad_fn(state.params, frozen, micro, micro_rng, method_state)
             grads = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32) / num_micro, grads, g)
             return (grads, method_state), dict(metrics, loss=loss)
 
+        # The loop logs update s + 1 when it is a multiple of log.every, and the first: a method may compute
+        # diagnostics on those updates only.
+        log_step = ((state.step + 1) % max(int(config.log.every), 1) == 0) | (state.step == 0)
         batch = dict(batch, keys=pair_keys(rng, jax.tree_util.tree_leaves(batch)[0].shape[0]))
         micro_batches = split_micro_batches(batch, num_micro)
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -24,9 +25,8 @@ import sys
 import time
 
 if __name__ == "__main__":
-    # The command, not the library: transformers warns at import that PyTorch is missing; jaxpref uses only
-    # its tokenizers.
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from jaxpref import console as _console
+    _console.quiet_native_logs()   # before jax loads: XLA's C++ log reads its level once
 
 import jax
 import numpy as np
@@ -36,26 +36,24 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from jaxpref import checkpoint as checkpoint_lib
-from jaxpref import config_lib, lora, sharding, trainer
+from jaxpref import config_lib, console, errors, hub, lora, paths, run_config, sharding, trainer
 from jaxpref import evaluate as evaluate_lib
+from jaxpref import flops as flops_lib
 from jaxpref.data import feed as feed_lib
 from jaxpref.models import save_unet
-
-COMPILE_CACHE = os.path.join("~", ".cache", "jaxpref", "jax_cache")
 
 
 def _is_main() -> bool:
     return jax.process_index() == 0
 
 
-def _say(message: str):
-    """What the run is doing, for the person at the console (process 0; third-party INFO logs are off)."""
-    if _is_main():
-        print(message, flush=True)
+_say = console.say
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(errors.JaxprefError):
     """``config.max_consecutive_skips`` updates in a row were skipped for a non-finite loss or gradient."""
+
+    exit_code = errors.EXIT_DIVERGED
 
 
 class SkipStreak:
@@ -89,8 +87,8 @@ class SkipStreak:
             self.count = 0
             return
         self.count += 1
-        logging.warning("step %d: update skipped, non-finite loss or gradient (params and optimizer state unchanged); "
-                        "%d in a row", step, self.count)
+        console.warn(f"step {step}: update skipped, non-finite loss or gradient (params and optimizer state "
+                     f"unchanged); {self.count} in a row")
         if self.limit and self.count >= self.limit:
             raise TrainingDiverged(self._message(step))
 
@@ -110,18 +108,28 @@ class MetricWriter:
     metrics.jsonl is strict JSON: a non-finite value (a diagnostic with no samples in a batch, a diverged
     loss) is written as null. A resumed run first drops the rows after its checkpoint's step (written by the
     interrupted run after that checkpoint; the resumed run writes them again), so the file ends equal to an
-    uninterrupted run's; TensorBoard hides those events too (``purge_step``).
+    uninterrupted run's; TensorBoard hides those events too (``purge_step``). A row of a kind (``train/``,
+    ``eval/``) already written for a step, e.g. the final evaluation of a run that stopped right after it,
+    is replaced rather than written twice.
+
+    The console's rate and ETA count training only: ``exclude(seconds)`` takes out time spent on
+    evaluations and sample grids.
     """
 
-    def __init__(self, workdir: str, total_steps: int, resume_step: int = 0):
+    def __init__(self, workdir: str, total_steps: int, resume_step: int = 0, shown=()):
         self.total_steps = total_steps
         self.enabled = _is_main()
+        self.shown = ("loss", "implicit_acc", "grad_norm", *shown, "skipped_total")
         self._jsonl = self._tb = None
         self._start = self._start_step = None
+        self._excluded = 0.0
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._written = set()
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            path = os.path.join(workdir, "metrics.jsonl")
+            path = self._path
             drop_rows_after(path, resume_step)
+            self._written = _row_kinds(path)
             self._jsonl = open(path, "a")
             try:
                 from tensorboardX import SummaryWriter
@@ -130,10 +138,17 @@ class MetricWriter:
             except ImportError:  # TensorBoard is optional; JSONL always works
                 self._tb = None
 
-    def write(self, step: int, metrics: dict, prefix: str = "train/"):
+    def write(self, step: int, metrics: dict, prefix: str = "train/", extra: dict | None = None):
+        """One row: ``metrics`` under ``prefix``, and ``extra``'s keys as they are (e.g. perf/step_ms)."""
         if not self.enabled:
             return
-        record = {"step": step, **{prefix + k: _finite_or_none(v) for k, v in metrics.items()}}
+        record = {"step": step, **{prefix + k: _finite_or_none(v) for k, v in metrics.items()},
+                  **{k: _finite_or_none(v) for k, v in (extra or {}).items()}}
+        if (step, prefix) in self._written:    # written before this run resumed: replace, never duplicate
+            self._jsonl.close()
+            drop_rows(self._path, lambda line: _row_step(line) == step and _row_kind(line) == prefix)
+            self._jsonl = open(self._path, "a")
+        self._written.add((step, prefix))
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -141,18 +156,25 @@ class MetricWriter:
                 if k != "step" and v is not None:
                     self._tb.add_scalar(k, v, step)
 
-    def progress(self, step: int, metrics: dict):
+    def exclude(self, seconds: float):
+        """Time spent off training (evaluations, sample grids): left out of the rate and the ETA."""
+        if self._start is not None:
+            self._excluded += seconds
+
+    def progress(self, step: int, metrics: dict, perf: dict | None = None):
         """The console line of a logged step; rate and ETA from the second logged step on (measured from the
-        first, so they leave out the compile and the first step's warm-up)."""
+        first, so they leave out the compile and the first step's warm-up; evaluations are excluded too)."""
         now = time.perf_counter()
         timing = ""
         if self._start is None:
             self._start, self._start_step = now, step
         else:
-            rate = (step - self._start_step) / max(now - self._start, 1e-9)
-            timing = f" | {rate:.2f} steps/s, ETA {(self.total_steps - step) / rate:.0f}s"
-        shown = " ".join(f"{k}={float(metrics[k]):.4g}" for k in ("loss", "implicit_acc", "grad_norm",
-                                                                   "active_hinge", "skipped_total") if k in metrics)
+            rate = (step - self._start_step) / max(now - self._start - self._excluded, 1e-9)
+            timing = f" | {rate:.2f} steps/s, ETA {(self.total_steps - step) / rate:.0f}s of training"
+        shown = " ".join(f"{k}={float(metrics[k]):.4g}" for k in self.shown if k in metrics)
+        if perf:
+            shown += f" | {perf['perf/step_ms']:.0f} ms/step, {perf['perf/pairs_per_s']:.3g} pairs/s"
+            shown += f", MFU {100 * perf['perf/mfu']:.1f}%" if "perf/mfu" in perf else ""
         if self.enabled:
             print(f"step {step}/{self.total_steps} {shown}{timing}", flush=True)
 
@@ -170,16 +192,37 @@ def _finite_or_none(value) -> float | None:
 
 def drop_rows_after(path: str, step: int):
     """Rewrites a metrics.jsonl without its rows after ``step`` (and a line cut short by a kill)."""
+    drop_rows(path, lambda line: _row_step(line) is None or _row_step(line) > step)
+
+
+def drop_rows(path: str, drop):
+    """Rewrites a metrics.jsonl without the lines for which ``drop(line)`` holds."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    kept = [line for line in lines if not drop(line)]
     if len(kept) == len(lines):
         return
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+def _row_kind(line: str) -> str | None:
+    """A row's kind: the prefix of its metrics ("train/", "eval/")."""
+    try:
+        keys = [k for k in json.loads(line) if k != "step"]
+    except ValueError:
+        return None
+    return keys[0].split("/", 1)[0] + "/" if keys else None
+
+
+def _row_kinds(path: str) -> set:
+    if not os.path.isfile(path):
+        return set()
+    with open(path) as f:
+        return {(_row_step(line), _row_kind(line)) for line in f}
 
 
 def _row_step(line: str) -> int | None:
@@ -237,11 +280,13 @@ def _workdir_lock(workdir: str):
         lock.release()
 
 
-def train(config, workdir: str, *, pipeline=None, max_steps: int | None = None) -> dict:
+def train(config, workdir: str, *, pipeline=None, max_steps: int | None = None,
+          config_change: tuple[str, ...] = ()) -> dict:
     """Trains until ``config.total_steps`` (or ``max_steps`` more updates, for tests). Returns a summary.
 
-    Raises TrainingDiverged, checkpoint_lib.WorkdirLocked or checkpoint_lib.CheckpointSaveError when the run
-    has to stop (the command exits 1 with the message).
+    A workdir that holds a run continues it if ``config`` changes none of the keys that move its training
+    (``run_config``; ``config_change`` names those accepted anyway). Raises ``errors.JaxprefError``
+    subclasses when the run has to stop (the command prints one line and exits with their code).
     """
     config_lib.validate(config)
     jax.config.update("jax_threefry_partitionable", True)
@@ -249,17 +294,18 @@ def train(config, workdir: str, *, pipeline=None, max_steps: int | None = None) 
     config_lib.validate(config, num_devices=mesh.size)
     checkpoint_lib.check_workdir(workdir)     # before the model and the data load: a bad --workdir fails in seconds
     with _workdir_lock(workdir):
-        return _train(config, workdir, mesh, pipeline, max_steps)
+        changes = run_config.check(workdir, config, tuple(config_change))   # before anything loads
+        return _train(config, workdir, mesh, pipeline, max_steps, (changes, tuple(config_change)))
 
 
-def _train(config, workdir: str, mesh, pipeline, max_steps: int | None) -> dict:
+def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_changes=({}, ())) -> dict:
+    # Hub ids (model, reference, VAE, LoRA, reward models) -> the Hugging Face cache, fetched once before the
+    # data opens; the workdir records ``config`` as given.
+    local = hub.resolve_run_paths(config, announce=_say, model=pipeline is None)
     _say(("" if pipeline is not None else f"loading the model ({config.model_path}); ")
          + f"opening the data ({config.data.name}; built on first use)")
-    run = trainer.build_run(config, pipeline)
-    feed = feed_lib.TrainFeed(config, run, mesh)            # opens (and if needed builds) the data first
-    if _is_main():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    run = trainer.build_run(local, pipeline)
+    feed = feed_lib.TrainFeed(local, run, mesh)             # opens (and if needed builds) the data first
 
     state, state_shapes, state_shardings = trainer.init_state(run, mesh)
     frozen = trainer.frozen_params(run)
@@ -267,31 +313,37 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None) -> dict:
     manager = checkpoint_lib.CheckpointManager(workdir, keep=config.checkpoint.keep, every=config.checkpoint.every)
     writer = None
     try:
-        start = manager.latest_step()
-        if start is not None:
-            state, meta = manager.restore(start, state_shapes, state_shardings)
+        restored, start = manager.restore_latest(state_shapes, state_shardings, say=console.warn), 0
+        if restored is not None:
+            start, state, meta = restored
             feed.set_state(_own_loader_state(meta, f"{manager.directory}/{start}"))
             _say(f"resumed from {manager.directory}/{start} (step {start} of {config.total_steps})")
-        start = int(start or 0)
+        start = int(start)
 
         batch = feed.next()
         base_rng = jax.random.PRNGKey(config.seed)
         # Compiled before the loop, then all processes meet: CPU (gloo) collectives give up after 30 s, and
         # hosts can finish compiling further apart than that.
-        _say(_compile_note())
+        _say(_compile_note(config, mesh))
         compile_start = time.perf_counter()
         train_step = trainer.compile_train_step(run, mesh, state, batch, frozen, jax.random.fold_in(base_rng, start))
-        _say(f"compiled in {time.perf_counter() - compile_start:.1f}s")
+        _say(f"compiled in {_remember_compile(config, mesh, time.perf_counter() - compile_start):.1f}s")
         _sync_processes(f"jaxpref_step_compiled_{start}")
-        writer = MetricWriter(workdir, config.total_steps, resume_step=start)
+        if _is_main():
+            run_config.record(workdir, config, *config_changes)   # the run has started: its settings are fixed
+        writer = MetricWriter(workdir, config.total_steps, resume_step=start, shown=run.method.describe_metrics())
         last = config.total_steps if max_steps is None else min(config.total_steps, start + max_steps)
         history, preempted, step = [], False, start
         streak = SkipStreak(config)
+        speed = StepSpeed(run, mesh)
+        profiler = Profiler(config, workdir)
         loop_start, side_seconds = time.perf_counter(), 0.0   # side: evaluations and sample grids
         with checkpoint_lib.PreemptionGuard() as guard:
             while step < last:
+                profiler.before(step + 1, state)
                 state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step), frozen)
                 step += 1
+                profiler.after(step, state)
                 streak.push(step, metrics["update_skipped"])
                 manager.check_saves()
                 loader_state = feed.get_state()       # position after this step's batch
@@ -299,9 +351,10 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None) -> dict:
                     batch = feed.next()
                 if step % config.log.every == 0 or step == last or step == start + 1:
                     metrics = jax.device_get(metrics)
+                    perf = speed.measure(step, side_seconds)
                     history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
-                    writer.write(step, metrics)
-                    writer.progress(step, metrics)
+                    writer.write(step, metrics, extra=perf)
+                    writer.progress(step, metrics, perf)
                 preempted = _agreed(guard.requested)
                 if manager.should_save(step) or preempted or step == last:
                     manager.save(step, state, {"loaders": _all_loader_states(loader_state), "seed": config.seed},
@@ -317,10 +370,13 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None) -> dict:
                         evaluate_lib.save_samples(run, _policy(run, state),
                                                   os.path.join(workdir, "samples", f"step_{step:06d}.png"))
                     if evaluation:
-                        writer.write(step, evaluate_lib.evaluate_run(run, _policy(run, state), None, mesh=mesh),
+                        writer.write(step, evaluate_lib.evaluate_run(run, _policy(run, state), None, mesh=mesh,
+                                                                     label=f"the policy at step {step}"),
                                      prefix="eval/")
                     side_seconds += time.perf_counter() - side_start
+                    writer.exclude(time.perf_counter() - side_start)
         streak.flush()
+        profiler.close()
         manager.wait()
         jax.block_until_ready(state)
         loop_seconds = time.perf_counter() - loop_start - side_seconds
@@ -331,6 +387,70 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None) -> dict:
         return summary
     finally:
         _close(writer, manager, failing=sys.exc_info()[0] is not None)
+
+
+class StepSpeed:
+    """perf/step_ms, perf/pairs_per_s and, where a device's peak is known (``flops.peak_flops``, or
+    ``config.peak_tflops``), perf/mfu with the method's own FLOPs per update (``Method.flops``): measured
+    between two logged updates (their metrics fetched: the device has finished), evaluations and sample
+    grids taken out, so compile and evaluation never count."""
+
+    def __init__(self, run, mesh):
+        self.run, self.mesh = run, mesh
+        self._mark = None                   # (time, step, side seconds) at the last logged update
+        per_device = (run.config.peak_tflops * 1e12 if run.config.peak_tflops
+                      else flops_lib.peak_flops(mesh.devices.flat[0].device_kind))
+        self.peak = per_device * mesh.size if per_device else None
+        self._flops = None
+
+    def flops_per_update(self) -> float | None:
+        """The method's model FLOPs of one update (counted once, from the lowered UNet; no compile)."""
+        if self._flops is None:
+            run = self.run
+            unet_shapes = jax.eval_shape(lambda p: p, run.pipeline.unet_params)
+            fg = flops_lib.unet_flops(run.method, unet_shapes, run.latent_shape, run.text_shape)
+            self._flops = (run.method.flops(run.config, run.config.batch_size, *fg)["step"] if fg else 0.0)
+        return self._flops or None
+
+    def measure(self, step: int, side_seconds: float) -> dict:
+        now, mark, self._mark = time.perf_counter(), self._mark, (time.perf_counter(), step, side_seconds)
+        if mark is None or step <= mark[1]:
+            return {}
+        seconds = (now - mark[0] - (side_seconds - mark[2])) / (step - mark[1])
+        out = {"perf/step_ms": 1e3 * seconds, "perf/pairs_per_s": self.run.config.batch_size / seconds}
+        if self.peak:
+            update_flops = self.flops_per_update()
+            if update_flops:
+                out.update({"perf/flops_per_update": update_flops, "perf/peak_flops": self.peak,
+                            "perf/mfu": update_flops / seconds / self.peak})
+        self._mark = (time.perf_counter(), step, side_seconds)   # counting FLOPs (first time) is not a step
+        return out
+
+
+class Profiler:
+    """``config.profile='a:b'``: a jax.profiler trace of updates a..b in <workdir>/profile."""
+
+    def __init__(self, config, workdir: str):
+        self.range = config_lib.profile_range(config)
+        self.folder = os.path.join(workdir, "profile")
+        self.active = False
+
+    def before(self, update: int, state):
+        if self.range and update == self.range[0] and _is_main():
+            jax.block_until_ready(state)
+            _say(f"profiling updates {self.range[0]}-{self.range[1]} into {self.folder}")
+            jax.profiler.start_trace(self.folder)
+            self.active = True
+
+    def after(self, update: int, state):
+        if self.active and update >= self.range[1]:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self):
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def _close(writer, manager, failing: bool):
@@ -345,11 +465,49 @@ def _close(writer, manager, failing: bool):
             logging.warning("closing the run after the error below: %s", e)
 
 
-def _compile_note() -> str:
-    first = "first run on CPU: ~1 min" if jax.default_backend() == "cpu" else "first run: minutes"
-    later = ("later runs use the cache" if jax.config.jax_compilation_cache_dir
-             else "set JAX_COMPILATION_CACHE_DIR to reuse it in later runs")
-    return f"compiling the train step ({first}; {later}) ..."
+_COMPILE_TIMES = "compile_seconds.json"  # in the compile cache folder: the last compile time of each setting
+
+
+def _compile_key(config, mesh) -> str:
+    """What the compiled step depends on: backend, devices and the config without the keys it ignores."""
+    shaping = {k: v for k, v in run_config.flat(config).items()
+               if not k.startswith(("log.", "eval.", "checkpoint.")) and k not in ("seed", "total_steps")}
+    text = json.dumps([jax.default_backend(), mesh.size, shaping], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _compile_times_path() -> str | None:
+    folder = jax.config.jax_compilation_cache_dir
+    return os.path.join(folder, _COMPILE_TIMES) if folder and "://" not in folder else None
+
+
+def _compile_note(config, mesh) -> str:
+    """The compile's announcement, with the last measured time of the same setting on this machine."""
+    path, last = _compile_times_path(), None
+    if path and os.path.isfile(path):
+        with contextlib.suppress(ValueError, OSError), open(path) as f:
+            last = json.load(f).get(_compile_key(config, mesh))
+    if last is not None:
+        return f"compiling the train step (took {last:.0f}s here last time; seconds if the compile cache has it) ..."
+    cached = ("kept in the compile cache for later starts" if jax.config.jax_compilation_cache_dir
+              else "set JAX_COMPILATION_CACHE_DIR to keep it for later starts")
+    return f"compiling the train step (the first compile of these settings here: no estimate yet; {cached}) ..."
+
+
+def _remember_compile(config, mesh, seconds: float) -> float:
+    path = _compile_times_path()
+    if path and _is_main() and seconds > 5:   # a cache hit says nothing about the next cold compile
+        with contextlib.suppress(ValueError, OSError):
+            times = {}
+            if os.path.isfile(path):
+                with open(path) as f:
+                    times = json.load(f)
+            times[_compile_key(config, mesh)] = round(seconds, 1)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(times, f)
+            os.replace(path + ".tmp", path)
+    return seconds
 
 
 def _agreed(flag: bool) -> bool:
@@ -394,9 +552,26 @@ def _finish(run, state, workdir, writer, mesh) -> dict:
     return out
 
 
-config_flags.DEFINE_config_file("config", config_lib.config_path("tiny"),
-                                "Training config file (a get_config()); --print_config lists its keys.",
-                                lock_config=True)
+def explain_flag_error(argv, error) -> str | None:
+    """One line for a ``--config.<key>=`` the config parser refused: the key, the value, and what is known."""
+    known = list(config_lib._flat_keys(config_lib.base_config()))
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            key, value = arg[len("--config."):].split("=", 1)
+            if key not in known:
+                return str(errors.ConfigError(key, value, "no such config key"
+                                              f"{config_lib.did_you_mean(key, known)} (--print_config lists them)"))
+    return None
+
+
+try:  # ml_collections applies the --config.* overrides of the command line while defining the flag
+    config_flags.DEFINE_config_file("config", config_lib.config_path("tiny"),
+                                    "Training config file (a get_config()); --print_config lists its keys.",
+                                    lock_config=True)
+except Exception as e:  # noqa: BLE001 - a mistyped key or value: one line, exit 2
+    if __name__ != "__main__":
+        raise
+    console.exit_on_flag_error("jaxpref.train", sys.argv, e, explain_flag_error)
 flags.DEFINE_string("workdir", "workdir", "Checkpoints, logs, samples and the exported model go here.")
 flags.DEFINE_bool("print_config", False, "Print every config key with its value (the --config file's, after "
                   "--config.* overrides), base_config()'s default where it differs, and its meaning; then exit.")
@@ -404,6 +579,8 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (mult
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process launch).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process launch).")
 flags.DEFINE_integer("process_id", None, "This process's id (explicit multi-process launch).")
+flags.DEFINE_list("config_change", [], "Keys whose change from the workdir's run is accepted although it changes "
+                  "its training (e.g. optimizer.lr); recorded in <workdir>/config_history.jsonl.")
 FLAGS = flags.FLAGS
 
 
@@ -418,41 +595,46 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
 
 
 def _use_compile_cache():
-    """The command keeps compiled steps in ~/.cache/jaxpref/jax_cache (the tests' default too) unless
-    $JAX_COMPILATION_CACHE_DIR names another folder: a rerun or a resume skips the compile."""
+    """The command keeps compiled steps in $XDG_CACHE_HOME/jaxpref/jax_cache (~/.cache/jaxpref/jax_cache; the
+    tests' default too) unless $JAX_COMPILATION_CACHE_DIR names another folder: a rerun or a resume skips the
+    compile."""
     if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILE_CACHE))
+        jax.config.update("jax_compilation_cache_dir", paths.compile_cache_dir())
 
 
-def _quiet_third_party_logs():
-    """Third-party INFO logs (orbax's lines for every save, jax's backend probing) stay off unless
-    ``--verbosity=0`` (or 1: debug) asks for them; the run says what it does itself (``_say``). absl's app
-    raises an unset --verbosity to INFO after parsing, so this runs in main."""
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+def config_from_flag():
+    """``--config``'s ConfigDict; a file that is missing or fails to load is one line naming it."""
+    try:
+        config = FLAGS.config
+        config.keys()     # the flag loads its file lazily, on first use
+        return config
+    except Exception as e:  # noqa: BLE001 - ml_collections hides the cause behind a generic OSError
+        path = FLAGS["config"].config_filename.split(":")[0]
+        why = "no such file" if not os.path.isfile(path) else f"failed to load ({console.one_line(e.__cause__ or e)})"
+        raise errors.UsageError(f"--config={path}: {why}; experiment files: configs/*.py with get_config()") from e
 
 
 def main(argv):
+    """Exit codes (``jaxpref.errors``): 0 the run reached total_steps (and exported), 75 preempted after a
+    checkpoint (rerun to resume), 2 bad config or arguments, 3 diverged, 4 I/O, 1 anything else."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    _quiet_third_party_logs()
+    config = config_from_flag()
     if FLAGS.print_config:
-        print(config_lib.describe(FLAGS.config))
+        print(config_lib.describe(config))
         return 0
     if FLAGS.distributed or FLAGS.coordinator_address:
         # CPU-only multi-process runs (tests on localhost) need gloo collectives, set before any backend starts.
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                cpu_collectives=os.environ.get("JAX_PLATFORMS", "") == "cpu")
     _use_compile_cache()
-    try:
-        summary = train(FLAGS.config, FLAGS.workdir)
-    except (TrainingDiverged, checkpoint_lib.WorkdirLocked, checkpoint_lib.CheckpointSaveError) as e:
-        print(f"jaxpref.train stopped: {e}", file=sys.stderr, flush=True)
-        return 1
+    summary = train(config, FLAGS.workdir, config_change=tuple(FLAGS.config_change))
     if summary.get("preempted"):
-        _say(f"preempted: checkpoint written at step {summary['step']}; rerun the same command to resume")
-    return 0
+        _say(f"preempted: checkpoint written at step {summary['step']}; rerun the same command to resume "
+             f"(exit {errors.EXIT_PREEMPTED})")
+        return errors.EXIT_PREEMPTED
+    return errors.EXIT_OK
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.run(main, "jaxpref.train", explain_flag_error=explain_flag_error)

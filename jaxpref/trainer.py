@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref import config_lib, diffusion, lora, optim, sharding, step as step_lib
+from jaxpref import config_lib, diffusion, hub, lora, optim, sharding, step as step_lib
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.methods import Method, get_method
 from jaxpref.models import attention, conditioning, pipeline as pipeline_lib
@@ -54,11 +54,13 @@ class Run:
 
 
 def build_run(config, pipeline: pipeline_lib.SDPipeline | None = None) -> Run:
-    """Loads the models (unless given) and binds the method, schedule and optimizer."""
+    """Loads the models (unless given; a hub id is fetched first, see ``hub.resolve_run_paths``) and binds the
+    method, schedule and optimizer."""
     if pipeline is None:
+        vae_path = config.vae_path and hub.resolve(config.vae_path, key="config.vae_path", components=("vae",))
         pipeline = pipeline_lib.load_pipeline(
-            pipeline_lib.resolve_model_path(config.model_path), config_lib.DTYPES[config.dtype],
-            vae_path=config.vae_path, vae_dtype=config_lib.DTYPES.get(config.vae_dtype))
+            hub.resolve(config.model_path, key="config.model_path"), config_lib.DTYPES[config.dtype],
+            vae_path=vae_path, vae_dtype=config_lib.DTYPES.get(config.vae_dtype))
     unet = pipeline.unet.clone(remat=config.remat, remat_policy=config.remat_policy, attention_impl=config.attention)
     schedule = diffusion.NoiseSchedule.from_config(pipeline.scheduler_config)
     if schedule.prediction_type != "epsilon":
@@ -70,14 +72,14 @@ def build_run(config, pipeline: pipeline_lib.SDPipeline | None = None) -> Run:
     return Run(config=config, pipeline=pipeline, schedule=schedule, method=method,
                optimizer=optim.make_optimizer(config.optimizer),
                learning_rate=optim.learning_rate_schedule(config.optimizer), null_ids=null_ids,
-               reference_params=_load_reference(config, pipeline))
+               reference_params=_load_reference(config, pipeline) if method.uses_reference else None)
 
 
 def _load_reference(config, pipeline):
     """The frozen reference UNet of ``config.reference_path`` (a pipeline or UNet folder), shape-checked."""
     if not config.reference_path:
         return None
-    folder = config.reference_path
+    folder = hub.resolve(config.reference_path, key="config.reference_path", components=("unet",))
     if os.path.isdir(os.path.join(folder, "unet")):
         folder = os.path.join(folder, "unet")
     _, params = load_unet(folder)
@@ -92,11 +94,14 @@ def _load_reference(config, pipeline):
 def frozen_params(run: Run) -> dict:
     """What the step reads but never trains: the reference UNet (in config.reference_dtype) and the
     text encoder. The reference defaults to the policy's starting weights; with LoRA it is also the base
-    the adapters apply to (one copy)."""
+    the adapters apply to (one copy). A method that reads no reference (``uses_reference`` False) gets none
+    unless LoRA needs the base: no second UNet in memory."""
+    text = run.pipeline.text_encoder_params
+    if not run.method.uses_reference and not run.config.lora.enabled:
+        return {"text": text}
     ref = run.pipeline.unet_params if run.reference_params is None else run.reference_params
     ref_dtype = config_lib.DTYPES[run.config.reference_dtype]
-    return {"ref": jax.tree_util.tree_map(lambda p: jnp.asarray(p, ref_dtype), ref),
-            "text": run.pipeline.text_encoder_params}
+    return {"ref": jax.tree_util.tree_map(lambda p: jnp.asarray(p, ref_dtype), ref), "text": text}
 
 
 def start_params(run: Run):

@@ -17,8 +17,10 @@ import pathlib
 
 import pytest
 
-# Outside the checkout, so fresh clones on the same machine (CI) reuse earlier compiles.
-_CACHE = pathlib.Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or pathlib.Path.home() / ".cache" / "jaxpref" / "jax_cache")
+from jaxpref import paths  # imports no jax: the XLA flags below are still set before jax loads
+
+# Outside the checkout, so fresh clones on the same machine (CI) reuse earlier compiles: the command's own default.
+_CACHE = pathlib.Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or paths.compile_cache_dir())
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 # Test-only, inherited by the child processes: LLVM's expensive passes off. Measured on the tiny DPO step: compile
 # 32.9 -> 29.0 s, the same losses bit for bit and the same generated latents (no fast-math: the passes cannot

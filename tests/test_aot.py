@@ -123,18 +123,19 @@ def test_sdxl_configs_compile_for_sdxl_from_the_presets():
 
 
 def test_the_pod_launcher_refuses_a_config_that_does_not_fit(tmp_path):
-    """launch/tpu_pod.sh runs the aot check first: DOES NOT FIT -> exit 1 and gcloud never called;
-    SKIP_FIT_CHECK=1 goes straight to gcloud."""
+    """launch/tpu_pod.sh with FIT_CHECK=local runs the aot check here first: DOES NOT FIT -> exit 1 and gcloud
+    never called; FIT_CHECK=off goes straight to gcloud."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "gcloud_calls"
     (bin_dir / "gcloud").write_text(f"#!/usr/bin/env bash\necho \"$@\" >> {calls}\n")
     (bin_dir / "gcloud").chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=ROOT, TPU_NAME="pod", ZONE="z",
-               WORKDIR="gs://b/run", TOPOLOGY="v5e:2x4", CONFIG="configs/tiny.py:dpo", EXTRA="--config.batch_size=80000000")
+               WORKDIR="gs://b/run", TOPOLOGY="v5e:2x4", CONFIG="configs/tiny.py:dpo", EXTRA="--config.batch_size=80000000",
+               FIT_CHECK="local", STAGES="fitcheck,train", PYTHON=sys.executable)
     script = os.path.join(ROOT, "launch", "tpu_pod.sh")
     p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 1 and "DOES NOT FIT" in p.stdout and "not launching" in p.stderr
+    assert p.returncode == 1 and "DOES NOT FIT" in p.stdout and "not training" in p.stderr
     assert not calls.exists()
-    p = subprocess.run(["bash", script], env=dict(env, SKIP_FIT_CHECK="1"), capture_output=True, text=True, timeout=60)
+    p = subprocess.run(["bash", script], env=dict(env, FIT_CHECK="off"), capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "jaxpref.train --config=configs/tiny.py:dpo" in calls.read_text()

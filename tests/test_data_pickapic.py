@@ -111,3 +111,51 @@ def test_no_parquet_files_is_a_clear_error(tmp_path):
         build_pickapic(tmp_path, tmp_path / "out")
     with pytest.raises(ValueError, match="is not a folder"):
         build_pickapic(tmp_path / "missing", tmp_path / "out")
+
+
+def _records(data_dir, split="train"):
+    from jaxpref.data import open_source
+
+    src = open_source("pickapic_v2/resolution16_splitstrain", split, data_dir)
+    return sorted((tuple((k, v.tobytes() if hasattr(v, "tobytes") else v) for k, v in sorted(src[i].items()))
+                   for i in range(len(src))))
+
+
+def test_from_a_hub_dataset_cache_builds_what_the_local_folder_builds(tmp_path, monkeypatch):
+    """--source=org/name reads the shards of a hub dataset repository from the Hugging Face cache (here built by the
+    test, offline; the repo keeps its shards under data/ as yuvalkirstain/pickapic_v2 does): the same dataset as
+    from a folder of the same files; --max_shards takes the first shards only, and is never mistaken for the full
+    build."""
+    import hub_cache
+    from jaxpref.data import build_pickapic, pickapic
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    shards = {}
+    for i, rows in enumerate((ROWS[:3], ROWS[3:])):
+        path = tmp_path / "local" / f"train-0000{i}-of-00002-abc.parquet"
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        shards[f"data/{path.name}"] = path
+    test_shard = tmp_path / "local" / "test_unique-00000-of-00001-x.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS[:2]), test_shard)
+    hub_cache.add_repo(tmp_path / "hf_home", "someorg/pickapic_v2", {**shards, "README.md": b"card",
+                                                                     f"data/{test_shard.name}": test_shard},
+                       repo_type="dataset")
+
+    said = []
+    build_pickapic("someorg/pickapic_v2", tmp_path / "from_hub", resolution=16, splits=["train"], announce=said.append)
+    build_pickapic(tmp_path / "local", tmp_path / "from_folder", resolution=16, splits=["train"])
+    from_hub = _records(tmp_path / "from_hub")
+    assert from_hub == _records(tmp_path / "from_folder") and len(from_hub) == 3   # a cat, a dog, a bird
+    assert said[0].startswith("pickapic_v2 from someorg/pickapic_v2: train 2 of 2 shards (")
+
+    build_pickapic("someorg/pickapic_v2", tmp_path / "slice", resolution=16, splits=["train"], max_shards=1)
+    first = pickapic.shards_by_split([shards["data/train-00000-of-00002-abc.parquet"]], ["train"])
+    build_pickapic(first["train"][0].parent, tmp_path / "slice_folder", resolution=16, splits=["train"], max_shards=1)
+    assert _records(tmp_path / "slice") == _records(tmp_path / "slice_folder") and len(_records(tmp_path / "slice")) == 2
+    with pytest.raises(ValueError, match="built with max_shards=1, not None"):
+        build_pickapic("someorg/pickapic_v2", tmp_path / "slice", resolution=16, splits=["train"])
+    with pytest.raises(ValueError, match=r"^--source='someorg/not-cached': .*HF_HUB_OFFLINE=0"):
+        build_pickapic("someorg/not-cached", tmp_path / "none", resolution=16, splits=["train"])

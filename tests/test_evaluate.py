@@ -76,8 +76,10 @@ def test_evaluate_writes_report_and_win_rates(tiny, shapes_prompts, tmp_path):
 def test_compare_and_summaries():
     a = np.array([[1.0, 3.0], [2.0, 2.0], [0.0, 1.0]])   # prompt means 2, 2, 0.5
     b = np.array([1.0, 2.0, 4.0])
-    assert ev.compare(a, b) == {"win_rate": pytest.approx(0.5), "wins": pytest.approx(1 / 3),
-                                "ties": pytest.approx(1 / 3), "n_prompts": 3}
+    got = ev.compare(a, b)
+    assert {k: got[k] for k in ("win_rate", "wins", "ties", "n_prompts")} == {
+        "win_rate": pytest.approx(0.5), "wins": pytest.approx(1 / 3), "ties": pytest.approx(1 / 3), "n_prompts": 3}
+    assert got["mean_diff"] == pytest.approx((2 + 2 + 0.5) / 3 - (1 + 2 + 4) / 3)
     with pytest.raises(ValueError, match="same prompt set"):
         ev.compare(a, b[:2])
     summary = ev.summarize({"r": a}, categories=["x", "y", "x"])

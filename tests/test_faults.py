@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import train_helpers as th
-from jaxpref import checkpoint as checkpoint_lib, config_lib, train as train_lib
+from jaxpref import checkpoint as checkpoint_lib, config_lib, errors, train as train_lib
 from jaxpref.models import weights
 
 
@@ -171,7 +171,7 @@ def test_a_diverging_run_exits_nonzero_without_exporting(world, tmp_path):
         "total_steps": 20, "max_consecutive_skips": 3, "checkpoint.every": 10}))
     workdir = str(tmp_path / "run")
     proc = th.train_cli(str(config_file), workdir)
-    assert th.finish(proc) == 1, th.log_of(proc)
+    assert th.finish(proc) == errors.EXIT_DIVERGED, th.log_of(proc)
     log = th.log_of(proc, tail=10 ** 6)
     assert "training diverged at step 5: the last 3 updates (steps 3-5" in log and "config.optimizer.lr=" in log
     assert "step 4: update skipped" in log
@@ -252,7 +252,7 @@ def test_a_second_run_on_a_locked_workdir_exits_naming_the_holder(world, referen
 
     monkeypatch.setattr(checkpoint_lib.CheckpointManager, "save", save_then_start_a_second_run)
     summary = train_lib.train(th.tiny_dpo_config(*world), workdir)
-    assert second["rc"] == 1, second["log"]
+    assert second["rc"] == errors.EXIT_IO, second["log"]
     assert f"{workdir} is in use by another run (host {socket.gethostname()}, pid {os.getpid()}," in second["log"]
     assert "loading the model" not in second["log"]   # refused before anything slow
     print(f"second run refused in {second['seconds']:.1f}s")

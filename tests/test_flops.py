@@ -2,7 +2,13 @@
 once-per-loop count."""
 import pytest
 
-from jaxpref import flops
+from jaxpref import config_lib, flops
+
+
+def _config(objective, **overrides):
+    c = config_lib.base_config()
+    c.objective = objective
+    return config_lib.apply_overrides(c, overrides)
 
 
 def test_model_flops_and_mfu_by_hand():
@@ -15,12 +21,12 @@ def test_model_flops_and_mfu_by_hand():
     # DRO: the same update on 8 experts + 8 negatives, plus 20 DPM++ forwards for each of 8 trajectories.
     assert flops.model_flops("dro generation", 8, F, G) == pytest.approx(20 * 8 * 0.80e12)
     assert flops.model_flops("dro step", 8, F, G) == pytest.approx(dpo + 128e12)
-    assert flops.model_flops("dro step", 8, F, G, steps_per_trajectory=4) == pytest.approx(dpo + 32e12)
-    assert flops.model_flops("dro generation", 8, F, G, guidance_scale=7.5) == pytest.approx(2 * 128e12)
+    assert flops.model_flops("dro step", 8, F, G, _config("dro", **{"dro.steps_per_trajectory": 4})) == pytest.approx(dpo + 32e12)
+    assert flops.model_flops("dro generation", 8, F, G, _config("dro", **{"dro.guidance_scale": 7.5})) == pytest.approx(2 * 128e12)
     # SmPO: 5 inversion steps x 2 ReNoise predictions on the 16 latents ("paper" mode runs one more step).
     assert flops.model_flops("smpo inversion", 8, F, G) == pytest.approx(2 * 5 * 16 * 0.80e12)
-    assert flops.model_flops("smpo step", 8, F, G, inversion_mode="paper") == pytest.approx(dpo + 2 * 6 * 16 * 0.8e12)
-    assert flops.model_flops("smpo step", 8, F, G, inversion_mode="none") == pytest.approx(dpo)  # as DPO
+    assert flops.model_flops("smpo step", 8, F, G, _config("smpo", **{"smpo.inversion": "paper"})) == pytest.approx(dpo + 2 * 6 * 16 * 0.8e12)
+    assert flops.model_flops("smpo step", 8, F, G, _config("smpo", **{"smpo.inversion": "none"})) == pytest.approx(dpo)  # as DPO
 
     # MFU = flops / seconds / peak; H100 SXM 989 TFLOP/s dense bf16.
     assert flops.mfu(dpo, 0.1, "NVIDIA H100 80GB HBM3") == pytest.approx(505.6 / 989)

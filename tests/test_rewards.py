@@ -325,9 +325,9 @@ def test_bad_paths_fail_at_start_with_the_path(tmp_path, clip_folder):
         load_scorer("hpsv2", str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="supported"):
         load_scorer("fid", None)
-    with pytest.raises(NotImplementedError, match="BLIP"):
-        load_scorer("imagereward", str(tmp_path))
-    with pytest.raises(ValueError, match="needs a local model path"):
+    with pytest.raises(ValueError, match="med_config.json"):
+        load_scorer("imagereward", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="needs a model, as pickscore=/path/to/folder or pickscore=org/name"):
         parse_reward_specs("shapes,pickscore")
     assert parse_reward_specs("pickscore=/a/b, shapes") == [("pickscore", "/a/b"), ("shapes", None)]
     assert set(load_scorers("shapes")) == {"shapes"} and "imagereward" in REWARDS

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import train_helpers as th
-from jaxpref import checkpoint as checkpoint_lib, config_lib, evaluate, train as train_lib, trainer
+from jaxpref import checkpoint as checkpoint_lib, config_lib, errors, evaluate, train as train_lib, trainer
 from jaxpref.methods import get_method
 
 CONFIGS = os.path.join(th.REPO, "configs")
@@ -82,7 +82,8 @@ def test_the_cycle_collector_pause_restores_its_state_on_errors_too():
 def test_cli_survives_sigkill_and_sigterm_and_exports(world, reference, tmp_path):
     """``python -m jaxpref.train`` three times with the same command and workdir:
     1. SIGKILL once checkpoint 2 is on disk (a test hook holds the run there);
-    2. resumes at 2; SIGTERM at step 4: it finishes step 5, checkpoints it and exits 0 without exporting;
+    2. resumes at 2; SIGTERM at step 4: it finishes step 5, checkpoints it and exits 75 (preempted: rerun to
+       resume) without exporting;
     3. resumes at 5 and finishes: metrics.jsonl holds steps 1-6 once each, equal to the in-process run's
        losses exactly, and the exported UNet (loadable by load_unet) equals the in-process run's export."""
     from jaxpref.models import load_unet
@@ -101,7 +102,7 @@ def test_cli_survives_sigkill_and_sigterm_and_exports(world, reference, tmp_path
     proc = th.train_cli(config_file, workdir, env={**env, th.PAUSE_ENV: "4"})
     th.wait_for_file(os.path.join(workdir, "paused_at_4"), proc)
     proc.send_signal(signal.SIGTERM)
-    assert th.finish(proc) == 0, th.log_of(proc)
+    assert th.finish(proc) == errors.EXIT_PREEMPTED, th.log_of(proc)
     assert th.checkpoint_steps(workdir) == [2, 4, 5]
     assert not os.path.exists(os.path.join(workdir, "export"))
 
@@ -207,9 +208,12 @@ def test_unknown_config_key_is_named():
     config = config_lib.load_config("tiny")
     config.optimizer.lrr = 1.0
     config.data.typo_dir = "x"
-    with pytest.raises(ValueError, match="config keys not understood") as err:
+    with pytest.raises(ValueError, match="no such config key") as err:
         config_lib.validate(config, check_paths=False)
-    assert "data.typo_dir" in str(err.value) and "optimizer.lrr" in str(err.value)
+    assert "data.typo_dir" in str(err.value)     # the first unknown key, named
+    del config.data.typo_dir
+    with pytest.raises(ValueError, match=r"optimizer.lrr=1.0: no such config key \(did you mean 'optimizer.lr'\?\)"):
+        config_lib.validate(config, check_paths=False)
 
 
 def test_overrides_set_dotted_keys_and_name_a_typo():
@@ -258,7 +262,7 @@ def test_cli_rejects_bad_keys_and_missing_model_before_compiling(tmp_path):
     bad.write_text("from jaxpref import config_lib\n\n\ndef get_config():\n    c = config_lib.load_config('tiny')\n"
                    "    c.optimizer.learning_rate = 1e-4\n    return c\n")
     rc, out, _ = _cli(f"--config={bad}", f"--workdir={workdir}")
-    assert rc != 0 and "optimizer.learning_rate" in out and "ValueError" in out
+    assert rc == errors.EXIT_CONFIG and "optimizer.learning_rate" in out and "Traceback" not in out
 
     rc, out, seconds = _cli(f"--config={CONFIGS}/dposd15.py", f"--workdir={workdir}")
     assert rc != 0 and "config.model_path='/path/to/stable-diffusion-v1-5'" in out

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from jaxpref import paths
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 PAUSE_ENV = "JAXPREF_TEST_PAUSE_AT"
@@ -136,7 +138,7 @@ def subprocess_env(num_devices: int | None = None, llvm_level_0: bool = False) -
     if llvm_level_0:
         env[LLVM_LEVEL_0_ENV] = "1"
     env["JAX_PLATFORMS"] = "cpu"
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jaxpref/jax_cache"))  # as conftest
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", paths.compile_cache_dir())  # as conftest
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([TESTS, REPO, env.get("PYTHONPATH", "")])

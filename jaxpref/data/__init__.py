@@ -8,7 +8,7 @@ Sources
         latent cache / experts set. The shapes world builds itself into data_dir on first use (10-25 s on 2 cores).
     load_prompts(name="shapes", split="test_unique", data_dir=None) -> list[str]
         held-out evaluation prompts (shapes: captions never seen in train).
-    prepare_shapes(data_dir, kind="pairs", **settings), build_pickapic(parquet_dir, data_dir, **config)
+    prepare_shapes(data_dir, kind="pairs", **settings), build_pickapic(source, data_dir, **config)
 
 Loaders (grain; deterministic given seed; state in the training checkpoint; per-host sharded)
     make_loader(source, global_batch_size, *, seed=0, sharding=None, order="label", require_rewards=False,

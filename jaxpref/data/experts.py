@@ -1,7 +1,7 @@
 """DRO experts: every unique (image, caption) of a pair dataset scored, the global top K kept (docs/methods.md §2).
 
     python -m jaxpref.data.experts --dataset pickapic_v2 --data_dir /data/tfds \\
-        --scorer pickscore_scaled:/ckpt/PickScore_v1 --k 500 --out /data/experts/pickapic_top500
+        --scorer pickscore_scaled:yuvalkirstain/PickScore_v1 --k 500 --out /data/experts/pickapic_top500
     python -m jaxpref.data.experts --dataset shapes --scorer shapes --out /tmp/shapes_experts
 
 Images are identified by their uid (image_0_uid / image_1_uid; a hash of the bytes when empty), so an image
@@ -125,7 +125,8 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", default="shapes")
     p.add_argument("--split", default="train")
     p.add_argument("--data_dir", default=None)
-    p.add_argument("--scorer", default="shapes", help="shapes | pickscore:<CLIPModel folder> | pickscore_scaled:<folder>")
+    p.add_argument("--scorer", default="shapes", help="shapes | pickscore:<CLIPModel folder or hub id, e.g. "
+                   "yuvalkirstain/PickScore_v1> | pickscore_scaled:<folder or hub id>")
     p.add_argument("--scores", default=None, help="reuse a scores folder instead of --scorer")
     p.add_argument("--k", type=int, default=500)
     p.add_argument("--out", required=True)

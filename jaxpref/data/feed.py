@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from jaxpref import sharding
+from jaxpref import paths, sharding
 from jaxpref.data import experts, loader, scores, sources
 from jaxpref.models import vae as vae_lib
 
@@ -27,7 +27,7 @@ def open_train_source(config, method):
         if d.experts_dir:
             return sources.open_source(d.experts_dir)
         if d.name != "shapes":
-            raise ValueError("config.data.experts_dir: DRO trains on an expert set; build it with "
+            raise ValueError(f"config.data.experts_dir: objective {config.objective!r} trains on an expert set; build it with "
                              "`python -m jaxpref.data.experts --dataset pickapic_v2 --k 500 ...` and point this key at it")
         return sources.open_source(_shapes_experts(d, data_dir))
     scores_dir = d.scores_dir or None
@@ -40,7 +40,7 @@ def open_train_source(config, method):
 
 def _shapes_experts(d, data_dir) -> str:
     """The shapes world's top-K expert set by its analytic reward, built once into the data dir."""
-    root = os.path.expanduser(data_dir or os.fspath(sources.DEFAULT_DATA_DIR))
+    root = os.path.expanduser(data_dir or paths.default_data_dir())
     out = os.path.join(root, f"shapes_experts_k{d.experts_k}")
     experts.build_experts("shapes", out, scores.get_scorer("shapes"), k=d.experts_k, split=d.split,
                           data_dir=data_dir, scorer_name="shapes")

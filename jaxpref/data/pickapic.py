@@ -1,9 +1,17 @@
-"""TFDS builder `pickapic_v2`: Pick-a-Pic v2 preference pairs from a local folder of its parquet shards.
+"""TFDS builder `pickapic_v2`: Pick-a-Pic v2 preference pairs from its parquet shards, fetched from the
+Hugging Face hub or read from a local folder.
 
-Download the parquet files yourself (e.g. `huggingface-cli download yuvalkirstain/pickapic_v2 --repo-type
-dataset --local-dir /data/pickapic_v2_parquet`; ~335 GB for train), then:
+    python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 --split=validation_unique,test_unique
+    python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 --split=train --max_shards=4   # a slice
+    python -m jaxpref.data.pickapic --source=/data/pickapic_v2_parquet --data_dir=/data/tfds
 
-    python -m jaxpref.data.pickapic --parquet_dir /data/pickapic_v2_parquet --data_dir /data/tfds
+`--source` is a hub dataset id (`org/name[@revision]`): the shards of the asked splits are fetched into the
+Hugging Face cache first (HF_HOME, HF_TOKEN, HF_HUB_OFFLINE honoured; their count and size are printed
+before the download starts; an interrupted download resumes when rerun; the whole train split is 645
+shards, ~335 GB), or a local folder of the shards. `--max_shards=N` builds from the first N shards of each
+split; a data_dir keeps one build per config, so a full build after a slice needs another `--data_dir`.
+`--data_dir` defaults to the training config's default (`$JAXPREF_DATA_DIR`, else
+`$XDG_CACHE_HOME/jaxpref/tfds`).
 
 Split names come from file names (`train-00000-of-00645-*.parquet`, `validation_unique-*`, `test_unique-*`),
 searched recursively. Each row becomes one example with the layout of `common.pair_features()`; images are
@@ -20,14 +28,17 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import json
 import math
 import os
 import pathlib
 import re
+from typing import Iterable, Optional
 
 import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 
+from jaxpref import hub, paths
 from jaxpref.data import common
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
@@ -86,6 +97,46 @@ def find_parquet_files(parquet_dir: str | os.PathLike) -> dict[str, list[pathlib
     return found
 
 
+def shards_by_split(files: Iterable, splits: Iterable[str], max_shards: Optional[int] = None) -> dict[str, list]:
+    """{split: its shard paths in order, the first ``max_shards`` only} of ``files`` (paths, local or a hub
+    repository's) whose names are Pick-a-Pic shards of one of ``splits``."""
+    found: dict[str, list] = {}
+    for f in sorted(files, key=lambda f: (os.path.basename(os.fspath(f)), os.fspath(f))):
+        m = _SPLIT_RE.match(os.path.basename(os.fspath(f)))
+        if m and m["split"] in splits:
+            found.setdefault(m["split"], []).append(f)
+    return {s: v[:max_shards] if max_shards else v for s, v in found.items()}
+
+
+def shards_from_source(source, splits: Iterable[str], max_shards: Optional[int] = None,
+                       announce=print) -> dict[str, list[pathlib.Path]]:
+    """{split: local parquet shards} of ``source``: a local folder (searched recursively) or a hub dataset
+    repository ``org/name[@revision][/subfolder]``, whose shards of ``splits`` (the first ``max_shards`` of each)
+    are fetched into the Hugging Face cache first, their count and size stated before the download starts."""
+    splits = tuple(splits)
+    text = os.fspath(source)
+    if os.path.exists(os.path.expanduser(text)) or not hub.is_hub_id(text):
+        found = find_parquet_files(os.path.expanduser(text))    # the folder's own error when it is none
+        return shards_by_split([p for files in found.values() for p in files], splits, max_shards)
+    ref = hub.parse_hub_id(text)
+    listing = hub.list_files(ref, repo_type="dataset", key="--source", value=text)
+    prefix = ref.subfolder + "/" if ref.subfolder else ""
+    in_repo = [p for p in listing.files if p.startswith(prefix)]
+    available = shards_by_split(in_repo, KNOWN_SPLITS)
+    chosen = shards_by_split(in_repo, splits, max_shards)
+    if not chosen:
+        raise ValueError(f"--source={text!r}: the dataset repository has no parquet shards of the splits {splits} "
+                         f"(it has {sorted(available) or 'none'}; known splits: {KNOWN_SPLITS})")
+    sizes = {s: [listing.files[p] for p in files] for s, files in chosen.items()}
+    total = lambda values: None if any(v is None for v in values) else sum(values)  # noqa: E731
+    parts = [f"{s} {len(files)} of {len(available[s])} shards ({hub.human_size(total(sizes[s]))})"
+             for s, files in chosen.items()]
+    announce(f"pickapic_v2 from {ref}: {', '.join(parts)}; {hub.human_size(total(sum(sizes.values(), [])))} in all")
+    folder = hub.fetch(listing, [p for files in chosen.values() for p in files], key="--source", value=text,
+                       announce=announce)
+    return {s: [pathlib.Path(folder, p) for p in files] for s, files in chosen.items()}
+
+
 def _image_bytes(value):
     if isinstance(value, dict):  # HF `Image` feature stored as struct {bytes, path}
         value = value.get("bytes")
@@ -101,6 +152,8 @@ class PickapicV2(tfds.core.GeneratorBasedBuilder):
     DEFAULT_CONFIG_NAME = "default"
     MANUAL_DOWNLOAD_INSTRUCTIONS = ("Place the Pick-a-Pic v2 parquet files (train-*-of-00645-*.parquet, "
                                     "validation_unique-*.parquet, test_unique-*.parquet) in manual_dir.")
+    shard_files: Optional[dict] = None   # {split: parquet paths} chosen by build_pickapic (else manual_dir's all)
+    max_shards: Optional[int] = None     # recorded in the metadata: a slice is never taken for the full build
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -113,7 +166,7 @@ class PickapicV2(tfds.core.GeneratorBasedBuilder):
                                      metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
-        files = find_parquet_files(dl_manager.manual_dir)
+        files = self.shard_files if self.shard_files is not None else find_parquet_files(dl_manager.manual_dir)
         wanted = [s for s in self.builder_config.splits if s in files]
         if not wanted:
             raise ValueError(f"pickapic_v2: {dl_manager.manual_dir} has splits {sorted(files)}, none of the "
@@ -160,6 +213,8 @@ class PickapicV2(tfds.core.GeneratorBasedBuilder):
                 except Exception as e:  # noqa: BLE001 - a broken row group ends this file, not the build
                     report.skip(path, None, f"unreadable parquet: read failed after row {row}: {type(e).__name__}: {e}")
         self.info.metadata[f"{split}_report"] = {k: v for k, v in report.to_json().items() if k != "skipped"}
+        self.info.metadata[f"{split}_shards"] = len(files)
+        self.info.metadata["max_shards"] = self.max_shards
         report.write(pathlib.Path(self.data_dir) / f"build_report_{split}.json")
         print(report.summary(), flush=True)
 
@@ -202,19 +257,30 @@ class PickapicV2(tfds.core.GeneratorBasedBuilder):
             "image_0_uid": uids[0], "image_1_uid": uids[1], "swapped": int(swapped)}
 
 
-def build_pickapic(parquet_dir: str | os.PathLike, data_dir: str | os.PathLike, **config) -> PickapicV2:
-    """Build pickapic_v2 (config from `pickapic_config(**config)`) into data_dir; no-op if already built.
+def build_pickapic(source: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
+                   max_shards: Optional[int] = None, announce=print, **config) -> PickapicV2:
+    """Build pickapic_v2 (config from `pickapic_config(**config)`) into data_dir (None: the default data dir)
+    from ``source``, a local folder of parquet shards or a hub dataset id (``shards_from_source``); no-op if
+    already built (from the same ``max_shards``).
 
     Returns the builder; `builder.reports[split]` holds the BuildReport of a build made by this call.
     """
-    find_parquet_files(parquet_dir)  # fail early with a clear message
+    if max_shards is not None and max_shards < 1:
+        raise ValueError(f"pickapic_v2: max_shards={max_shards}; a number of shards >= 1, or None for all")
     cfg = pickapic_config(**config)
-    builder = PickapicV2(config=cfg.name if cfg.name == "default" else cfg, data_dir=os.fspath(data_dir),
+    data_dir = os.fspath(data_dir) if data_dir is not None else paths.default_data_dir()
+    builder = PickapicV2(config=cfg.name if cfg.name == "default" else cfg, data_dir=data_dir,
                          file_format="array_record")
-    if not builder.is_prepared():
+    if builder.is_prepared():
+        _check_same_slice(builder, max_shards)
+    else:
+        files = shards_from_source(source, cfg.splits, max_shards, announce)   # fails early with a clear message
+        builder.shard_files, builder.max_shards = files, max_shards
+        manual_dir = os.path.commonpath([os.fspath(p) for split_files in files.values() for p in split_files] or
+                                        [os.path.expanduser(os.fspath(source))])
         try:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                manual_dir=os.fspath(parquet_dir), try_download_gcs=False))
+                manual_dir=manual_dir, try_download_gcs=False))
         except AssertionError as e:  # tfds refuses to write a split with no example
             if "No examples were yielded" not in str(e):
                 raise
@@ -223,18 +289,36 @@ def build_pickapic(parquet_dir: str | os.PathLike, data_dir: str | os.PathLike, 
     return builder
 
 
+def _check_same_slice(builder, max_shards: Optional[int]) -> None:
+    """A built dataset is reused only for the same slice (``max_shards``) it was built from."""
+    path = pathlib.Path(builder.data_dir) / "metadata.json"
+    built = json.loads(path.read_text()).get("max_shards") if path.is_file() else None
+    if built != max_shards:
+        raise ValueError(f"pickapic_v2: {builder.data_dir} was built with max_shards={built}, not {max_shards}; "
+                         "build into another --data_dir (or delete that folder)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parquet_dir", required=True, help="folder with the Pick-a-Pic v2 parquet shards")
-    p.add_argument("--data_dir", required=True, help="TFDS data_dir to write pickapic_v2/<config>/1.0.0 into")
+    p.add_argument("--source", "--parquet_dir", dest="source", required=True,
+                   help="a hub dataset id (yuvalkirstain/pickapic_v2[@revision]) or a local folder of its parquet "
+                   "shards")
+    p.add_argument("--data_dir", default=None, help="TFDS data_dir to write pickapic_v2/<config>/1.0.0 into (default: "
+                   "$JAXPREF_DATA_DIR, else $XDG_CACHE_HOME/jaxpref/tfds, as the training config's data.data_dir)")
+    p.add_argument("--max_shards", type=int, default=None, help="build from the first N shards of each split only "
+                   "(a slice; from the hub, only those are fetched)")
     p.add_argument("--resolution", type=int, default=512, help="shorter side; 0 keeps the original JPEG bytes")
     p.add_argument("--no_center_crop", action="store_true")
     p.add_argument("--keep_ties", action="store_true")
     p.add_argument("--no_winner_first", action="store_true")
-    p.add_argument("--splits", default="train,validation_unique,test_unique")
+    p.add_argument("--splits", "--split", dest="splits", default="train,validation_unique,test_unique",
+                   help=f"comma list of splits to build, from {KNOWN_SPLITS}")
     a = p.parse_args(argv)
-    b = build_pickapic(a.parquet_dir, a.data_dir, resolution=a.resolution or None, center_crop=not a.no_center_crop,
-                       drop_ties=not a.keep_ties, winner_first=not a.no_winner_first, splits=tuple(a.splits.split(",")))
+    if a.max_shards is not None and a.max_shards < 1:
+        p.error(f"--max_shards={a.max_shards}: a number of shards >= 1 (leave it out for every shard)")
+    b = build_pickapic(a.source, a.data_dir, max_shards=a.max_shards, resolution=a.resolution or None,
+                       center_crop=not a.no_center_crop, drop_ties=not a.keep_ties, winner_first=not a.no_winner_first,
+                       splits=tuple(s.strip() for s in a.splits.split(",") if s.strip()))
     print(f"pickapic_v2/{b.builder_config.name}: {dict((k, v.num_examples) for k, v in b.info.splits.items())} "
           f"in {b.data_dir}")
 

@@ -1,7 +1,7 @@
 """Reward scores for both images of every pair, with the dataset-wide min and max (SmPO's soft labels).
 
     python -m jaxpref.data.scores --dataset pickapic_v2 --split train --data_dir /data/tfds \\
-        --scorer pickscore:/ckpt/PickScore_v1 --out /data/scores/pickapic_train
+        --scorer pickscore:yuvalkirstain/PickScore_v1 --out /data/scores/pickapic_train
     python -m jaxpref.data.scores --dataset shapes --scorer shapes --out /tmp/scores   # the analytic reward
 
 Output: scores.npy float32 [N, 2] aligned with the source's record order (NaN where an image failed to
@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxpref import hub
 from jaxpref.data import common, records, shapes
 from jaxpref.data.sources import open_source
 
@@ -65,13 +66,16 @@ def pickscore_fn(clip_folder: str | os.PathLike, logit_scale: bool = False, devi
 
 
 def get_scorer(spec: str) -> ScoreFn:
-    """'shapes' (analytic reward) | 'pickscore:<folder>' (cosine) | 'pickscore_scaled:<folder>'."""
+    """'shapes' (analytic reward) | 'pickscore:<folder>' (cosine) | 'pickscore_scaled:<folder>'; the folder may be
+    a Hugging Face hub id (pickscore:yuvalkirstain/PickScore_v1), fetched into the HF cache first."""
     if spec == "shapes":
         return shapes.score_fn
     kind, _, folder = spec.partition(":")
     if kind in ("pickscore", "pickscore_scaled") and folder:
+        folder = hub.resolve(folder, key=f"--scorer {kind}", components=None)
         return pickscore_fn(folder, logit_scale=kind == "pickscore_scaled")
-    raise ValueError(f"scorer {spec!r}: expected 'shapes', 'pickscore:<CLIPModel folder>' or 'pickscore_scaled:<folder>'")
+    raise ValueError(f"scorer {spec!r}: expected 'shapes', 'pickscore:<CLIPModel folder or hub id>' or "
+                     "'pickscore_scaled:<folder or hub id>'")
 
 
 def score_records(src, indices: Sequence[int], cols: Sequence[str], score_fn: ScoreFn, resolution, batch_size, pool):
@@ -149,7 +153,8 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", default="shapes")
     p.add_argument("--split", default="train")
     p.add_argument("--data_dir", default=None)
-    p.add_argument("--scorer", default="shapes", help="shapes | pickscore:<CLIPModel folder> | pickscore_scaled:<folder>")
+    p.add_argument("--scorer", default="shapes", help="shapes | pickscore:<CLIPModel folder or hub id, e.g. "
+                   "yuvalkirstain/PickScore_v1> | pickscore_scaled:<folder or hub id>")
     p.add_argument("--out", required=True)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=64)

@@ -17,6 +17,7 @@ import dataclasses
 import fcntl
 import io
 import os
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -149,9 +150,11 @@ def prepare_shapes(data_dir: str | os.PathLike, kind: str = "pairs", **overrides
         builder = _builder(cfg, data_dir)  # another run may have built it while this one waited
         if not builder.is_prepared():
             # TFDS prints "Downloading and preparing dataset ..." to stdout; nothing is downloaded: say what happens.
-            print(f"building the shapes/{kind} dataset into {os.fspath(data_dir)} (first use only)", flush=True)
+            print(f"building the shapes/{kind} dataset into {os.fspath(data_dir)} (first use only) ...", flush=True)
+            start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
                 builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            print(f"built the shapes/{kind} dataset in {time.perf_counter() - start:.1f}s", flush=True)
     return builder
 
 

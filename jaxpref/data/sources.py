@@ -16,11 +16,12 @@ import pathlib
 
 import numpy as np
 
+from jaxpref import paths
 from jaxpref.data import common, records
 
-DEFAULT_DATA_DIR = os.environ.get("JAXPREF_DATA_DIR", os.path.join("~", ".cache", "jaxpref", "tfds"))
 _BUILD_HINT = {
-    "pickapic_v2": "python -m jaxpref.data.pickapic --parquet_dir <folder of Pick-a-Pic v2 parquet files> --data_dir {}",
+    "pickapic_v2": "python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 (or a folder of its parquet "
+                   "shards) --data_dir={}",
     "shapes": "jaxpref.data.prepare_shapes({!r}, kind=..., **settings)",
 }
 
@@ -69,7 +70,7 @@ class _Scored:
 
 
 def _data_dir(data_dir) -> pathlib.Path:
-    return pathlib.Path(os.path.expanduser(os.fspath(data_dir if data_dir is not None else DEFAULT_DATA_DIR)))
+    return pathlib.Path(os.path.expanduser(os.fspath(data_dir if data_dir is not None else paths.default_data_dir())))
 
 
 def _tfds_builder(name: str, data_dir: pathlib.Path):

@@ -17,10 +17,10 @@ from jaxpref.diffusion.inversion import (NOISE_SHIFTS, SMPO_MODES, NoiseRegulari
                                          smpo_invert, smpo_landing_timestep)
 from jaxpref.diffusion.samplers import (Trajectory, ddim_step, ddpm_step, dpm_solver_pp_step, dro_timestep_grid,
                                         guided_model, sample, sample_keys, sampler_noise, sampling_grid, step_noise)
-from jaxpref.diffusion.schedule import NoiseSchedule, output_to_x0_eps
+from jaxpref.diffusion.schedule import SAMPLERS, NoiseSchedule, output_to_x0_eps
 
 __all__ = [
-    "NoiseSchedule", "output_to_x0_eps",
+    "NoiseSchedule", "output_to_x0_eps", "SAMPLERS",
     "Trajectory", "sample", "dro_timestep_grid", "guided_model", "sampling_grid", "sample_keys", "step_noise",
     "sampler_noise", "ddim_step", "ddpm_step", "dpm_solver_pp_step",
     "invert", "smpo_invert", "SmPOInversion", "SMPO_MODES", "smpo_grid", "smpo_landing_timestep",

@@ -10,9 +10,12 @@ from __future__ import annotations
 from jaxpref.methods.base import Method
 from jaxpref.methods.dpo import DPO
 from jaxpref.methods.dro import DRO
+from jaxpref.methods.kto import KTO
+from jaxpref.methods.mapo import MaPO
+from jaxpref.methods.sft import SFT
 from jaxpref.methods.smpo import SmPO
 
-METHODS: dict[str, type[Method]] = {"dpo": DPO, "dro": DRO, "smpo": SmPO}
+METHODS: dict[str, type[Method]] = {"dpo": DPO, "dro": DRO, "smpo": SmPO, "sft": SFT, "kto": KTO, "mapo": MaPO}
 
 
 def get_method(name: str) -> type[Method]:

@@ -5,7 +5,7 @@ A method subclasses ``Method`` and fills in the small interface the generic trai
 (``jaxpref.step``) calls:
 
   init_state(params, text_shape, latent_shape) -> its own state (a pytree) or None
-  begin_micro_step(method_state, params, micro_count) -> method_state      (e.g. refresh a sampling copy)
+  begin_micro_step(method_state, params, micro_count, log_step) -> method_state  (e.g. refresh a sampler)
   loss(params, frozen, micro, rng, method_state) -> (loss, (metrics, method_state))
 
 and declares what the data feed must serve (``data``: preference "pairs" or "experts";
@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxpref import lora, objectives
@@ -84,6 +85,40 @@ def stack(a, b):
 class Method:
     """Binds the models and config of one run; subclasses implement ``loss`` (see the module docstring)."""
 
+    # -- Its configuration: config_lib assembles the schema from the registry, so a method's section, help text
+    # and checks live here and a new method is one file plus one registry line.
+    config_section: ClassVar[str | None] = None   # its hyperparameters' section of the config ("dpo"); None: none
+    config_help: ClassVar[dict] = {}               # key of its section -> one line for --print_config
+    uses_reference: ClassVar[bool] = True          # keeps a frozen reference UNet (MaPO: reference-free)
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        """Its section's keys and defaults (empty when ``config_section`` is None)."""
+        return ml_collections.ConfigDict()
+
+    @classmethod
+    def validate_config(cls, config, micro_batch: int) -> None:
+        """Raises ``errors.ConfigError`` for a value of its section the run cannot use (before anything loads).
+        ``micro_batch``: pairs per micro-batch, all devices together."""
+
+    @classmethod
+    def fit_config_to_batch(cls, config, micro_batch: int) -> None:
+        """Adjusts its own settings in place for a batch size set by a tool (the TPU sizing, benchmarks): e.g.
+        a buffer that must hold one micro-batch. ``micro_batch``: pairs per micro-batch, all devices."""
+
+    @classmethod
+    def flops(cls, config, pairs: int, fwd: float, fwdbwd: float) -> dict[str, float]:
+        """Model FLOPs of one update of ``pairs`` pairs, by part, with the whole under "step" (F = ``fwd``: one
+        UNet forward of one image; G = ``fwdbwd``: forward + backward). Here: the policy's forward and
+        backward on the 2B winner/loser images, and the reference's forward on them where the method keeps
+        one (``uses_reference``)."""
+        return {"step": 2 * pairs * fwdbwd + (2 * pairs * fwd if cls.uses_reference else 0)}
+
+    @classmethod
+    def describe_metrics(cls) -> tuple[str, ...]:
+        """Its metric names worth a place on the console's progress line (besides loss and grad norm)."""
+        return ()
+
     data: ClassVar[str] = "pairs"            # what the feed serves: "pairs" (winner first) or "experts"
     pair_order: ClassVar[str] = "label"      # pairs ordered by the human "label" or by "reward"
     needs_rewards: ClassVar[bool] = False    # the batch carries reward-model scores [B, 2]
@@ -108,8 +143,9 @@ class Method:
         """The method's own state (carried across steps and checkpointed); None when it has none."""
         return None
 
-    def begin_micro_step(self, method_state, params, micro_count):
-        """Called before each micro-batch's loss with the current φ and the micro-step count."""
+    def begin_micro_step(self, method_state, params, micro_count, log_step=False):
+        """Called before each micro-batch's loss with the current φ, the micro-step count and whether the loop
+        logs this update (a traced bool: diagnostics worth computing on logged updates only)."""
         return method_state
 
     def loss(self, params, frozen, micro, rng, method_state):
@@ -130,10 +166,23 @@ class Method:
         return lambda x, t, cond: self.eps(params, x, t, cond)
 
     def errors(self, params, ref_params, x, t, text, target):
-        """Policy and reference per-sample errors on one stacked batch (one UNet call each)."""
+        """Policy and reference per-sample errors on one stacked batch (one UNet call each, or with
+        ``lora.fuse_reference_forward`` one call on both: the LoRA policy's base is the reference)."""
+        if self.config.lora.get("fuse_reference_forward", False):
+            return self.fused_errors(params, x, t, text, target)
         err = objectives.denoising_error(self.eps(params, x, t, text), target)
         ref_pred = jax.lax.stop_gradient(self.eps(ref_params, x, t, text))
         return err, objectives.denoising_error(ref_pred, target)
+
+    def fused_errors(self, params: lora.LoraParams, x, t, text, target):
+        """``errors`` of a LoRA policy from one UNet call on [x; x]: the base kernels are read once and the
+        LoRA branches run on the policy's rows only. The backward pass still runs through both halves."""
+        n = x.shape[0]
+        both = lambda a: jnp.concatenate([a, a], axis=0)  # noqa: E731
+        args, kwargs = conditioning.unet_inputs(jax.tree_util.tree_map(both, text))
+        pred = lora.apply(self.unet, params, both(x), both(t), *args, policy_rows=n, **kwargs).astype(jnp.float32)
+        err = objectives.denoising_error(pred[:n], target)
+        return err, objectives.denoising_error(jax.lax.stop_gradient(pred[n:]), target)
 
     def captions(self, frozen, micro, time_ids=None):
         """The conditioning of the micro-batch's captions; SDXL's time ids [B, 6] default to ``time_ids``."""

@@ -23,8 +23,10 @@ from typing import Any, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxpref import diffusion, lora, objectives
+from jaxpref.errors import ConfigError
 from jaxpref.methods.base import NOISE, START, Method, draw, select, stack
 
 EXPERT_TIMESTEPS = ("shared", "independent")  # "shared": expert noised at the negative's t_k (reference code)
@@ -86,6 +88,74 @@ def empty_negatives_buffer(size: int, text_shape, latent_shape, num_steps: int) 
 
 class DRO(Method):
     data = "experts"
+    config_section = "dro"
+    config_help = {
+        "margin": "DRO's hinge margin m (>= 0)",
+        "sampler": f"sampler that generates DRO's negatives, one of {diffusion.SAMPLERS}",
+        "num_inference_steps": "sampler steps of one negative trajectory",
+        "guidance_scale": "classifier-free guidance of the negatives' sampling (1 = none)",
+        "buffer_size": "trajectories kept (global); >= pairs per micro-batch / steps_per_trajectory",
+        "steps_per_trajectory": "k: a micro-step of B pairs samples B/k trajectories (for its first B/k prompts and "
+                                "experts; the other pairs go unused) and trains k distinct recorded steps of each "
+                                "trajectory it picks: generation / k, B/k prompts per micro-step (reference: 1)",
+        "refresh_every": "micro-steps between θ <- φ; 0 = θ is φ (refreshed every update)",
+        "expert_timestep": f"one of {EXPERT_TIMESTEPS}: 'shared' noises the expert at the negative's t_k "
+                           "(reference code)",
+        "negative_target": f"one of {NEGATIVE_TARGETS}: 'sample' (default: the ablation's best) = the generated "
+                           "x0 noised at t_k with the expert's ε; 'trajectory' = recorded (x_k, ε_θ(x_k)) "
+                           "(reference code; configs/drosd15.py) (docs/methods.md §2)",
+    }
+
+    @classmethod
+    def default_config(cls):
+        return ml_collections.ConfigDict(dict(
+            margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0, buffer_size=4,
+            steps_per_trajectory=1, refresh_every=0, expert_timestep="shared", negative_target="sample"))
+
+    @classmethod
+    def validate_config(cls, config, micro_batch):
+        d = config.dro
+        if not d.margin >= 0:
+            raise ConfigError("dro.margin", d.margin, "a hinge margin >= 0")
+        if d.sampler not in diffusion.SAMPLERS:
+            raise ConfigError("dro.sampler", d.sampler, f"one of {diffusion.SAMPLERS}")
+        if not isinstance(d.num_inference_steps, int) or d.num_inference_steps < 1:
+            raise ConfigError("dro.num_inference_steps", d.num_inference_steps, "a number of sampler steps >= 1")
+        if not isinstance(d.steps_per_trajectory, int) or d.steps_per_trajectory < 1:
+            raise ConfigError("dro.steps_per_trajectory", d.steps_per_trajectory, "a number of steps >= 1")
+        if micro_batch % d.steps_per_trajectory:
+            raise ConfigError("dro.steps_per_trajectory", d.steps_per_trajectory,
+                              f"must divide the micro-batch of {micro_batch} pairs")
+        if d.buffer_size < micro_batch // d.steps_per_trajectory:
+            raise ConfigError("dro.buffer_size", d.buffer_size, "must hold at least one micro-batch of "
+                              f"trajectories ({micro_batch // d.steps_per_trajectory})")
+        if d.steps_per_trajectory > d.num_inference_steps:
+            raise ConfigError("dro.steps_per_trajectory", d.steps_per_trajectory, "at most dro.num_inference_steps")
+        if d.expert_timestep not in EXPERT_TIMESTEPS:
+            raise ConfigError("dro.expert_timestep", d.expert_timestep, f"one of {EXPERT_TIMESTEPS}")
+        if d.negative_target not in NEGATIVE_TARGETS:
+            raise ConfigError("dro.negative_target", d.negative_target, f"one of {NEGATIVE_TARGETS}")
+        if d.refresh_every < 0:
+            raise ConfigError("dro.refresh_every", d.refresh_every, "0 (θ = φ) or a positive number of micro-steps")
+
+    @classmethod
+    def describe_metrics(cls):
+        return ("active_hinge",)
+
+    @classmethod
+    def fit_config_to_batch(cls, config, micro_batch):
+        """The negatives buffer holds at least one micro-batch of trajectories."""
+        config.dro.buffer_size = max(config.dro.buffer_size, micro_batch // config.dro.steps_per_trajectory)
+
+    @classmethod
+    def flops(cls, config, pairs, fwd, fwdbwd):
+        """The update as DPO's on B experts + B negatives, plus the negatives' generation: K sampler forwards
+        per trajectory, one trajectory per ``dro.steps_per_trajectory`` pairs, twice with CFG."""
+        d = config.dro
+        update = super().flops(config, pairs, fwd, fwdbwd)["step"]
+        generation = d.num_inference_steps * (pairs // d.steps_per_trajectory) * fwd * (
+            2 if d.guidance_scale != 1.0 else 1)
+        return {"update": update, "generation": generation, "step": update + generation}
     state_sharding_rules = ((r"negatives/.*", "rows"),)  # trajectories split over devices like a batch
 
     def init_state(self, params, *, text_shape, latent_shape) -> DROState:
@@ -93,7 +163,7 @@ class DRO(Method):
         buffer = empty_negatives_buffer(cfg.buffer_size, text_shape, latent_shape, cfg.num_inference_steps)
         return DROState(negatives=buffer, sampler=params if cfg.refresh_every > 0 else None)
 
-    def begin_micro_step(self, state: DROState, params, micro_count) -> DROState:
+    def begin_micro_step(self, state: DROState, params, micro_count, log_step=False) -> DROState:
         """θ <- φ every ``refresh_every`` micro-steps (a stale sampling copy in between; with LoRA a copy of
         the adapters, run on the shared base)."""
         every = self.config.dro.refresh_every

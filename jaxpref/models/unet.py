@@ -110,19 +110,31 @@ class BasicTransformerBlock(nn.Module):
         return x + FeedForward(name="ff", **kw)(layer_norm(1e-5, name="norm3", **kw)(x))
 
 
-# What a rematerialised block keeps from its forward pass (jax.checkpoint_policies): "nothing_saveable"
-# recomputes every activation (least memory), "dots_with_no_batch_dims_saveable" keeps the weight matmuls'
-# outputs (the projections, not attention's batched logits), "dots_saveable" keeps every matmul's output.
-REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
+def convs_and_projections_saveable(prim, *args, **params) -> bool:
+    """Keeps convolution outputs and weight matmuls' outputs, not attention's batched logits and values."""
+    return (prim is jax.lax.conv_general_dilated_p
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
+# What a rematerialised block keeps from its forward pass: "nothing_saveable" recomputes every activation
+# (least memory), "dots_with_no_batch_dims_saveable" keeps the weight matmuls' outputs (the projections, not
+# attention's batched logits), "convs_and_projections_saveable" those and every convolution's output (the
+# ResNet blocks' FLOPs), "dots_saveable" every matmul's and convolution's output, attention's logits included.
+REMAT_POLICIES = {
+    "nothing_saveable": None,  # nn.remat's default
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "convs_and_projections_saveable": convs_and_projections_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
 
 
 @functools.lru_cache(maxsize=None)
 def rematerialized(cls, policy: str = "nothing_saveable"):
     """``cls``'s twin (same names and params) whose activations are recomputed in the backward pass except
-    those ``policy`` saves; "nothing_saveable" is ``nn.remat``'s default (no policy)."""
+    those ``policy`` saves (``REMAT_POLICIES``)."""
     if policy not in REMAT_POLICIES:
-        raise ValueError(f"remat policy {policy!r}: expected one of {REMAT_POLICIES}")
-    return nn.remat(cls, policy=None if policy == "nothing_saveable" else getattr(jax.checkpoint_policies, policy))
+        raise ValueError(f"remat policy {policy!r}: expected one of {tuple(REMAT_POLICIES)}")
+    return nn.remat(cls, policy=REMAT_POLICIES[policy])
 
 
 class Transformer2DModel(nn.Module):

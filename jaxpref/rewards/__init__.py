@@ -1,6 +1,9 @@
 """Reward models behind one interface (docs/methods.md §5): ``load_scorer(name, path)(images, prompts) -> [B]``.
 
-Names and what ``path`` must hold (local folders only; nothing is downloaded):
+Names and what ``path`` must hold: a local folder (or file), or a Hugging Face hub id ``org/name[@rev][/sub]``
+fetched into the Hugging Face cache by ``jaxpref.hub`` (safetensors and configs only; HPSv2, the aesthetic
+head and ImageReward, published only as torch pickles, are fetched as the files named below and read as
+tensors only, by ``state_dicts``/``torch_archive``, without running pickled code):
 
 - "pickscore": an HF CLIPModel folder (yuvalkirstain/PickScore_v1) with CLIP tokenizer files and,
   ideally, laion/CLIP-ViT-H-14-laion2B-s32B-b79K's preprocessor_config.json. exp(logit_scale)·cos.
@@ -8,7 +11,9 @@ Names and what ``path`` must hold (local folders only; nothing is downloaded):
 - "hpsv2": HPS_v2[.1]_compressed.pt (or a .safetensors/.npz copy) + CLIP tokenizer files. 100·cos.
 - "aesthetic": an HF CLIPModel of ViT-L/14 (the folder or its clip/ subfolder) + the LAION linear
   head sa_0_4_vit_l_14_linear.pth (or .safetensors/.npz).
-- "imagereward": not available (see ``imagereward_scorer``).
+- "imagereward": THUDM/ImageReward, or a folder with its ImageReward.pt (or a .safetensors/.npz copy) and
+  med_config.json; the bert-base-uncased tokenizer (vocab.txt) there or in tokenizer/, else fetched from
+  google-bert/bert-base-uncased. BLIP ViT-L/16 + BERT with cross-attention + MLP, v1.0's mean/std.
 - "shapes": the shapes world's analytic reward; no path.
 
 The data engineer's score builder and DRO's expert selection call a scorer as
@@ -20,16 +25,21 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from jaxpref import hub
 from jaxpref.data import shapes
 from jaxpref.rewards import preprocess
-from jaxpref.rewards.aesthetic import load_aesthetic
+from jaxpref.rewards.aesthetic import HEAD_FILES, load_aesthetic
 from jaxpref.rewards.clip_rewards import (CLIPBackbone, aesthetic_scorer, aesthetic_scores, clipscore_scorer,
                                           hpsv2_scorer, load_hf_clip, pickscore_scorer)
-from jaxpref.rewards.openclip import load_hpsv2
+from jaxpref.rewards.imagereward import WEIGHTS_FILES as IMAGEREWARD_FILES
+from jaxpref.rewards.imagereward import imagereward_scorer, load_imagereward
+from jaxpref.rewards.openclip import HPSV2_FILES, load_hpsv2
 from jaxpref.rewards.scorer import Scorer, check_batch
 
 REWARDS = ("pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward", "shapes")
 NEEDS_PATH = ("pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward")
+# Reward weights published only as torch pickles: the hub files fetched for them (read as tensors only).
+HUB_PICKLES = {"hpsv2": HPSV2_FILES, "aesthetic": HEAD_FILES, "imagereward": IMAGEREWARD_FILES}
 
 
 def shapes_scorer(batch_size: int = 256) -> Scorer:
@@ -38,25 +48,21 @@ def shapes_scorer(batch_size: int = 256) -> Scorer:
                   pad_batches=False, description="shapes world: analytic caption/image match in [0, 1]")
 
 
-def imagereward_scorer(path: Optional[str] = None) -> Scorer:
-    """ImageReward (Xu et al. 2023) is not implemented here, on purpose and visibly.
+def resolve_reward_path(name: str, path: str, *, key: str = "--reward", announce=print) -> str:
+    """The local folder or file of reward ``name``'s ``path`` (a hub id is fetched into the HF cache first)."""
+    return hub.resolve(path, key=f"{key} {name}", components=None, pickles=HUB_PICKLES.get(name, ()),
+                       announce=announce)
 
-    Its backbone is BLIP: a ViT-L/16 image encoder plus a BERT-base text encoder with cross-attention
-    layers (``med_config.json``), followed by a 5-layer MLP head, with scores standardized by the mean
-    and std from its training set. None of that exists in jaxpref's model code (we have CLIP, the SD
-    UNet and VAE). Porting it needs: a Flax BLIP vision transformer and BERT-with-cross-attention, a
-    name map from THUDM's ``ImageReward.pt``, BLIP's 224px preprocessing and BERT tokenizer, and a
-    parity test against the ``image-reward`` package. Until then, score ImageReward with that package
-    on the PNGs ``jaxpref.evaluate`` writes.
-    """
-    raise NotImplementedError(
-        "reward 'imagereward': needs a JAX port of BLIP (ViT-L/16 image encoder + BERT-base with cross-attention, "
-        "from THUDM's ImageReward.pt and med_config.json) and its MLP head, which jaxpref does not have; score the "
-        f"written PNGs with the `image-reward` package instead (path given: {path!r})")
+
+def resolve_reward_specs(spec: str, *, key: str = "--reward", announce=print) -> str:
+    """The spec with every reward's hub id replaced by its local folder in the HF cache (fetched first)."""
+    items = [name if path is None else f"{name}={resolve_reward_path(name, path, key=key, announce=announce)}"
+             for name, path in parse_reward_specs(spec)]
+    return ",".join(items)
 
 
 def load_scorer(name: str, path: Optional[str] = None, *, batch_size: int = 32, dtype=jnp.float32) -> Scorer:
-    """A ``Scorer`` for reward ``name`` from the local ``path`` (see the module docstring).
+    """A ``Scorer`` for reward ``name`` from ``path``, a local path or a hub id (see the module docstring).
 
     Fails at once (ValueError naming the path and the expected contents) when the path is missing or
     holds something else, so an evaluation never generates images it then cannot score.
@@ -65,8 +71,10 @@ def load_scorer(name: str, path: Optional[str] = None, *, batch_size: int = 32, 
         raise ValueError(f"reward {name!r} is not known; supported: {list(REWARDS)}")
     if name == "shapes":
         return shapes_scorer()
+    if path:
+        path = resolve_reward_path(name, path)
     if name == "imagereward":
-        return imagereward_scorer(path)
+        return imagereward_scorer(load_imagereward(path, dtype), batch_size)
     if name == "hpsv2":
         return hpsv2_scorer(load_hpsv2(path, dtype), batch_size)
     if name == "aesthetic":
@@ -87,7 +95,8 @@ def parse_reward_specs(spec: str) -> list[tuple[str, Optional[str]]]:
         if name not in REWARDS:
             raise ValueError(f"--reward: {name!r} is not known; supported: {list(REWARDS)} as name or name=PATH")
         if name in NEEDS_PATH and not path:
-            raise ValueError(f"--reward: {name} needs a local model path, as {name}=/path/to/folder")
+            raise ValueError(f"--reward: {name} needs a model, as {name}=/path/to/folder or {name}=org/name (a "
+                             "Hugging Face hub id)")
         out.append((name, path or None))
     return out
 
@@ -98,6 +107,8 @@ def load_scorers(spec: str, *, batch_size: int = 32, dtype=jnp.float32) -> dict[
             for name, path in parse_reward_specs(spec)}
 
 
-__all__ = ["Scorer", "CLIPBackbone", "load_scorer", "load_scorers", "parse_reward_specs", "shapes_scorer",
-           "imagereward_scorer", "pickscore_scorer", "clipscore_scorer", "hpsv2_scorer", "aesthetic_scorer",
+__all__ = ["Scorer", "CLIPBackbone", "load_scorer", "load_scorers", "parse_reward_specs", "resolve_reward_specs",
+           "resolve_reward_path", "shapes_scorer",
+           "imagereward_scorer", "load_imagereward", "pickscore_scorer", "clipscore_scorer", "hpsv2_scorer",
+           "aesthetic_scorer",
            "aesthetic_scores", "load_hf_clip", "check_batch", "preprocess", "REWARDS"]

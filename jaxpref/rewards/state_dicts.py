@@ -1,16 +1,20 @@
-"""Reward-model weight files as {name: numpy array}: .safetensors and .npz without torch, .pt/.pth with it.
+"""Reward-model weight files as {name: numpy array}: .safetensors, .npz and torch.save zip archives
+(.pt/.pth/.bin, read by ``torch_archive`` without torch and without running pickled code); only
+pre-1.6 torch pickles need torch (``torch.load(weights_only=True)``).
 
-Published reward heads ship as torch pickles (HPS_v2_compressed.pt, sa_0_4_vit_l_14_linear.pth); a
-torch-free machine can use the same weights once converted (``save_numpy_state_dict``).
+Published reward models ship as torch files (HPS_v2_compressed.pt, sa_0_4_vit_l_14_linear.pth,
+ImageReward.pt); ``save_numpy_state_dict`` writes a .safetensors/.npz copy of any of them.
 """
 from __future__ import annotations
 
 import os
 from typing import Mapping
 
+import ml_dtypes
 import numpy as np
 
 from jaxpref.models import weights
+from jaxpref.rewards import torch_archive
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SUFFIXES = (".safetensors", ".npz") + TORCH_SUFFIXES
@@ -24,6 +28,21 @@ def _torch_to_numpy(obj) -> np.ndarray:
     return obj.detach().cpu().numpy()
 
 
+def _unwrap(obj, path: str) -> Mapping:
+    if isinstance(obj, Mapping) and "state_dict" in obj:  # HPSv2's {'state_dict': ..., 'epoch': ...}
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor); got {type(obj).__name__}")
+    return obj
+
+
+def _read_torch_archive(path: str) -> dict:
+    """A torch zip archive without torch; half precision widened to float32 as ``_torch_to_numpy`` does."""
+    tensors = _unwrap(torch_archive.load(path), path)
+    widen = lambda a: a.astype(np.float32) if a.dtype in (np.float16, ml_dtypes.bfloat16) else a
+    return {k: widen(v) for k, v in tensors.items() if isinstance(v, np.ndarray)}
+
+
 def _read_torch(path: str) -> dict:
     try:
         import torch
@@ -35,11 +54,7 @@ def _read_torch(path: str) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad pickle
         raise ValueError(f"{path}: cannot read as a torch state dict ({type(e).__name__}: {e})") from e
-    if isinstance(obj, Mapping) and "state_dict" in obj:  # HPSv2's {'state_dict': ..., 'epoch': ...}
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor); got {type(obj).__name__}")
-    return {k: _torch_to_numpy(v) for k, v in obj.items() if hasattr(v, "detach")}
+    return {k: _torch_to_numpy(v) for k, v in _unwrap(obj, path).items() if hasattr(v, "detach")}
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -53,7 +68,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         with np.load(path) as data:
             tensors = {k: data[k] for k in data.files}
     elif path.endswith(TORCH_SUFFIXES):
-        tensors = _read_torch(path)
+        tensors = _read_torch_archive(path) if torch_archive.is_torch_zip(path) else _read_torch(path)
     else:
         raise ValueError(f"{path}: unknown weights format; expected one of {SUFFIXES}")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}

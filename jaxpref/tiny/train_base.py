@@ -515,7 +515,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    help="multiply every training step count (0.01: a seconds-long smoke run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="TFDS data dir for shapes/base (built on first use); "
-                   "default $JAXPREF_DATA_DIR or ~/.cache/jaxpref/tfds")
+                   "default $JAXPREF_DATA_DIR or $XDG_CACHE_HOME/jaxpref/tfds (~/.cache/jaxpref/tfds)")
     p.add_argument("--no-eval", action="store_true", help="skip the measurements (MANIFEST.json metrics empty)")
     p.add_argument("--max-images", type=int, default=None, help="train on the first N images only (smoke runs)")
     a = p.parse_args(argv)

@@ -1,0 +1,55 @@
+"""What a user sees at the console: the default command (shortened exactly as CI's fresh-install check runs
+it) prints our own lines only (no absl/orbax/XLA INFO or WARNING line, no "slow compile" alarm), announces
+each evaluation with its duration; a mistyped key is one short error with exit code 2, its traceback only
+under --verbosity=debug.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import train_helpers as th
+from jaxpref import errors
+
+SHORT_DEFAULT = open(os.path.join(th.TESTS, "short_default_args.txt")).read().split()
+LIBRARY_LOG_LINE = re.compile(r"^[IWE]\d{4} |^(INFO|WARNING):|Very slow compile|tensorflow_datasets|orbax")
+
+
+def _train(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "jaxpref.train", *args], cwd=th.REPO, env=th.subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_the_default_command_prints_our_lines_only_and_announces_each_evaluation(world, tmp_path):
+    _, data_dir = world
+    out = _train(f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={data_dir}", *SHORT_DEFAULT)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert not [line for line in text.splitlines() if LIBRARY_LOG_LINE.search(line)], text
+    for what in ("the policy at step 2", "the base model", "the trained policy"):
+        assert f"evaluating {what}: 4 prompts x 1 images (DDIM 4, CFG 3) ..." in text, text
+        assert re.search(rf"evaluating {what}: .*: done in \d+\.\ds", text), text
+    assert re.search(r"compiled in \d+\.\ds", text) and "steps/s, ETA" in text
+    assert os.path.isfile(tmp_path / "run" / "before_after.png")
+    assert os.path.isfile(tmp_path / "run" / "reward_curve.png")
+
+
+def test_a_mistyped_key_is_one_short_error(tmp_path):
+    out = _train(f"--workdir={tmp_path / 'run'}", "--config.dro.margni=0.1", timeout=300)
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert out.returncode == errors.EXIT_CONFIG and len(lines) <= 3, lines
+    assert "config.dro.margni" in lines[-1] and "did you mean 'dro.margin'" in lines[-1]
+    assert not os.path.exists(tmp_path / "run")
+
+    debug = _train(f"--workdir={tmp_path / 'run'}", "--config.dro.margni=0.1", "--verbosity=debug", timeout=300)
+    assert debug.returncode == errors.EXIT_CONFIG and "Traceback" in debug.stderr
+
+
+def test_a_bad_value_names_key_value_and_what_is_accepted(tmp_path):
+    out = _train(f"--workdir={tmp_path / 'run'}", "--config.optimizer.lr=-0.001", timeout=300)
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert out.returncode == errors.EXIT_CONFIG and len(lines) <= 3, lines
+    assert lines[-1] == "jaxpref.train: config.optimizer.lr=-0.001: a number > 0"

@@ -1,0 +1,75 @@
+"""jaxpref.fileio on a local folder and on a bucket: a ``gs://`` bucket faked by fsspec's in-memory filesystem
+(registered as etils' ``gs`` backend, as gcsfs is on a real host), read back through the fake store itself."""
+import importlib
+import os
+
+import pytest
+from etils.epath import backend
+from fsspec.implementations.memory import MemoryFileSystem
+
+from jaxpref import fileio
+
+
+class FakeGCS(MemoryFileSystem):
+    """An in-memory ``gs://`` store with gcsfs's constructor argument."""
+
+    protocol = ("gs", "gcs")
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        for prefix in ("gs://", "gcs://"):
+            if path.startswith(prefix):
+                path = path[len(prefix):]
+        return MemoryFileSystem._strip_protocol(path)
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    FakeGCS.store.clear()
+    for name in ("gs", "gcs"):
+        monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, name, FakeGCS)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    yield "gs://bucket/run1"
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def _stored(path: str) -> str:
+    return FakeGCS.store["/" + path[len("gs://"):]].getvalue().decode()
+
+
+def test_a_bucket_path_is_not_a_local_folder(bucket, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fileio.makedirs(bucket)
+    fileio.check_writable(bucket)
+    assert not os.path.exists("gs:")                 # os.makedirs would have made a local gs:/bucket/run1
+    assert fileio.is_remote(bucket) and not fileio.is_remote(str(tmp_path)) and not fileio.supports_lock(bucket)
+
+
+@pytest.mark.parametrize("where", ["bucket", "local"])
+def test_write_append_replace_read(where, bucket, tmp_path):
+    root = bucket if where == "bucket" else str(tmp_path / "run1")
+    fileio.makedirs(root)
+    metrics = os.path.join(root, "metrics.jsonl")
+    fileio.append_text(metrics, '{"step": 1}\n')
+    fileio.append_text(metrics, '{"step": 2}\n')
+    fileio.write_text(os.path.join(root, "config.json"), "{}")
+    fileio.write_text(metrics + ".tmp", '{"step": 1}\n')
+    assert fileio.isfile(metrics) and fileio.isdir(root) and not fileio.isfile(os.path.join(root, "none"))
+    assert fileio.read_text(metrics) == '{"step": 1}\n{"step": 2}\n'
+    fileio.replace(metrics + ".tmp", metrics)        # drop_rows_after's rewrite
+    assert fileio.read_text(metrics) == '{"step": 1}\n' and not fileio.exists(metrics + ".tmp")
+    with fileio.open_file(os.path.join(root, "grid.png"), "wb") as f:
+        f.write(b"\x89PNG")
+    if where == "bucket":
+        assert _stored(metrics) == '{"step": 1}\n' and _stored(os.path.join(root, "config.json")) == "{}"
+        assert FakeGCS.store["/bucket/run1/grid.png"].getvalue() == b"\x89PNG"
+        with pytest.raises(ValueError, match="append_text"):
+            fileio.open_file(metrics, "a")
+    else:
+        assert sorted(os.listdir(root)) == ["config.json", "grid.png", "metrics.jsonl"]
