@@ -20,6 +20,7 @@ setup(
         "absl-py",
         "diffusers>=0.30",
         "transformers>=4.40",
+        "huggingface_hub>=0.20",  # hub ids of models and Pick-a-Pic fetched into the HF cache (jaxpref.hub)
         "tensorflow-datasets",
         "grain",
         "array-record",
@@ -35,6 +36,7 @@ setup(
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "peft", "nbclient", "nbformat", "ipykernel"],
         # The TPU compiler (libtpu): runs on TPU VMs, and compiles for TPU topologies on any host
         # (python -m jaxpref.aot). Same version as jax.
-        "tpu": ["jax[tpu]==0.10.2"],
+        # gcsfs and google-cloud-storage: a workdir or data dir on a gs:// bucket (our files, TFDS and orbax).
+        "tpu": ["jax[tpu]==0.10.2", "gcsfs", "google-cloud-storage"],
     },
 )

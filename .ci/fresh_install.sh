@@ -11,7 +11,7 @@ start=$SECONDS
 # The default config shortened (4 updates, a small evaluation every 2); tests/test_console.py runs the same.
 mapfile -t short < tests/short_default_args.txt
 "$work/venv/bin/python" -m jaxpref.train --workdir="$work/run" "${short[@]}"
-for f in before_after.png reward_curve.png metrics.jsonl export/unet/config.json; do
+for f in before_after.png reward_curve.png metrics.jsonl export/model_index.json export/unet/config.json; do
   [[ -s "$work/run/$f" ]] || { echo "fresh install: the default run left no $f" >&2; exit 1; }
 done
 echo "fresh install: the default command (shortened) exited 0 with both figures in $((SECONDS - start))s"

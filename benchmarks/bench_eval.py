@@ -64,7 +64,7 @@ def tiny_setup(args):
     folder = build_tiny_sd(tempfile.mkdtemp(prefix="bench_eval_"))
     pipe = pipeline_lib.load_pipeline(folder)
     tokenizer = tiny_tokenizer(tempfile.mkdtemp())
-    from jaxpref.data import shapes
+    from jaxpref.world import shapes
 
     prompts = (shapes.heldout_prompts("test") * 8)[:args.num_prompts]
     scorers = {"tiny_clip": random_clip_scorer(TINY_TEXT, TINY_VISION, tokenizer, jnp.float32, args.score_batch_size),

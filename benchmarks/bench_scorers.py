@@ -112,7 +112,7 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
-    from jaxpref.data import shapes
+    from jaxpref.world import shapes
 
     prompts = (shapes.heldout_prompts("test") * args.num_images)[:args.num_images]
     rng = np.random.default_rng(0)

@@ -64,7 +64,7 @@ def state_bytes(size_name: str, devices: int, objective: str = "dpo") -> dict:
     _, (state, sh), (frozen, fsh), _ = abstract_run(size_name, fsdp_mesh(devices), objective)
     out = {"devices": devices, "params": _sharded_bytes(state.params, sh.params),
            "opt_state": _sharded_bytes(state.opt_state, sh.opt_state),
-           "frozen_ref": _sharded_bytes(frozen["ref"], fsh["ref"]),
+           "frozen_ref": _sharded_bytes(frozen["ref"], fsh["ref"]) if "ref" in frozen else 0,
            "frozen_text": _sharded_bytes(frozen["text"], fsh["text"])}
     out["params+opt"] = out["params"] + out["opt_state"]
     return out

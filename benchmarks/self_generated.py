@@ -27,7 +27,8 @@ import numpy as np
 
 import ablation
 from jaxpref import config_lib, evaluate
-from jaxpref.data import common, feed, records, shapes, sources
+from jaxpref.data import common, feed, records, sources
+from jaxpref.world import shapes
 from jaxpref.models import load_pipeline, resolve_model_path
 
 # variant -> (objective, data, config keys changed on top of configs/tiny.py:<objective>)

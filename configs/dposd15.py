@@ -22,22 +22,13 @@ from jaxpref import config_lib, layouts
 
 def get_config(runtime: str = ""):
     """runtime: '' (a TPU v5e-8, as below) or 'gpu8' (one node of 8 x 80 GB GPUs, one process; jaxpref/layouts.py)."""
-    c = config_lib.base_config()
-    c.objective = "dpo"
-    c.model_path = "/path/to/stable-diffusion-v1-5"
-    c.dtype = "bfloat16"
-    # Sized for a TPU v5e-8 (16 GiB per chip; docs/performance.md, python -m jaxpref.aot): params, AdamW state
-    # and reference split over every device (fsdp), each UNet block rematerialised, attention 'auto' (Pallas
-    # flash attention on TPU, cuDNN on GPU).
-    c.remat = True
-    c.mesh.update(data=1, fsdp=-1)
+    c = config_lib.sd15_base_config("dpo")
     c.batch_size = 2048
     c.grad_accum = 128
     c.total_steps = 2000
     c.optimizer.update(name="adamw", lr=2.048e-5, weight_decay=1e-2, warmup_steps=500, schedule="constant",
                        grad_clip=1.0, decay_steps=2000)
     c.dpo.beta = 5000.0
-    c.data.update(name="pickapic_v2", resolution=512)
     c.checkpoint.update(every=200, keep=3)
-    c.eval.update(every=500, num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=7.5)
+    c.eval.update(every=500)
     return layouts.for_runtime(c, runtime)

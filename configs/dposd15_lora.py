@@ -31,7 +31,7 @@ from jaxpref import config_lib
 def get_config():
     c = config_lib.base_config()
     c.objective = "dpo"
-    c.model_path = "/path/to/stable-diffusion-v1-5"
+    c.model_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"   # a hub id, or a local diffusers folder
     c.dtype = c.reference_dtype = "bfloat16"   # the frozen base/reference stored in bf16
     c.remat = True
     c.lora.update(enabled=True, rank=8, alpha=8.0)

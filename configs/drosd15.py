@@ -28,15 +28,7 @@ from jaxpref import config_lib, layouts
 
 def get_config(runtime: str = ""):
     """runtime: '' (a TPU v5e-8, as below) or 'gpu8' (one node of 8 x 80 GB GPUs, one process; jaxpref/layouts.py)."""
-    c = config_lib.base_config()
-    c.objective = "dro"
-    c.model_path = "/path/to/stable-diffusion-v1-5"
-    c.dtype = "bfloat16"
-    # Sized for a TPU v5e-8 (16 GiB per chip; docs/performance.md, python -m jaxpref.aot): params, AdamW state
-    # and reference split over every device (fsdp), each UNet block rematerialised, attention 'auto' (Pallas
-    # flash attention on TPU, cuDNN on GPU).
-    c.remat = True
-    c.mesh.update(data=1, fsdp=-1)
+    c = config_lib.sd15_base_config("dro")
     c.batch_size = 256
     c.grad_accum = 16
     c.total_steps = 1600
@@ -46,7 +38,6 @@ def get_config(runtime: str = ""):
     c.dro.update(margin=0.001, sampler="dpm++", num_inference_steps=20, guidance_scale=1.0,
                  buffer_size=16, steps_per_trajectory=1, refresh_every=0, expert_timestep="shared",
                  negative_target="trajectory")
-    c.data.update(name="pickapic_v2", resolution=512)
     c.checkpoint.update(every=100, keep=3)
-    c.eval.update(every=200, num_prompts=64, sampler="ddpm", num_steps=50, guidance_scale=7.5)
+    c.eval.update(every=200, sampler="ddpm")
     return layouts.for_runtime(c, runtime)

@@ -29,13 +29,8 @@ from jaxpref import config_lib
 
 
 def get_config():
-    c = config_lib.base_config()
-    c.objective = "kto"
-    c.model_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    c.dtype = "bfloat16"
+    c = config_lib.sd15_base_config("kto")
     # Sized for a TPU v5e-8 as configs/dposd15.py (fsdp over every chip, remat), one pair per chip.
-    c.remat = True
-    c.mesh.update(data=1, fsdp=-1)
     c.batch_size = 8
     c.grad_accum = 1
     c.total_steps = 20000
@@ -43,7 +38,6 @@ def get_config():
     c.optimizer.update(name="adamw", lr=1e-7, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, warmup_steps=200,
                        schedule="constant", grad_clip=1.0, decay_steps=20000)
     c.kto.update(beta=1000.0, lambda_desirable=1.0, lambda_undesirable=1.0)
-    c.data.update(name="pickapic_v2", resolution=512, crop="center")
     c.checkpoint.update(every=1000, keep=3)
-    c.eval.update(every=2000, num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=7.5)
+    c.eval.update(every=2000)
     return c

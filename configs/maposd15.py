@@ -19,14 +19,9 @@ from jaxpref import config_lib, layouts
 
 def get_config(runtime: str = ""):
     """runtime: '' (a TPU v5e-8, as below) or 'gpu8' (one node of 8 x 80 GB GPUs, one process; jaxpref/layouts.py)."""
-    c = config_lib.base_config()
-    c.objective = "mapo"
-    c.model_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    c.dtype = "bfloat16"
+    c = config_lib.sd15_base_config("mapo")
     # Sized for a TPU v5e-8 as configs/dposd15.py (fsdp over every chip, remat, 2 pairs per chip per micro-batch);
     # without the reference the step holds one UNet's params where DPO's holds two.
-    c.remat = True
-    c.mesh.update(data=1, fsdp=-1)
     c.batch_size = 128
     c.grad_accum = 8
     c.total_steps = 2000
@@ -34,7 +29,6 @@ def get_config(runtime: str = ""):
     c.optimizer.update(name="adamw", lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, warmup_steps=0,
                        schedule="constant", grad_clip=1.0, decay_steps=2000)
     c.mapo.update(beta=0.1, snr_value=0.5)
-    c.data.update(name="pickapic_v2", resolution=512, crop="center")
     c.checkpoint.update(every=500, keep=3)
-    c.eval.update(every=500, num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=7.5)
+    c.eval.update(every=500)
     return layouts.for_runtime(c, runtime)

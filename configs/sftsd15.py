@@ -32,21 +32,15 @@ from jaxpref import config_lib, layouts
 
 def get_config(runtime: str = ""):
     """runtime: '' (a TPU v5e-8, as below) or 'gpu8' (one node of 8 x 80 GB GPUs, one process; jaxpref/layouts.py)."""
-    c = config_lib.base_config()
-    c.objective = "sft"
-    c.model_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    c.dtype = "bfloat16"
+    c = config_lib.sd15_base_config("sft")
     # The layout of configs/smposd15.py (a TPU v5e-8: fsdp over every chip, remat, 16 pairs per micro-batch);
     # SFT's step does less per pair (one image, no reference forward), so it fits where SmPO's does.
-    c.remat = True
-    c.mesh.update(data=1, fsdp=-1)
     c.batch_size = 1024
     c.grad_accum = 64
     c.total_steps = 200
     c.prompt_dropout = 0.2
     c.optimizer.update(name="adamw", lr=1.024e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, warmup_steps=100,
                        schedule="constant", grad_clip=1.0, decay_steps=200)
-    c.data.update(name="pickapic_v2", resolution=512, crop="center")
     c.checkpoint.update(every=50, keep=3)
-    c.eval.update(every=100, num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=7.5)
+    c.eval.update(every=100)
     return layouts.for_runtime(c, runtime)

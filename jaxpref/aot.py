@@ -184,7 +184,8 @@ class Program:
         out = {"params": per_device_bytes(state.params, shardings.params),
                "optimizer": per_device_bytes(state.opt_state, shardings.opt_state)}
         out["other_state"] = per_device_bytes(state, shardings) - out["params"] - out["optimizer"]
-        out["reference"] = per_device_bytes(self.frozen["ref"], frozen_sh["ref"])
+        out["reference"] = (per_device_bytes(self.frozen["ref"], frozen_sh["ref"]) if "ref" in self.frozen
+                            else 0)   # a reference-free method (MaPO, SFT) keeps none
         out["text_encoder"] = per_device_bytes(self.frozen["text"], frozen_sh["text"])
         out["batch"] = per_device_bytes(self.batch, sharding.rows_sharding(self.mesh, self.batch))
         return out

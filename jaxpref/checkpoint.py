@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import socket
-import tempfile
 import threading
 from typing import Any
 
@@ -24,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jaxpref import errors
+from jaxpref import errors, fileio
 
 LOCK_FILE = "lock"
 
@@ -50,7 +49,9 @@ class CheckpointManager:
     """
 
     def __init__(self, workdir: str, *, keep: int = 3, every: int = 0, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = os.path.join(workdir, "checkpoints")
+        if not fileio.is_remote(workdir):   # abspath would turn gs://b/run into <cwd>/gs:/b/run
+            self.directory = os.path.abspath(self.directory)
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
@@ -126,10 +127,10 @@ class CheckpointManager:
         src = os.path.join(self.directory, str(step))
         dst = f"{src}.unreadable"
         n = 1
-        while os.path.exists(dst):
+        while fileio.exists(dst):
             n += 1
             dst = f"{src}.unreadable{n}"
-        os.replace(src, dst)
+        fileio.replace(src, dst)
         self._manager.reload()
         return dst
 
@@ -170,15 +171,16 @@ def _first_line(error: Exception, limit: int = 300) -> str:
 def check_workdir(workdir: str):
     """Creates ``workdir`` (or checks the folder there) and that this process can write in it: run before the
     model and the data load, so a bad ``--workdir`` fails in seconds."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    if fileio.exists(workdir) and not fileio.isdir(workdir):
         raise ValueError(f"--workdir={workdir} is a file, not a folder; pass a new folder or a run's workdir")
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
+        fileio.check_writable(workdir)   # a bucket URL stays a bucket (os.makedirs would make a local "gs:")
     except OSError as e:
         raise ValueError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); pass a folder this user "
                          "can write (checkpoints, metrics and the exported model go there)") from e
+
+
+_UNLOCKED_WARNED: set = set()   # bucket workdirs already warned about (once each per process)
 
 
 class WorkdirLock:
@@ -195,6 +197,12 @@ class WorkdirLock:
         self._file = None
 
     def acquire(self) -> "WorkdirLock":
+        if not fileio.supports_lock(self.workdir):
+            if self.workdir not in _UNLOCKED_WARNED:
+                _UNLOCKED_WARNED.add(self.workdir)
+                logging.warning("%s is a bucket: no lock on it; make sure no other run uses this workdir",
+                                self.workdir)
+            return self
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -242,7 +250,7 @@ def load_policy_params(workdir: str, unet_shapes: Any = None, use_ema: bool = Tr
     params + optimizer state).
     """
     directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    if not fileio.isdir(directory):
         raise ValueError(f"{workdir}: no checkpoints/ folder (expected a jaxpref training workdir)")
     manager = _reader(directory)
     step = manager.latest_step() if step is None else step

@@ -124,6 +124,22 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def sd15_base_config(objective: str) -> ml_collections.ConfigDict:
+    """What the SD1.5 experiment files (configs/*sd15.py) share: SD1.5 by hub id, bf16, sized for a TPU v5e-8
+    (16 GiB per chip; docs/performance.md, python -m jaxpref.aot): params, AdamW state and reference split
+    over every device (fsdp), each UNet block rematerialised, attention 'auto' (Pallas flash attention on
+    TPU, cuDNN on GPU); Pick-a-Pic v2 at 512 px center-cropped; 64 evaluation prompts, 50 steps, CFG 7.5."""
+    c = base_config()
+    c.objective = objective
+    c.model_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"   # a hub id, or a local diffusers folder
+    c.dtype = "bfloat16"
+    c.remat = True
+    c.mesh.update(data=1, fsdp=-1)
+    c.data.update(name="pickapic_v2", resolution=512, crop="center")
+    c.eval.update(num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=7.5)
+    return c
+
+
 def sdxl_base_config(objective: str) -> ml_collections.ConfigDict:
     """What the SDXL experiment files (configs/*sdxl.py) share, as all three releases train SDXL: the local
     SDXL base folder and fp16-fix VAE (fp32), bf16 with remat, params and optimizer sharded over every chip
@@ -131,8 +147,8 @@ def sdxl_base_config(objective: str) -> ml_collections.ConfigDict:
     center-cropped, 64 evaluation prompts at batch 8."""
     c = base_config()
     c.objective = objective
-    c.model_path = "/path/to/stable-diffusion-xl-base-1.0"
-    c.vae_path = "/path/to/sdxl-vae-fp16-fix"
+    c.model_path = "stabilityai/stable-diffusion-xl-base-1.0"
+    c.vae_path = "madebyollin/sdxl-vae-fp16-fix"
     c.vae_dtype = "float32"
     c.dtype = "bfloat16"
     c.remat = True
@@ -222,7 +238,8 @@ KEY_HELP = {
                       "params",
     "checkpoint.every": "updates between checkpoints (0: only the last; SIGTERM also saves)",
     "checkpoint.keep": "checkpoints kept (oldest deleted first)",
-    "checkpoint.export_unet": "write the trained UNet (diffusers format) to <workdir>/export/unet at the end",
+    "checkpoint.export_unet": "write the trained model at the end as a diffusers pipeline folder, <workdir>/export "
+                              "(the trained unet/, the other parts as loaded): usable as a later run's model_path",
     "log.every": "updates between metric rows (metrics.jsonl, TensorBoard, the console)",
     "log.sample_every": "updates between sample grids in <workdir>/samples (0: none)",
     "log.sample_prompts": "held-out prompts in a sample grid",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 import traceback
 
@@ -69,9 +70,18 @@ def quiet_python_logs():
         return
     logging.set_verbosity(logging.ERROR)
     py_logging.getLogger().setLevel(py_logging.ERROR)
+    # A failure in a library's own thread or task (orbax's async save) is re-raised in the main thread, which
+    # reports it as one line; its own traceback there is noise.
+    py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
+    threading.excepthook = _quiet_thread_failure
     for name in ("orbax", "jax", "tensorflow_datasets", "grain", "absl", "huggingface_hub", "transformers"):
         py_logging.getLogger(name).setLevel(py_logging.ERROR)
     _quiet_progress_bars()
+
+
+def _quiet_thread_failure(args):
+    if debug_requested():
+        traceback.print_exception(args.exc_value)
 
 
 def _quiet_progress_bars():

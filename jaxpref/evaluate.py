@@ -45,7 +45,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from ml_collections import config_flags
 from PIL import Image
 
-from jaxpref import console, diffusion, export, figures, hub, prompts as prompts_lib, protocols, rewards, sharding
+from jaxpref import (console, diffusion, export, fileio, figures, hub, prompts as prompts_lib, protocols, rewards,
+                     sharding)
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.models import attention, conditioning, pipeline as pipeline_lib
 from jaxpref.prompts import PromptSet
@@ -384,9 +385,9 @@ def save_images(out_dir: str, images: np.ndarray, max_grid_prompts: int = 16) ->
 def load_scores(eval_dir: str) -> dict[str, np.ndarray]:
     """{reward: [N, K]} from an earlier evaluation's scores.npz (for --baseline)."""
     path = os.path.join(eval_dir, "scores.npz")
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
         raise ValueError(f"{path}: missing; --baseline must be the --out folder of an earlier jaxpref.evaluate run")
-    with np.load(path) as data:
+    with fileio.open_file(path, "rb") as f, np.load(f) as data:
         return {k: data[k] for k in data.files if k != "__seeds__"}
 
 
@@ -424,6 +425,11 @@ def evaluate(pipeline_or_parts: PipelineLike, prompts: PromptsLike, scorers: Map
 def write_report(out_dir: str, gen: Generation, prompts: Sequence[str], scores: Mapping[str, np.ndarray],
                  summary: Mapping, win_rates: Mapping, metrics: Mapping, settings: Mapping, save_pngs: bool = True):
     """scores.npz, metrics.json, metrics.md, prompts.json, images/ and grid.png under out_dir."""
+    with fileio.staged(out_dir) as local:   # a bucket out_dir: written here, then copied up
+        _write_report(local, gen, prompts, scores, summary, win_rates, metrics, settings, save_pngs)
+
+
+def _write_report(out_dir, gen, prompts, scores, summary, win_rates, metrics, settings, save_pngs):
     os.makedirs(out_dir, exist_ok=True)
     if save_pngs:
         save_images(out_dir, gen.images)
@@ -501,7 +507,10 @@ def evaluate_base(run, out_dir, mesh=None) -> dict:
     key = (json.dumps(run.config.eval.to_dict(), sort_keys=True), run.config.seed)
     done = _BASE_EVALS["runs"].get(key)
     if done is not None and os.path.isdir(done["dir"]):
-        shutil.copytree(done["dir"], out_dir, dirs_exist_ok=True)
+        if fileio.is_remote(out_dir):
+            fileio.upload(done["dir"], out_dir)
+        else:
+            shutil.copytree(done["dir"], out_dir, dirs_exist_ok=True)
         return dict(done["metrics"])
     metrics = evaluate_run(run, run.pipeline.unet_params, out_dir, mesh=mesh, label="the base model")
     _BASE_EVALS["runs"][key] = {"dir": out_dir, "metrics": dict(metrics)}
@@ -515,8 +524,9 @@ def save_samples(run, unet_params, path: str):
     gen = generate(run.pipeline, prompts, unet_params=sharding.host_params(unet_params), sampler=cfg.sampler,
                    num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, seed=run.config.seed,
                    batch_size=cfg.batch_size)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(make_grid(gen.images)).save(path)
+    with fileio.staged(path) as local:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        Image.fromarray(make_grid(gen.images)).save(local)
 
 
 def base_vs_trained(run, unet_params, workdir: str, mesh=None) -> tuple[dict, dict]:
@@ -545,7 +555,7 @@ def reward_curve(workdir: str, base: Mapping[str, float]) -> str | None:
 def before_after_grid(workdir):
     """before_after.png: base | trained side by side, a row per held-out prompt (``figures.before_after``)."""
     dirs = [os.path.join(workdir, d) for d in ("eval_base", "eval_trained")]
-    if all(os.path.isfile(os.path.join(d, "images", "00000_00.png")) for d in dirs):
+    if all(fileio.isfile(os.path.join(d, "images", "00000_00.png")) for d in dirs):
         figures.before_after(*dirs, os.path.join(workdir, "before_after.png"))
 
 

@@ -115,7 +115,9 @@ def load_adapters(checkpoint: str, kind: str, unet_shapes: Any, use_ema: bool = 
     if cfg is None:
         return None
     adapters = _policy_from_workdir(checkpoint, None, use_ema)
-    want = jax.eval_shape(lambda p: lora.init_adapters(jax.random.PRNGKey(0), p, _Lora(**cfg)), unet_shapes)
+    shape_keys = {f.name for f in dataclasses.fields(_Lora)}   # the settings that make the adapters' shapes
+    settings = _Lora(**{k: v for k, v in cfg.items() if k in shape_keys})
+    want = jax.eval_shape(lambda p: lora.init_adapters(jax.random.PRNGKey(0), p, settings), unet_shapes)
     check_same_architecture(adapters, want, checkpoint, "its config.json's lora settings on the base")
     return adapters, int(cfg["rank"]), float(cfg["alpha"])
 
@@ -178,6 +180,8 @@ def export(checkpoint: Optional[str], out: str, base: Optional[str] = None, *, u
            overwrite: bool = False, merge: bool = False) -> str:
     """Writes the diffusers pipeline folder ``out`` (fp32 safetensors) and returns it; for a LoRA run without
     ``merge``, ``out/pytorch_lora_weights.safetensors`` (the adapters) instead."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out={out} is a file; pass a folder to write the model into")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty; choose a new --out or pass --overwrite")
     checkpoint, base = local_model_args(checkpoint, base)

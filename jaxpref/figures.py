@@ -12,6 +12,8 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jaxpref import fileio
+
 WHITE, BLACK, GRAY = (255, 255, 255), (0, 0, 0), (110, 110, 110)
 GREEN, RED = (20, 130, 40), (190, 30, 30)
 
@@ -25,9 +27,9 @@ def _font(size: int):
 
 def _evaluation(eval_dir: str, reward: str | None):
     """(prompts, images [N][K] paths, scores [N, K], reward name) of one evaluation folder."""
-    with open(os.path.join(eval_dir, "prompts.json")) as f:
+    with fileio.open_file(os.path.join(eval_dir, "prompts.json")) as f:
         prompts = json.load(f)
-    with np.load(os.path.join(eval_dir, "scores.npz")) as data:
+    with fileio.open_file(os.path.join(eval_dir, "scores.npz"), "rb") as f, np.load(f) as data:
         names = [k for k in data.files if k != "__seeds__"]
         reward = reward or names[0]
         scores = data[reward]
@@ -61,21 +63,24 @@ def before_after(base_dir: str, trained_dir: str, path: str, *, max_prompts: int
         draw.multiline_text((6, y + 4), "\n".join(textwrap.wrap(prompts[i], 26)), fill=BLACK, font=font)
         for x0, paths, scores in ((x_base, base_paths, base_scores), (x_trained, trained_paths, trained_scores)):
             for j in range(k):
-                image = Image.open(paths[i][j]).convert("RGB").resize((size, size), Image.NEAREST)
+                with fileio.open_file(paths[i][j], "rb") as f:
+                    image = Image.open(f).convert("RGB")
+                image = image.resize((size, size), Image.NEAREST)
                 canvas.paste(image, (x0 + j * cell_w, y))
                 draw.text((x0 + j * cell_w + 2, y + size + 1), f"{scores[i, j]:.2f}", fill=BLACK, font=small)
         before, after = (round(float(s[i, :k].mean()), 2) for s in (base_scores, trained_scores))
         color = GREEN if after > before else RED if after < before else BLACK
         draw.text((x_trained + side_w + 8, y + size // 2 - 8), f"{before:.2f} -> {after:.2f}", fill=color, font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
+    with fileio.staged(path) as local:   # a bucket path: saved here, then copied up
+        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        canvas.save(local)
     return path
 
 
 def eval_history(metrics_path: str, metric: str) -> list[tuple[int, float]]:
     """(step, value) of every ``eval/<metric>`` row in a run's metrics.jsonl, by step (last write wins)."""
     points = {}
-    with open(metrics_path) as f:
+    with fileio.open_file(metrics_path) as f:
         for line in f:
             row = json.loads(line)
             value = row.get(f"eval/{metric}")
@@ -101,7 +106,8 @@ def reward_curve(points: list[tuple[int, float]], path: str, *, base: float | No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with fileio.staged(path) as local:
+        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        fig.savefig(local, dpi=110)
     plt.close(fig)
     return path

@@ -15,7 +15,9 @@ need it too where TensorFlow is not installed).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import uuid
 
 from etils import epath
@@ -80,6 +82,56 @@ def append_text(path, text: str) -> None:
         return
     with open(path, "a") as f:
         f.write(text)
+
+
+class _BucketAppend:
+    """``open(path, "a")`` for a bucket object: the text written is added to it at each ``flush``/``close``."""
+
+    def __init__(self, path):
+        self.path, self._pending = path, []
+
+    def write(self, text: str) -> int:
+        self._pending.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            append_text(self.path, "".join(self._pending))
+            self._pending = []
+
+    def close(self) -> None:
+        self.flush()
+
+
+def open_append(path):
+    """``open(path, "a")``; on a bucket, a writer whose ``flush`` rewrites the object with the new text added."""
+    return _BucketAppend(path) if is_remote(path) else open(path, "a")
+
+
+@contextlib.contextmanager
+def staged(path):
+    """A local path at which to write ``path`` (a file or a folder) with writers that only know local files
+    (PIL, matplotlib, numpy, safetensors): ``path`` itself when local; for a bucket, a temporary local one
+    that is copied up when the block ends without an error."""
+    if not is_remote(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(os.fspath(path).rstrip("/")))
+        yield local
+        upload(local, path)
+
+
+def upload(local: str, path) -> None:
+    """Copies a local file, or a local folder's files (sub-folders included), to ``path``."""
+    files = ([(local, "")] if os.path.isfile(local) else
+             [(os.path.join(root, name), os.path.relpath(os.path.join(root, name), local))
+              for root, _, names in os.walk(local) for name in names])
+    for src, rel in files:
+        dst = epath.Path(path) / rel if rel else epath.Path(path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as f:
+            dst.write_bytes(f.read())
 
 
 def replace(src, dst) -> None:

@@ -323,6 +323,9 @@ def resolve(value: str, *, key: str = "model", subfolder: str = "", components: 
         keep = select_files(inside, components, pickles)
     except Refused as e:
         raise HubError(f"{key}={value!r}: {posixpath.join(sub, str(e)) if sub else e}") from e
+    if not keep:
+        raise HubError(f"{key}={value!r}: {ref} holds no config or safetensors file to read (it has "
+                       f"{sorted(inside)[:5]})")
     folder = fetch(listing, [posixpath.join(sub, p) if sub else p for p in keep], key=key, value=value,
                    announce=announce)
     return os.path.join(folder, sub) if sub else folder

@@ -15,6 +15,8 @@ size, the learning rate and the objective's settings stay the file's, so every l
 """
 from __future__ import annotations
 
+from jaxpref.methods import get_method
+
 GPU_NODE_GPUS = 8
 GPU_NODE_PAIRS_PER_GPU = 8
 RUNTIMES = ("", "gpu8")
@@ -34,8 +36,7 @@ def gpu_node(config, gpus: int = GPU_NODE_GPUS, pairs_per_gpu: int = GPU_NODE_PA
     config.grad_accum = config.batch_size // micro
     config.mesh.update(data=-1, fsdp=1)
     config.remat = False
-    if config.objective == "dro":  # DRO's buffer holds at least one micro-batch of trajectories
-        config.dro.buffer_size = max(config.dro.buffer_size, micro // config.dro.steps_per_trajectory)
+    get_method(config.objective).fit_config_to_batch(config, micro)   # e.g. DRO's buffer holds a micro-batch
     return config
 
 

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import pyarrow.parquet as pq
 
-from jaxpref.data import shapes
+from jaxpref.world import shapes
 from jaxpref.data.sources import load_prompts as load_source_prompts
 
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
@@ -162,7 +162,7 @@ def read_tfds(arg: str) -> PromptSet:
 
 
 def read_shapes(split: str = "test") -> PromptSet:
-    """The shapes world's held-out captions (jaxpref.data.shapes.caption_splits)."""
+    """The shapes world's held-out captions (jaxpref.world.shapes.caption_splits)."""
     if split not in ("test", "validation"):
         raise ValueError(f"prompt set shapes:{split}: supported splits are 'test' and 'validation'")
     prompts = tuple(shapes.heldout_prompts(split))

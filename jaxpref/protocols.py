@@ -9,7 +9,7 @@ the preset (``resolve``); the written protocol.json records each setting's value
   smpo  DDIM 50  7.5 / 5.0       1       hpdv2, parti, pickapic  pickscore, hpsv2, imagereward, aesthetic, clipscore
   dpo   DDIM 50  7.5 / 5.0       1       parti, hpdv2, pickapic  pickscore, hpsv2, clipscore, aesthetic
   kto   DDIM 50  7.0 / 5.0       1       pickapic, hpdv2, parti  pickscore, hpsv2, imagereward, aesthetic, clipscore
-  mapo  DDIM 30  7.5 / 5.0       1       pickapic                aesthetic, hpsv2, pickscore
+  mapo  DDIM 30  7.5 / 5.0       1       pickapic, parti, hpdv2  aesthetic, hpsv2, pickscore
 
 Every preset: seed 0 and DRO's seed rule (image k of prompt i from seed ``seed + i + k·N``, so the base and
 the tuned model draw the same noise for the same image), the model's native resolution (512 px for SD1.5,
@@ -41,7 +41,8 @@ Sources, and where a preset can only approximate the paper:
   default 5.0.
 - mapo: mapo-t2i/mapo, the readme's inference (SDXL, 30 steps, the pipeline's default guidance 5.0 and
   Euler scheduler: DDIM here) and its evaluation notes (Aesthetic, HPS v2.1, PickScore, each with its
-  official code); Pick-a-Pic v2 test from the paper (Hong et al., 2024).
+  official code); Pick-a-Pic v2 test, PartiPrompts and the HPDv2 benchmark from the paper's general
+  preference results (Hong et al., 2024).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ PROMPT_SETS = {"pickapic": "Pick-a-Pic v2 test_unique (pickapic:PARQUET)", "part
 # The hub repositories that hold everything a scorer's loader reads; the others take a path (or a file).
 SCORER_HUB_IDS = {"pickscore": "yuvalkirstain/PickScore_v1", "clipscore": "openai/clip-vit-large-patch14",
                   "imagereward": "THUDM/ImageReward"}
-SCORER_FILES = {"hpsv2": "HPS_v2_compressed.pt or HPS_v2.1_compressed.pt (with the CLIP tokenizer files)",
+SCORER_FILES = {"hpsv2": "HPS_v2_compressed.pt or HPS_v2.1_compressed.pt, beside the CLIP tokenizer files",
                 "aesthetic": "a CLIP-L/14 folder with sa_0_4_vit_l_14_linear.pth"}
 # The settings a preset sets, each also a flag of jaxpref.evaluate (the flag given wins).
 SETTINGS = ("sampler", "num_steps", "guidance_scale", "num_images_per_prompt", "seed", "resolution", "num_prompts",
@@ -110,7 +111,7 @@ PROTOCOLS = {p.name: p for p in (
     Protocol("kto", "Diffusion-KTO (Li et al., 2024)", "ddim", 50, 7.0, 5.0, 1, ("pickapic", "hpdv2", "parti"),
              ("pickscore", "hpsv2", "imagereward", "aesthetic", "clipscore"),
              sources=("github.com/jacklishufan/diffusion-kto: readme.md", "arXiv 2404.04465")),
-    Protocol("mapo", "MaPO (Hong et al., 2024)", "ddim", 30, 7.5, 5.0, 1, ("pickapic",),
+    Protocol("mapo", "MaPO (Hong et al., 2024)", "ddim", 30, 7.5, 5.0, 1, ("pickapic", "parti", "hpdv2"),
              ("aesthetic", "hpsv2", "pickscore"), {"hpsv2": "v2.1"},
              sources=("github.com/mapo-t2i/mapo: README.md (inference, notes on evaluation)", "arXiv 2406.06424")),
 )}

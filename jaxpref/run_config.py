@@ -14,7 +14,7 @@ import json
 import os
 import time
 
-from jaxpref import errors
+from jaxpref import errors, fileio
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
@@ -55,17 +55,17 @@ def stored(workdir: str) -> dict | None:
     """The run's settings as they stand: config.json with every recorded change applied (None: a fresh
     workdir)."""
     path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
         return None
-    with open(path) as f:
+    with fileio.open_file(path) as f:
         try:
             settings = flat(json.load(f))
         except ValueError as e:
             raise errors.JaxprefError(f"{path}: not readable JSON ({e}); it records how this run was started: "
                                       "restore it, or start a new --workdir") from e
     history = os.path.join(workdir, HISTORY_FILE)
-    if os.path.isfile(history):
-        with open(history) as f:
+    if fileio.isfile(history):
+        with fileio.open_file(history) as f:
             for line in f:
                 if line.strip():
                     settings.update({k: new for k, (_, new) in json.loads(line)["changes"].items()})
@@ -98,14 +98,11 @@ def check(workdir: str, config, accepted: tuple[str, ...] = ()) -> dict:
 def record(workdir: str, config, changes: dict, accepted: tuple[str, ...] = ()):
     """Writes config.json for a fresh run (atomically), or appends an accepted change to the history."""
     path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(path + ".tmp", path)
+    if not fileio.isfile(path):
+        fileio.makedirs(workdir)
+        fileio.write_text(path, config.to_json_best_effort(indent=2))   # atomic: a temporary file, or one object
         return
     if changes:
         row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": {k: list(v) for k, v in changes.items()},
                "accepted_unsafe": sorted(k for k in changes if not is_safe(k) and k in accepted)}
-        with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        fileio.append_text(os.path.join(workdir, HISTORY_FILE), json.dumps(row) + "\n")

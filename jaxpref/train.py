@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,11 +37,12 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from jaxpref import checkpoint as checkpoint_lib
-from jaxpref import config_lib, console, errors, hub, lora, paths, run_config, sharding, trainer
+from jaxpref import config_lib, console, errors, fileio, hub, lora, paths, run_config, sharding, trainer
 from jaxpref import evaluate as evaluate_lib
 from jaxpref import flops as flops_lib
 from jaxpref.data import feed as feed_lib
 from jaxpref.models import save_unet
+from jaxpref.models.pipeline import save_pipeline
 
 
 def _is_main() -> bool:
@@ -126,17 +128,23 @@ class MetricWriter:
         self._path = os.path.join(workdir, "metrics.jsonl")
         self._written = set()
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            fileio.makedirs(workdir)
             path = self._path
             drop_rows_after(path, resume_step)
             self._written = _row_kinds(path)
-            self._jsonl = open(path, "a")
+            self._jsonl = fileio.open_append(path)
             try:
                 from tensorboardX import SummaryWriter
+
+                if fileio.is_remote(workdir):  # tensorboardX writes gs:// only through TensorFlow
+                    raise ImportError
 
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
             except ImportError:  # TensorBoard is optional; JSONL always works
                 self._tb = None
+                if fileio.is_remote(workdir):
+                    logging.warning("%s is a bucket: no TensorBoard events (tensorboardX cannot write there); "
+                                    "metrics.jsonl has every row", workdir)
 
     def write(self, step: int, metrics: dict, prefix: str = "train/", extra: dict | None = None):
         """One row: ``metrics`` under ``prefix``, and ``extra``'s keys as they are (e.g. perf/step_ms)."""
@@ -147,7 +155,7 @@ class MetricWriter:
         if (step, prefix) in self._written:    # written before this run resumed: replace, never duplicate
             self._jsonl.close()
             drop_rows(self._path, lambda line: _row_step(line) == step and _row_kind(line) == prefix)
-            self._jsonl = open(self._path, "a")
+            self._jsonl = fileio.open_append(self._path)
         self._written.add((step, prefix))
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
@@ -197,16 +205,16 @@ def drop_rows_after(path: str, step: int):
 
 def drop_rows(path: str, drop):
     """Rewrites a metrics.jsonl without the lines for which ``drop(line)`` holds."""
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
         return
-    with open(path) as f:
+    with fileio.open_file(path) as f:
         lines = f.readlines()
     kept = [line for line in lines if not drop(line)]
     if len(kept) == len(lines):
         return
-    with open(path + ".tmp", "w") as f:
+    with fileio.open_file(path + ".tmp", "w") as f:
         f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    fileio.replace(path + ".tmp", path)
 
 
 def _row_kind(line: str) -> str | None:
@@ -219,9 +227,9 @@ def _row_kind(line: str) -> str | None:
 
 
 def _row_kinds(path: str) -> set:
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
         return set()
-    with open(path) as f:
+    with fileio.open_file(path) as f:
         return {(_row_step(line), _row_kind(line)) for line in f}
 
 
@@ -529,6 +537,21 @@ def _policy(run, state):
     return lora.merge(run.pipeline.unet_params, _trained(state), lora.scale(run.config.lora))
 
 
+def _export_model(run, policy, folder: str) -> dict:
+    """The trained model as a diffusers pipeline folder (the trained UNet, the other parts as loaded), usable
+    as the next run's ``model_path`` (e.g. SmPO from an SFT run); the UNet alone where a part was not loaded
+    (a latent cache leaves out the VAE)."""
+    unet = run.pipeline.unet.clone(remat=False)
+    parts = (run.pipeline.vae_params, run.pipeline.text_encoder_params)
+    if any(p is None for p in parts):
+        with fileio.staged(os.path.join(folder, "unet")) as local:   # a bucket workdir: written here, copied up
+            save_unet(local, unet, policy)
+        return {"exported_unet": os.path.join(folder, "unet")}
+    with fileio.staged(folder) as local:
+        save_pipeline(local, dataclasses.replace(run.pipeline, unet=unet), unet_params=policy)
+    return {"exported_unet": os.path.join(folder, "unet"), "exported_model": folder}
+
+
 def _finish(run, state, workdir, writer, mesh) -> dict:
     """Exports the trained UNet, evaluates base vs trained on held-out prompts, writes a before/after grid."""
     out = {}
@@ -537,11 +560,11 @@ def _finish(run, state, workdir, writer, mesh) -> dict:
     if run.config.lora.enabled:
         policy = jax.device_get(lora.merge(run.pipeline.unet_params, trained, lora.scale(run.config.lora)))
         if _is_main():
-            out["exported_lora"] = lora.save_diffusers_lora(os.path.join(workdir, "export"), trained,
-                                                            run.config.lora.rank, run.config.lora.alpha)
+            with fileio.staged(os.path.join(workdir, "export")) as local:
+                saved = lora.save_diffusers_lora(local, trained, run.config.lora.rank, run.config.lora.alpha)
+            out["exported_lora"] = saved.replace(local, os.path.join(workdir, "export"), 1)
     if run.config.checkpoint.export_unet and _is_main():
-        save_unet(os.path.join(workdir, "export", "unet"), run.pipeline.unet.clone(remat=False), policy)
-        out["exported_unet"] = os.path.join(workdir, "export", "unet")
+        out.update(_export_model(run, policy, os.path.join(workdir, "export")))
     if run.config.eval.final and _is_main() and jax.process_count() == 1:
         base, trained = evaluate_lib.base_vs_trained(run, policy, workdir, mesh)
         writer.write(int(state.step), trained, prefix="eval/")

@@ -11,8 +11,8 @@
 #   fetch     put what the run reads on every worker: FETCH_BUCKET's gs:// model folders in ~/models/<name>;
 #             the config's hub ids (model, reference, VAE, LoRA start, evaluation rewards: python -m
 #             jaxpref.fetch --config=CONFIG EXTRA) in each worker's Hugging Face cache (safetensors and configs
-#             only; gated or private repositories: huggingface-cli login on the workers first); the Pick-a-Pic
-#             slice (PICKAPIC_SPLITS) built into DATA_DIR
+#             only; gated or private repositories: huggingface-cli login on the workers first); Pick-a-Pic v2
+#             (PICKAPIC_SOURCE, a slice with MAX_SHARDS) built into DATA_DIR
 #   fitcheck  check that CONFIG's train step fits TOPOLOGY's HBM (python -m jaxpref.aot: compiled with the TPU
 #             compiler from shapes only); a config that DOES NOT FIT stops the script before training
 #   train     python -m jaxpref.train --distributed on every worker (jax.distributed.initialize() finds the
@@ -37,9 +37,9 @@
 #   FETCH_BUCKET    stage fetch: gs:// model folders, space-separated, copied to ~/models/<name> on every worker
 #                   (a model folder must be local: EXTRA="--config.model_path=\$HOME/models/<name>", the
 #                   escaped $HOME expanded on the worker)
-#   PICKAPIC_SPLITS stage fetch: Pick-a-Pic v2 splits to build, space-separated, e.g. "train test_unique"
-#   PICKAPIC_SOURCE its hub dataset id or a local parquet folder on the workers (default: yuvalkirstain/pickapic_v2)
-#   MAX_SHARDS      a slice: at most this many parquet shards per split                   (default: all)
+#   PICKAPIC_SOURCE stage fetch: build Pick-a-Pic v2 (all its splits, as training reads them) from this hub
+#                   dataset id or local parquet folder on the workers, e.g. yuvalkirstain/pickapic_v2 (default: none)
+#   MAX_SHARDS      a slice: the first N parquet shards of each split                      (default: all)
 #   DATA_DIR        where the datasets are built: a local folder on every worker, or gs://bucket/tfds (then
 #                   built once, on worker 0); pass it to training as --config.data.data_dir in EXTRA
 #   FIT_CHECK       remote: on worker 0 (after install; JAX_PLATFORMS=cpu, the chips stay free)   (default)
@@ -54,7 +54,7 @@
 # Examples:
 #   # a v5e-8: copy this checkout, install, fetch SD1.5 and a Pick-a-Pic slice, check the fit, train
 #   TPU_NAME=v5e-8 ZONE=us-west4-a TOPOLOGY=v5e:2x4 CONFIG=configs/dposd15.py WORKDIR=gs://my-bucket/dpo1 \
-#     PICKAPIC_SPLITS=train MAX_SHARDS=8 DATA_DIR=gs://my-bucket/tfds \
+#     PICKAPIC_SOURCE=yuvalkirstain/pickapic_v2 MAX_SHARDS=8 DATA_DIR=gs://my-bucket/tfds \
 #     EXTRA="--config.model_path=stable-diffusion-v1-5/stable-diffusion-v1-5 --config.data.data_dir=gs://my-bucket/tfds" \
 #     bash launch/tpu_pod.sh
 #   # after a preemption (exit 75), or to train again with the code already there:
@@ -127,7 +127,6 @@ REPO_DIR=${REPO_DIR:-jaxpref}
 REPO_REF=${REPO_REF:-main}
 PIP_EXTRA=${PIP_EXTRA:-tpu}
 FIT_CHECK=${FIT_CHECK:-remote}
-PICKAPIC_SOURCE=${PICKAPIC_SOURCE:-yuvalkirstain/pickapic_v2}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 case "$FIT_CHECK" in remote|local|off) ;; *) die "FIT_CHECK=$FIT_CHECK: use remote, local or off" ;; esac
@@ -187,25 +186,23 @@ stage_install() {
 }
 
 stage_fetch() {
-  local split data_flag="" where=all model
+  local data_flag="" where=all model
   for model in ${FETCH_BUCKET:-}; do
     [[ "$model" == gs://* ]] || die "FETCH_BUCKET: $model is not a gs:// folder"
     on_workers all "mkdir -p models && gcloud storage cp -r ${model%/} models/"
   done
   # The models the run reads (model_path, reference_path, vae_path, lora.init_from, eval.rewards): hub ids
   # downloaded into each worker's Hugging Face cache, local paths checked.
-  on_workers all "$(in_repo "python3 -m jaxpref.fetch --config=$CONFIG $EXTRA${FETCH_MODELS:+ $FETCH_MODELS}")"
-  if [ -n "${PICKAPIC_SPLITS:-}" ]; then
+  on_workers all "$(in_repo "python3 -m jaxpref.fetch --config=$CONFIG${EXTRA:+ $EXTRA}${FETCH_MODELS:+ $FETCH_MODELS}")"
+  if [ -n "${PICKAPIC_SOURCE:-}" ]; then
     if [ -n "${DATA_DIR:-}" ]; then data_flag=" --data_dir=$DATA_DIR"; fi
     if [[ "${DATA_DIR:-}" == gs://* ]]; then where=0; fi   # one build in the bucket that every host reads
-    for split in $PICKAPIC_SPLITS; do
-      on_workers "$where" "$(in_repo "python3 -m jaxpref.data.pickapic --source=$PICKAPIC_SOURCE --split=$split${MAX_SHARDS:+ --max_shards=$MAX_SHARDS}$data_flag")"
-    done
+    on_workers "$where" "$(in_repo "python3 -m jaxpref.data.pickapic --source=$PICKAPIC_SOURCE${MAX_SHARDS:+ --max_shards=$MAX_SHARDS}$data_flag")"
   fi
 }
 
 fit_check_args() {
-  echo "-m jaxpref.aot --config=$CONFIG --topology=$TOPOLOGY $EXTRA"
+  echo "-m jaxpref.aot --config=$CONFIG --topology=$TOPOLOGY${EXTRA:+ $EXTRA}"
 }
 
 stage_fitcheck() {
@@ -233,7 +230,7 @@ stage_train() {
   # whatever status gcloud returns for several workers.
   local log rc=0
   local command
-  command="$(in_repo "python3 -m jaxpref.train --config=$CONFIG --workdir=$WORKDIR --distributed $EXTRA; \
+  command="$(in_repo "python3 -m jaxpref.train --config=$CONFIG --workdir=$WORKDIR --distributed${EXTRA:+ $EXTRA}; \
 rc=\$?; echo \"jaxpref.train exit \$rc on \$(hostname)\"; exit \$rc")"
   if [ "${DRY_RUN:-0}" = "1" ]; then
     on_workers all "$command"

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from jaxpref.data import common, shapes
+from jaxpref.data import common
+from jaxpref.world import shapes
 
 
 @pytest.fixture(scope="module")

@@ -117,8 +117,8 @@ def _records(data_dir, split="train"):
     from jaxpref.data import open_source
 
     src = open_source("pickapic_v2/resolution16_splitstrain", split, data_dir)
-    return sorted((tuple((k, v.tobytes() if hasattr(v, "tobytes") else v) for k, v in sorted(src[i].items()))
-                   for i in range(len(src))))
+    as_bytes = lambda v: v if isinstance(v, bytes) else np.asarray(v).tobytes()  # noqa: E731 - NaN == NaN here
+    return sorted(tuple((k, as_bytes(v)) for k, v in sorted(src[i].items())) for i in range(len(src)))
 
 
 def test_from_a_hub_dataset_cache_builds_what_the_local_folder_builds(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jaxpref.data import shapes
+from jaxpref.world import shapes
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +37,23 @@ def test_pickscore_fn_scores_a_batch(clip_folder):
     scaled = get_scorer(f"pickscore_scaled:{clip_folder}")(images, caps)
     np.testing.assert_allclose(scaled / cos, scaled[0] / cos[0], rtol=1e-4)  # one logit_scale factor
     np.testing.assert_allclose(pickscore_fn(clip_folder)(images[:1], caps[:1]), cos[:1], rtol=1e-5)
+
+
+def test_scorer_from_a_hub_id_scores_as_the_folder(clip_folder, tmp_path, monkeypatch):
+    """The scores and experts builders' --scorer pickscore:org/name: the CLIP read from the Hugging Face cache (built
+    here, offline; with a pickled copy of the weights beside the safetensors, as hub repos have, never read)."""
+    import hub_cache
+    from jaxpref.data import get_scorer, pickscore_fn
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    hub_cache.add_repo(tmp_path / "hf_home", "someorg/PickScore_tiny", {"": clip_folder,
+                                                                        "pytorch_model.bin": b"not read"})
+    caps = shapes.all_captions()[:3]
+    rng = np.random.default_rng(1)
+    images = np.stack([shapes.render(c, rng) for c in caps])
+    np.testing.assert_allclose(get_scorer("pickscore:someorg/PickScore_tiny")(images, caps),
+                               pickscore_fn(clip_folder)(images, caps), rtol=1e-6)
+    with pytest.raises(ValueError, match="someorg/missing.*HF_HUB_OFFLINE=0"):
+        get_scorer("pickscore:someorg/missing")

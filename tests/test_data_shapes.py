@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jaxpref.data import shapes
+from jaxpref.world import shapes
 
 
 def _captions(n, seed):

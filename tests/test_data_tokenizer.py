@@ -2,7 +2,7 @@
 import numpy as np
 from transformers import CLIPTokenizer
 
-from jaxpref.data import shapes
+from jaxpref.world import shapes
 from jaxpref.data.tokenizer import SHAPES_TOKENIZER_DIR, load_tokenizer, tokenize, write_clip_tokenizer
 
 

@@ -12,7 +12,7 @@ TEXT_SUFFIXES = {".py", ".md", ".json", ".txt", ".sh", ".ipynb"}
 # The CLIP tokenizers' byte-pair tables: generated vocabulary, not prose.
 TOKENIZER_TABLES = {"vocab.json", "merges.txt"}
 README_MAX_LINES = 250
-TEST_COMMAND = "pip install -e '.[test,tpu]' && python -m pytest -q -n 2 --dist loadgroup"
+TEST_COMMAND = "pip install -e '.[test,tpu]' && pip install --no-deps image-reward==1.5 timm==0.6.13 && python -m pytest -q -n 2 --dist loadgroup"
 # The lead adds this picture (the quickstart's before/after grid); until then its link is the one allowed to
 # point at a missing file.
 PENDING_IMAGE = ROOT / "docs" / "images" / "before_after.png"

@@ -2,7 +2,7 @@
 (``python -m jaxpref.train``: configs/tiny.py as shipped) and the other objectives, trained by the same
 loop, against the base model on held-out prompts.
 
-The oracle is the shapes world's analytic reward (jaxpref.data.shapes.reward_batch on the decoded
+The oracle is the shapes world's analytic reward (jaxpref.world.shapes.reward_batch on the decoded
 images; SmPO sees it only as offline soft labels, DRO only through the choice of its top-500 experts,
 DPO not at all). Steps and bounds come from the runs recorded beside the bounds (this 2-core CPU,
 seeds 0, 1 and 2): each gain bound is about half the measured gain averaged over the seeds CI runs,
@@ -19,11 +19,9 @@ SEEDS = (0, 1)
 # The other objectives' runs (DPO, SmPO, LoRA DPO) use seed 0 only: each bound below is about half the mean
 # gain measured over seeds 0-2 and under half of seed 0's, and one seed each keeps the suite within its time.
 OTHER_SEEDS = (0,)
-# The default command (DRO, sample negatives; configs/tiny.py; intermediate evaluations off, which change
-# no number). Measured, seeds 0 / 1 / 2: gain +0.0591 / +0.0381 / +0.0467, per-prompt win rate 0.812 /
-# 0.688 / 0.688 (a run that learns nothing: gain ~0, win rate ~0.5); on jax 0.10.2, under the suite's XLA flag
-# (tests/conftest.py, bit-identical to the command's own), seeds 0 / 1 gave +0.0436 / +0.0394, win rate 0.719 /
-# 0.656. Asserted over SEEDS:
+# The default command (DRO, sample negatives; configs/tiny.py: 50 updates; intermediate evaluations off, which
+# change no number). Measured, seeds 0 / 1 / 2: gain +0.057 / +0.029 / +0.037, per-prompt win rate 0.81 / 0.72
+# / 0.66 (a run that learns nothing: gain ~0, win rate ~0.5). Asserted over SEEDS:
 DEFAULT_BOUNDS = {"gain": 0.024, "win_rate": 0.6}
 # The other objectives on the same world, total_steps shortened to STEPS: objective -> (config, bound on the
 # gain over OTHER_SEEDS). Measured at STEPS, seeds 0 / 1 / 2 (benchmarks/results/ablation_tiny.json, rows dpo, smpo/none):

@@ -73,3 +73,37 @@ def test_write_append_replace_read(where, bucket, tmp_path):
             fileio.open_file(metrics, "a")
     else:
         assert sorted(os.listdir(root)) == ["config.json", "grid.png", "metrics.jsonl"]
+
+
+def test_a_training_run_writes_its_files_in_the_bucket(bucket, world, tmp_path, monkeypatch):
+    """Two updates of the embedded model with --workdir on the fake bucket: config.json, metrics.jsonl and the
+    exported UNet land in the bucket, the lock is off with a warning, and no local folder "gs:" appears.
+    orbax writes gs:// through google-cloud-storage and tensorstore, which an fsspec store cannot stand in for:
+    the checkpoints alone go to a local folder here."""
+    import json
+
+    import train_helpers as th
+    from jaxpref import checkpoint as checkpoint_lib
+    from jaxpref import train as train_lib
+
+    local_checkpoints = tmp_path / "orbax"
+
+    class LocalCheckpoints(checkpoint_lib.CheckpointManager):
+        def __init__(self, workdir, **kwargs):
+            assert workdir == bucket
+            super().__init__(str(local_checkpoints), **kwargs)
+
+    monkeypatch.setattr(train_lib.checkpoint_lib, "CheckpointManager", LocalCheckpoints)
+    monkeypatch.chdir(tmp_path)
+    warnings = []
+    monkeypatch.setattr(checkpoint_lib.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    config = th.tiny_dpo_config(*world, total_steps=2, **{"eval.final": False, "checkpoint.every": 2})
+    train_lib.train(config, bucket)
+
+    rows = [json.loads(line) for line in _stored(bucket + "/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    assert json.loads(_stored(bucket + "/config.json"))["total_steps"] == 2
+    assert "/bucket/run1/export/unet/diffusion_pytorch_model.safetensors" in FakeGCS.store
+    assert (local_checkpoints / "checkpoints" / "2").is_dir()
+    assert sum("no lock" in w for w in warnings) == 1
+    assert not os.path.exists(tmp_path / "gs:") and not os.path.exists("gs:")

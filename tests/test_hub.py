@@ -10,6 +10,7 @@ import pytest
 import hub_cache
 import train_helpers as th
 from jaxpref import hub, paths
+from jaxpref.models import pipeline as pipeline_lib
 from jaxpref.models.pipeline import TINY_SD_DIR
 
 # The files of stable-diffusion-v1-5/stable-diffusion-v1-5 (its model card's listing, abridged): what a
@@ -61,6 +62,7 @@ def test_only_what_the_loaders_read_is_fetched():
         "tokenizer/vocab.json",
         "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
         "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    assert set(hub.SD_COMPONENTS) == set(pipeline_lib._REQUIRED + pipeline_lib._SDXL)   # what load_pipeline reads
     assert hub.select_files(SD15_FILES, components=("unet",)) == [
         "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
     sharded = ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
@@ -89,6 +91,9 @@ def test_a_hub_id_resolves_to_the_cached_snapshot_offline(hf_home):
     assert hub.resolve("someorg/tiny-sd@main/unet") == os.path.join(snapshot, "unet")
     assert hub.resolve("someorg/tiny-sd", subfolder="vae") == os.path.join(snapshot, "vae")
     assert hub.resolve(f"someorg/tiny-sd@{snapshot.name}") == str(snapshot)   # a commit hash
+    from jaxpref.data import cache
+
+    assert cache._component("someorg/tiny-sd", "vae", "--vae") == os.path.join(snapshot, "vae")   # a pipeline's vae/
     assert said == []   # all cached: nothing fetched, nothing announced
     assert hub.resolve(TINY_SD_DIR) == TINY_SD_DIR and hub.resolve("embedded:tiny") == TINY_SD_DIR
 
@@ -174,7 +179,6 @@ def test_export_accepts_embedded_tiny_as_base(tmp_path):
 
 def test_a_missing_id_stops_train_before_any_model_loads(hf_home, tmp_path, monkeypatch):
     from jaxpref import config_lib, train
-    from jaxpref.models import pipeline as pipeline_lib
 
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -188,6 +192,7 @@ def test_a_missing_id_stops_train_before_any_model_loads(hf_home, tmp_path, monk
     assert time.perf_counter() - start < 30
 
 
+@pytest.mark.slow
 def test_train_command_trains_the_embedded_model_from_the_hub_cache(world, tmp_path):
     """python -m jaxpref.train --config.model_path=<org/name>, offline, with the shipped tiny model in a hub cache:
     ten updates (its warmup), and the exported UNet is that model's. The settings are test_embedded's DPO run's (one train

@@ -45,13 +45,13 @@ def test_help_exits_0_and_lists_the_variables(script):
     p = _bash(script, "--help")
     assert p.returncode == 0 and p.stderr == ""
     names = (["TPU_NAME", "ZONE", "PROJECT", "CONFIG", "WORKDIR", "EXTRA", "STAGES", "DRY_RUN", "REPO_URL", "REPO_REF",
-              "FIT_CHECK", "TOPOLOGY", "DATA_DIR", "PICKAPIC_SPLITS", "MAX_SHARDS", "75"] if script == POD
+              "FIT_CHECK", "TOPOLOGY", "DATA_DIR", "PICKAPIC_SOURCE", "MAX_SHARDS", "FETCH_MODELS", "75"] if script == POD
              else ["CONFIG", "WORKDIR", "EXTRA", "DRY_RUN", "requeue", "75", "gpu8"])
     assert all(name in p.stdout for name in names), [n for n in names if n not in p.stdout]
 
 
 def test_dry_run_prints_every_stage_on_every_worker_in_order():
-    lines = _dry_run(PICKAPIC_SPLITS="train", MAX_SHARDS="2", DATA_DIR="gs://bucket/tfds",
+    lines = _dry_run(PICKAPIC_SOURCE="yuvalkirstain/pickapic_v2", MAX_SHARDS="2", DATA_DIR="gs://bucket/tfds",
                      FETCH_MODELS="yuvalkirstain/PickScore_v1")
     gcloud = [line for line in lines if line.startswith("gcloud ")]
     assert len(gcloud) == len(lines) - 1            # and the one local command: the tarball of this checkout
@@ -69,6 +69,8 @@ def test_dry_run_prints_every_stage_on_every_worker_in_order():
     assert "--distributed" in train and "--config=configs/dposd15.py" in train and "--workdir=gs://bucket/run1" in train
     assert "--config.model_path=stable-diffusion-v1-5/stable-diffusion-v1-5" in train
     assert "JAX_PLATFORMS=cpu" in gcloud[order.index("jaxpref.aot")]
+    assert "--source=yuvalkirstain/pickapic_v2 --max_shards=2 --data_dir=gs://bucket/tfds" in \
+        gcloud[order.index("jaxpref.data.pickapic")]
     fetch_line = gcloud[order.index("jaxpref.fetch")]
     assert "--config=configs/dposd15.py --config.model_path=stable-diffusion-v1-5/stable-diffusion-v1-5 " \
            "yuvalkirstain/PickScore_v1" in fetch_line

@@ -305,7 +305,7 @@ def test_openclip_mapping_names_every_tensor():
 # Shapes, registry, bad inputs.
 
 def test_shapes_scorer_is_the_world_reward():
-    from jaxpref.data import shapes
+    from jaxpref.world import shapes
 
     captions = shapes.heldout_prompts("test")[:3]
     rng = np.random.default_rng(0)

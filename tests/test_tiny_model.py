@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from jaxpref.data import shapes
+from jaxpref.world import shapes
 from jaxpref.models import load_pipeline, presets
-from jaxpref.tiny import train_base
+from jaxpref.world import train_base
 
 SHIPPED = train_base.DEFAULT_OUT
 
@@ -18,7 +18,7 @@ def manifest():
     path = os.path.join(SHIPPED, train_base.MANIFEST)
     if not os.path.isfile(path):
         pytest.fail(f"{path} is missing: the shipped tiny model is not there; regenerate it with "
-                    "`python -m jaxpref.tiny.train_base`")
+                    "`python -m jaxpref.world.train_base`")
     with open(path) as f:
         return json.load(f)
 

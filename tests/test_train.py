@@ -264,8 +264,9 @@ def test_cli_rejects_bad_keys_and_missing_model_before_compiling(tmp_path):
     rc, out, _ = _cli(f"--config={bad}", f"--workdir={workdir}")
     assert rc == errors.EXIT_CONFIG and "optimizer.learning_rate" in out and "Traceback" not in out
 
-    rc, out, seconds = _cli(f"--config={CONFIGS}/dposd15.py", f"--workdir={workdir}")
-    assert rc != 0 and "config.model_path='/path/to/stable-diffusion-v1-5'" in out
+    rc, out, seconds = _cli(f"--config={CONFIGS}/dposd15.py", "--config.model_path=/nonexistent/sd15",
+                            f"--workdir={workdir}")
+    assert rc == errors.EXIT_CONFIG and "config.model_path='/nonexistent/sd15'" in out
     assert "Compiling" not in out and seconds < 60
     assert not os.path.exists(workdir)
 

@@ -29,7 +29,7 @@ resumable shard by shard)
     build_scores(dataset, out_dir, score_fn, ...), pickscore_fn(clip_folder), get_scorer("shapes" | ...)
     build_experts(dataset, out_dir, score_fn, k=500, ...)
 
-The shapes world (module jaxpref.data.shapes)
+The shapes world (module jaxpref.world.shapes)
     shapes.reward_batch(images [B,H,W,3], captions) -> [B] in [0,1]; shapes.reward(image, caption)
     shapes.render(caption, rng, size=32, flaws=()), shapes.all_captions(), shapes.heldout_prompts()
 
@@ -41,7 +41,7 @@ import importlib
 
 _EXPORTS = {
     "open_source": "sources", "load_prompts": "sources", "Source": "sources",
-    "prepare_shapes": "shapes_builder", "shapes_config": "shapes_builder",
+    "prepare_shapes": "jaxpref.world.builder", "shapes_config": "jaxpref.world.builder",
     "build_pickapic": "pickapic", "pickapic_config": "pickapic",
     "make_loader": "loader", "Loader": "loader",
     "build_latent_cache": "cache", "vae_encode_fn": "cache",
@@ -50,14 +50,14 @@ _EXPORTS = {
     "load_tokenizer": "tokenizer", "tokenize": "tokenizer", "SHAPES_TOKENIZER_DIR": "tokenizer",
     "BuildReport": "common",
 }
-_MODULES = ("shapes", "sources", "loader", "cache", "scores", "experts", "pickapic", "shapes_builder", "tokenizer",
-            "records", "common")
-__all__ = sorted(_EXPORTS) + ["shapes"]
+_MODULES = ("sources", "loader", "cache", "scores", "experts", "pickapic", "tokenizer", "records", "common")
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"jaxpref.data.{_EXPORTS[name]}"), name)
+        module = _EXPORTS[name]
+        return getattr(importlib.import_module(module if "." in module else f"jaxpref.data.{module}"), name)
     if name in _MODULES:
         return importlib.import_module(f"jaxpref.data.{name}")
     raise AttributeError(f"module 'jaxpref.data' has no attribute {name!r}")

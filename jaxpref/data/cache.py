@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
+from jaxpref import hub
 from jaxpref.data import common, records
 from jaxpref.data.sources import open_source
 from jaxpref.data.tokenizer import load_tokenizer, tokenize
@@ -157,14 +158,25 @@ def _first_record(path) -> bytes:
         r.close()
 
 
+def _component(value: str, component: str, flag: str) -> str:
+    """A local folder for ``--vae`` / ``--tokenizer``: a hub id is fetched first, and a pipeline stands for its
+    ``component`` subfolder."""
+    folder = hub.resolve(value, key=flag, components=(component,))
+    if os.path.isfile(os.path.join(folder, "model_index.json")) and os.path.isdir(os.path.join(folder, component)):
+        return os.path.join(folder, component)
+    return folder
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="shapes", help="shapes | shapes/base | pickapic_v2[/<config>]")
     p.add_argument("--split", default="train")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--scores", default=None, help="a scores folder (python -m jaxpref.data.scores) to carry rewards")
-    p.add_argument("--vae", required=True, help="diffusers VAE folder, loaded with jaxpref.models.load_vae")
-    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: the shapes tokenizer)")
+    p.add_argument("--vae", required=True, help="diffusers VAE folder, loaded with jaxpref.models.load_vae, or a "
+                   "hub id (stable-diffusion-v1-5/stable-diffusion-v1-5/vae; a pipeline's id: its vae/)")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder or hub id (a pipeline's: its tokenizer/; "
+                   "default: the shapes tokenizer)")
     p.add_argument("--out", required=True)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=32)
@@ -172,8 +184,11 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--flips", action="store_true", help="also cache latents of flipped images")
     a = p.parse_args(argv)
-    build_latent_cache(a.dataset, a.out, vae_encode_fn(a.vae), split=a.split, data_dir=a.data_dir, scores=a.scores,
-                       encoder_name=os.path.abspath(a.vae), tokenizer=a.tokenizer, resolution=a.resolution,
+    vae = _component(a.vae, "vae", "--vae")
+    tokenizer = a.tokenizer and _component(a.tokenizer, "tokenizer", "--tokenizer")
+    encoder_name = a.vae if hub.is_hub_id(a.vae) else os.path.abspath(a.vae)
+    build_latent_cache(a.dataset, a.out, vae_encode_fn(vae), split=a.split, data_dir=a.data_dir, scores=a.scores,
+                       encoder_name=encoder_name, tokenizer=tokenizer, resolution=a.resolution,
                        batch_size=a.batch_size, shard_size=a.shard_size, dtype=a.dtype, flips=a.flips)
 
 

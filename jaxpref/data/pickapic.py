@@ -115,8 +115,11 @@ def shards_from_source(source, splits: Iterable[str], max_shards: Optional[int] 
     are fetched into the Hugging Face cache first, their count and size stated before the download starts."""
     splits = tuple(splits)
     text = os.fspath(source)
-    if os.path.exists(os.path.expanduser(text)) or not hub.is_hub_id(text):
-        found = find_parquet_files(os.path.expanduser(text))    # the folder's own error when it is none
+    if not os.path.exists(os.path.expanduser(text)) and not hub.is_hub_id(text):
+        raise ValueError(f"pickapic_v2: source {text} is not a folder of Pick-a-Pic v2 parquet shards nor a hub "
+                         "dataset id (org/name[@revision], e.g. yuvalkirstain/pickapic_v2)")
+    if os.path.exists(os.path.expanduser(text)):
+        found = find_parquet_files(os.path.expanduser(text))    # the folder's own error when it holds none
         return shards_by_split([p for files in found.values() for p in files], splits, max_shards)
     ref = hub.parse_hub_id(text)
     listing = hub.list_files(ref, repo_type="dataset", key="--source", value=text)
@@ -276,8 +279,8 @@ def build_pickapic(source: str | os.PathLike, data_dir: str | os.PathLike | None
     else:
         files = shards_from_source(source, cfg.splits, max_shards, announce)   # fails early with a clear message
         builder.shard_files, builder.max_shards = files, max_shards
-        manual_dir = os.path.commonpath([os.fspath(p) for split_files in files.values() for p in split_files] or
-                                        [os.path.expanduser(os.fspath(source))])
+        folders = [os.path.dirname(os.fspath(p)) for split_files in files.values() for p in split_files]
+        manual_dir = os.path.commonpath(folders or [os.path.expanduser(os.fspath(source))])
         try:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=manual_dir, try_download_gcs=False))

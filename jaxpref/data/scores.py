@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxpref import hub
-from jaxpref.data import common, records, shapes
+from jaxpref.data import common, records
+from jaxpref.world import shapes
 from jaxpref.data.sources import open_source
 
 ScoreFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]

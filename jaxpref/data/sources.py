@@ -15,6 +15,7 @@ import os
 import pathlib
 
 import numpy as np
+from etils import epath
 
 from jaxpref import paths
 from jaxpref.data import common, records
@@ -70,7 +71,9 @@ class _Scored:
 
 
 def _data_dir(data_dir) -> pathlib.Path:
-    return pathlib.Path(os.path.expanduser(os.fspath(data_dir if data_dir is not None else paths.default_data_dir())))
+    """The TFDS data dir; a bucket (``gs://``) as an ``epath.Path`` (pathlib would read it as a folder ``gs:``)."""
+    folder = os.path.expanduser(os.fspath(data_dir if data_dir is not None else paths.default_data_dir()))
+    return epath.Path(folder) if "://" in folder else pathlib.Path(folder)
 
 
 def _tfds_builder(name: str, data_dir: pathlib.Path):
@@ -78,7 +81,7 @@ def _tfds_builder(name: str, data_dir: pathlib.Path):
 
     base, _, config = name.partition("/")
     if base == "shapes" and config in ("", "pairs", "base"):
-        from jaxpref.data.shapes_builder import prepare_shapes
+        from jaxpref.world.builder import prepare_shapes
 
         return prepare_shapes(data_dir, config or "pairs")
     folder = data_dir / base / (config or "default")
@@ -92,7 +95,7 @@ def _tfds_builder(name: str, data_dir: pathlib.Path):
 
 
 def _metadata(builder) -> dict:
-    path = pathlib.Path(builder.data_dir) / "metadata.json"
+    path = epath.Path(builder.data_dir) / "metadata.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

@@ -18,7 +18,6 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxpref.data.shapes import GRAMMAR_WORDS
 
 SHAPES_TOKENIZER_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "shapes_tokenizer"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -111,21 +110,7 @@ def tokenize(tokenizer, captions: Sequence[str | bytes], max_length: int | None 
     return np.asarray(ids, np.int32)
 
 
-class StubTokenizer:
-    """What ``trainer.build_run`` asks of a tokenizer: ``model_max_length`` and __call__ -> input_ids, for runs
-    built from shapes only (``jaxpref.aot``, the benchmarks' random models).
-
-    Every caption becomes [BOS, EOS, EOS, ...] (the tokens of ""): shapes and costs do not depend on the words.
-    """
-
-    def __init__(self, max_length: int, bos: int, eos: int):
-        self.model_max_length, self.bos, self.eos = max_length, bos, eos
-
-    def __call__(self, texts, padding=None, max_length=None, truncation=None, return_tensors=None):
-        ids = np.full((len(texts), max_length or self.model_max_length), self.eos, np.int32)
-        ids[:, 0] = self.bos
-        return {"input_ids": ids}
-
-
 if __name__ == "__main__":
+    from jaxpref.world.shapes import GRAMMAR_WORDS   # the shapes world's words (the models never import the world)
+
     write_clip_tokenizer(GRAMMAR_WORDS, sys.argv[1] if len(sys.argv) > 1 else SHAPES_TOKENIZER_DIR)

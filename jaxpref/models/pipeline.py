@@ -18,8 +18,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxpref.data.tokenizer import StubTokenizer
 from jaxpref.models import clip, conditioning, unet as unet_lib, vae as vae_lib
 
 Dtype = Any
@@ -30,8 +30,24 @@ _OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder")
 _SDXL = ("text_encoder_2", "tokenizer_2")
 
 EMBEDDED_TINY = "embedded:tiny"
-# The shipped tiny model (written by ``python -m jaxpref.tiny.train_base``).
+# The shipped tiny model (written by ``python -m jaxpref.world.train_base``).
 TINY_SD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny_sd")
+
+
+class StubTokenizer:
+    """What ``trainer.build_run`` asks of a tokenizer: ``model_max_length`` and __call__ -> input_ids, for runs
+    built from shapes only (``jaxpref.aot``, the benchmarks' random models).
+
+    Every caption becomes [BOS, EOS, EOS, ...] (the tokens of ""): shapes and costs do not depend on the words.
+    """
+
+    def __init__(self, max_length: int, bos: int, eos: int):
+        self.model_max_length, self.bos, self.eos = max_length, bos, eos
+
+    def __call__(self, texts, padding=None, max_length=None, truncation=None, return_tensors=None):
+        ids = np.full((len(texts), max_length or self.model_max_length), self.eos, np.int32)
+        ids[:, 0] = self.bos
+        return {"input_ids": ids}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +74,7 @@ def resolve_model_path(path: str) -> str:
     if path == EMBEDDED_TINY:
         if not os.path.isdir(TINY_SD_DIR):
             raise ValueError(f"model path '{EMBEDDED_TINY}': the shipped tiny model is missing at {TINY_SD_DIR}; "
-                             "regenerate it with `python -m jaxpref.tiny.train_base`")
+                             "regenerate it with `python -m jaxpref.world.train_base`")
         return TINY_SD_DIR
     return path
 

@@ -133,7 +133,7 @@ SDXL_TEXT_2 = clip.TextConfig(hidden_size=1280, intermediate_size=5120, projecti
 
 
 # ---------------------------------------------------------------------------------------------
-# The shipped tiny model (jaxpref/assets/tiny_sd; trained by ``python -m jaxpref.tiny.train_base``): SD1.5-shaped,
+# The shipped tiny model (jaxpref/assets/tiny_sd; trained by ``python -m jaxpref.world.train_base``): SD1.5-shaped,
 # sized for the 32x32 shapes world, with SD15_SCHEDULER. The VAE's ``scaling_factor`` is left None here:
 # ``train_base`` measures it on the trained latents (1 / std, as SD's 0.18215) and records it in vae/config.json.
 

@@ -26,7 +26,7 @@ from typing import Optional
 import jax.numpy as jnp
 
 from jaxpref import hub
-from jaxpref.data import shapes
+from jaxpref.world import shapes
 from jaxpref.rewards import preprocess
 from jaxpref.rewards.aesthetic import HEAD_FILES, load_aesthetic
 from jaxpref.rewards.clip_rewards import (CLIPBackbone, aesthetic_scorer, aesthetic_scores, clipscore_scorer,
@@ -43,7 +43,7 @@ HUB_PICKLES = {"hpsv2": HPSV2_FILES, "aesthetic": HEAD_FILES, "imagereward": IMA
 
 
 def shapes_scorer(batch_size: int = 256) -> Scorer:
-    """The shapes world's exact reward in [0, 1] (jaxpref.data.shapes.reward_batch)."""
+    """The shapes world's exact reward in [0, 1] (jaxpref.world.shapes.reward_batch)."""
     return Scorer("shapes", lambda images, prompts: shapes.reward_batch(images, prompts), batch_size=batch_size,
                   pad_batches=False, description="shapes world: analytic caption/image match in [0, 1]")
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpref.data.tokenizer import tokenize
 from jaxpref.models import clip
 from jaxpref.rewards import preprocess as pp
 from jaxpref.rewards.scorer import Scorer
@@ -55,9 +56,7 @@ class CLIPBackbone:
         """prompts -> input_ids int32 [B, max_length] (truncated, padded after the EOS token)."""
         if self.tokenizer is None:
             raise ValueError(f"{self.source}: this CLIP was loaded without a tokenizer (image features only)")
-        out = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="np")
-        return np.asarray(out["input_ids"], np.int32)
+        return tokenize(self.tokenizer, prompts, self.max_length)
 
     def pixels(self, images: np.ndarray) -> np.ndarray:
         """uint8 [B, H, W, 3] -> normalized float32 [B, S, S, 3] for the vision tower."""

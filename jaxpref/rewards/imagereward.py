@@ -117,6 +117,7 @@ class ImageRewardModel(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class ImageRewardBackbone:
+    """A loaded ImageReward: the model, its params, the BERT tokenizer and the pixel preprocessing."""
     module: ImageRewardModel
     params: Any
     tokenizer: Any

@@ -22,7 +22,8 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxpref.data import common, shapes
+from jaxpref.data import common
+from jaxpref.world import shapes
 
 _DEFAULTS = {"pairs": dict(n_train_pairs=10000), "base": dict(per_caption=48)}
 
@@ -59,7 +60,7 @@ def shapes_config(kind: str = "pairs", **overrides) -> ShapesConfig:
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
-    """The procedural shapes text-to-image world (see jaxpref.data.shapes)."""
+    """The procedural shapes text-to-image world (see jaxpref.world.shapes)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
@@ -83,7 +84,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         self.info.metadata.update({
             "train_captions": caps["train"], "validation_captions": caps["validation"],
             "test_captions": caps["test"], "resolution": cfg.resolution, "kind": cfg.kind,
-            "reward": "jaxpref.data.shapes.reward_batch"})
+            "reward": "jaxpref.world.shapes.reward_batch"})
         if cfg.kind == "base":
             return {"train": self._generate_base(caps["train"])}
         return {

@@ -1,6 +1,6 @@
 """Trains the shipped tiny base model (jaxpref/assets/tiny_sd) on the shapes world, on CPU, in minutes.
 
-    python -m jaxpref.tiny.train_base [--out DIR] [--steps-scale F] [--seed 0] [--data-dir DIR]
+    python -m jaxpref.world.train_base [--out DIR] [--steps-scale F] [--seed 0] [--data-dir DIR]
 
 Two phases, fp32, deterministic (fixed seeds, fixed data order; XLA on CPU runs the same program the
 same way, so a rerun with the same arguments writes byte-identical model files):
@@ -47,7 +47,8 @@ import numpy as np
 import optax
 
 from jaxpref import diffusion, optim
-from jaxpref.data import common, shapes
+from jaxpref.data import common
+from jaxpref.world import shapes
 from jaxpref.data.sources import open_source
 from jaxpref.data.tokenizer import SHAPES_TOKENIZER_DIR, load_tokenizer, tokenize
 from jaxpref.models import clip, pipeline as pipeline_lib, presets, unet as unet_lib, vae as vae_lib
@@ -487,7 +488,7 @@ def run(out: str = DEFAULT_OUT, steps_scale: float = 1.0, seed: int = 0, data_di
     lap("write")
     seconds["total"] = round(time.perf_counter() - t_start, 1)
     manifest = {
-        "generator": "python -m jaxpref.tiny.train_base",
+        "generator": "python -m jaxpref.world.train_base",
         "args": {"out": _shown(out), "steps_scale": steps_scale, "seed": seed,
                  "evaluate": evaluate, "max_images": max_images},
         "hparams": dataclasses.asdict(hp),
@@ -508,7 +509,7 @@ def run(out: str = DEFAULT_OUT, steps_scale: float = 1.0, seed: int = 0, data_di
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m jaxpref.tiny.train_base", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxpref.world.train_base", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (replaced whole); default: the shipped "
                    "jaxpref/assets/tiny_sd")
     p.add_argument("--steps-scale", type=float, default=1.0,

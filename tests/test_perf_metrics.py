@@ -1,0 +1,47 @@
+"""Every run reports its speed: perf/step_ms and perf/pairs_per_s on logged updates, perf/mfu where a peak is
+known (declared here for the CPU), equal to the method's FLOPs per update over the measured step time over
+the peak; none on a device whose peak is unknown. ``config.profile`` traces the requested updates only.
+"""
+import glob
+import json
+import os
+import shutil
+
+import pytest
+
+import train_helpers as th
+from jaxpref import flops, train as train_lib
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f) if "train/loss" in r}
+
+
+def test_speed_mfu_and_profile_of_a_run(world, reference, tmp_path, capsys):
+    ref_dir, _ = reference
+    workdir = str(tmp_path / "run")
+    shutil.copytree(ref_dir, workdir, ignore=shutil.ignore_patterns("lock"))
+
+    # Resumed at 6 -> 9: update 7 starts the clock, 8 and 9 are measured; update 8 is traced.
+    config = th.tiny_dpo_config(*world, total_steps=9, peak_tflops=0.5, profile="8:8")
+    train_lib.train(config, workdir)
+    rows = _rows(workdir)
+    assert "perf/step_ms" not in rows[7]
+    for step in (8, 9):
+        r = rows[step]
+        seconds = r["perf/step_ms"] / 1e3
+        assert r["perf/pairs_per_s"] == pytest.approx(config.batch_size / seconds)
+        assert r["perf/peak_flops"] == 0.5e12      # one CPU device
+        assert r["perf/mfu"] == pytest.approx(r["perf/flops_per_update"] / seconds / r["perf/peak_flops"])
+    # The FLOPs are DPO's model (2B·G + 2B·F) with the UNet's own F and G.
+    assert 0 < rows[8]["perf/flops_per_update"] == rows[9]["perf/flops_per_update"]
+    assert "profiling updates 8-8" in capsys.readouterr().out
+    traces = glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
+    assert len(traces) == 1, traces
+
+    # No declared peak on a CPU: speed, but no MFU.
+    train_lib.train(th.tiny_dpo_config(*world, total_steps=11), workdir)
+    rows = _rows(workdir)
+    assert "perf/step_ms" in rows[11] and "perf/mfu" not in rows[11]
+    assert flops.peak_flops("cpu") is None
