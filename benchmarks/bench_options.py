@@ -4,8 +4,8 @@
   python benchmarks/bench_options.py --sizes narrow --options smpo --json $OUT/options.json
 
 Options and the program each is timed on (random weights, fp32 on CPU, bf16 elsewhere, jitted; compile
-excluded; each row the fastest and the median of ``--iters`` calls, every config called with the same
-inputs and rng keys):
+excluded; the variants of an option compiled first, then called in ``--iters`` rounds, each round one call of
+every variant with that round's rng key; a ratio is the median over rounds of variant / baseline):
   smpo      ``smpo.inversion_chunks`` 1 (whole batch) / 4 / one image per chunk: SmPO's "code" inversion of a
             micro-batch (``SmPO.invert``); also the UNet rows it evaluates, counted from the drawn t.
   dro       ``dro.steps_per_trajectory`` 1 / 2 / 4: DRO's negative generation (``refill_negatives``, DPM++,
@@ -101,7 +101,8 @@ class Bench:
         for name, program, _, compile_s in compiled:
             memory = program.memory_analysis()
             row = {"name": name, "min_ms": 1e3 * min(times[name]), "median_ms": 1e3 * statistics.median(times[name]),
-                   "compile_s": compile_s, "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes)}
+                   "times_ms": [1e3 * x for x in times[name]], "compile_s": compile_s,
+                   "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes)}
             self.log(f"  {self.size_name:>6} {name:<50} {row['min_ms']:9.2f} ms (median {row['median_ms']:.2f}, "
                      f"compile {compile_s:.1f} s)")
             rows.append(row)
@@ -166,10 +167,16 @@ def inverted_rows(run, chunks: int, rng) -> int:
 # ---------------------------------------------------------------------------------------------
 # Options.
 
+def paired_ratio(row, base) -> float:
+    """The median over rounds of row's time over base's in the same round (the same inputs: SmPO's work
+    depends on the drawn t), robust to a round slowed by other load."""
+    return statistics.median(a / b for a, b in zip(row["times_ms"], base["times_ms"]))
+
+
 def with_ratios(rows, **more) -> dict:
     """Each row's time over the first row's (< 1: faster than the baseline)."""
     for row in rows:
-        row["ratio"] = row["min_ms"] / rows[0]["min_ms"]
+        row["ratio"] = paired_ratio(row, rows[0])
         for name, key in more.items():
             row[name] = None if rows[0][key] in (None, 0) or row[key] is None else row[key] / rows[0][key]
     return {"rows": rows}
@@ -199,7 +206,7 @@ def bench_dro(b: Bench) -> dict:
     upd, *rows = b.compare(programs)
     for row, k in zip(rows, (1, 2, 4)):
         row["steps_per_trajectory"] = k
-        row["step_ratio_derived"] = (upd["min_ms"] + row["min_ms"]) / (upd["min_ms"] + rows[0]["min_ms"])
+        row["step_ratio_derived"] = (upd["median_ms"] + row["median_ms"]) / (upd["median_ms"] + rows[0]["median_ms"])
     return dict(with_ratios(rows), update=upd)
 
 

@@ -72,23 +72,26 @@ def test_truncated_safetensors_header_is_named(tmp_path):
 # Config keys, metrics rows and the console.
 
 def test_every_config_key_has_a_meaning_and_print_config_lists_them():
-    assert set(config_lib._flat_keys(config_lib.base_config())) == set(config_lib.KEY_HELP)
+    helps = config_lib.key_help()      # the generic keys' and every method's own
+    assert set(config_lib._flat_keys(config_lib.base_config())) == set(helps)
     out = subprocess.run([sys.executable, "-m", "jaxpref.train", "--print_config", "--config.optimizer.lr=0.5"],
                          cwd=th.REPO, env=th.subprocess_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    for key, meaning in config_lib.KEY_HELP.items():
+    for key, meaning in helps.items():
         assert f"\n{key} = " in "\n" + out.stdout and meaning in out.stdout, key
     assert "optimizer.lr = 0.5   (base default: 0.0001)" in out.stdout
     assert "max_consecutive_skips = 20\n" in out.stdout
 
 
 def _strict_rows(path):
-    """metrics.jsonl's rows, parsed as strict JSON (NaN / Infinity tokens rejected)."""
+    """metrics.jsonl's rows, parsed as strict JSON (NaN / Infinity tokens rejected), without the timing fields
+    (perf/: they measure the machine, not the run)."""
     def reject(token):
         raise ValueError(f"{path}: non-JSON token {token}")
 
     with open(path) as f:
-        return [json.loads(line, parse_constant=reject) for line in f]
+        rows = [json.loads(line, parse_constant=reject) for line in f]
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
 
 
 def test_metrics_are_strict_json_and_the_rate_starts_at_the_second_line(tmp_path, capsys):
@@ -123,11 +126,11 @@ def _pushes(config, flags):
     return streak
 
 
-def test_skip_streak_stops_at_the_limit_and_names_the_steps(caplog):
+def test_skip_streak_stops_at_the_limit_and_names_the_steps(capsys):
     config = config_lib.load_config("tiny")
     config.max_consecutive_skips = 3
     streak = _pushes(config, [0, 1, 1, 0, 1, 1, 1])   # steps 5-7 skipped in a row; step 7 is read at the flush
-    assert streak.count == 2 and "step 2: update skipped" in caplog.text
+    assert streak.count == 2 and "step 2: update skipped" in capsys.readouterr().err
     with pytest.raises(train_lib.TrainingDiverged, match=r"at step 7: the last 3 updates \(steps 5-7; "
                                                          r"config\.max_consecutive_skips=3\).*config\.optimizer\.lr="):
         streak.flush()

@@ -2,13 +2,16 @@
 
 - ``smpo.inversion_chunks``: the inversion of rows ordered by the steps they need, chunk by chunk, gives the
   whole-batch inversion's latents (<= 1e-5, fp32) with fewer model calls, counted at run time through a
-  wrapped eps function; one row per chunk calls the model exactly as often as SmPO's grid says each row needs.
+  wrapped eps function; one row per chunk calls the model exactly as often as SmPO's grid says each row needs;
+  on a batch split over devices the chunks stay on their devices (nothing gathered).
 - ``dro.steps_per_trajectory = k``: a micro-step samples B/k trajectories and trains k distinct recorded steps
   of each; k = 1 picks as the reference code does (one step of each of B distinct trajectories).
 - ``lora.fuse_reference_forward``: policy and reference errors from one batched call equal the two calls'.
 - ``remat_policy``: every policy's gradient equals the plain UNet's.
 """
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,7 @@ from jaxpref.methods.dro import DRO, empty_negatives_buffer
 from jaxpref.methods.smpo import SmPO
 from jaxpref.models import unet as unet_lib
 from jaxpref.models.presets import BENCH_TINY_UNET, SD15_SCHEDULER
+import train_helpers as th
 
 pytestmark = pytest.mark.compiled_for_few_runs  # programs compiled to run once or twice (conftest)
 
@@ -98,6 +102,35 @@ def test_chunked_inversion_equals_the_whole_batch_with_fewer_model_calls(mode):
     assert counts[24, 1] == 2 * int(np.sum(steps_needed(mode, t)))
     assert counts[24, 1] < counts[4, 1] < counts[1, 1] and counts[24, 1] <= counts[2, 3] < counts[1, 1]
     print(mode, "model rows per inversion (chunks, groups):", counts)
+
+
+SPLIT_OVER_DEVICES = """
+import re, sys
+import jax, numpy as np
+from jaxpref import sharding
+from jaxpref.diffusion import smpo_invert
+from test_speed_options import SCHEDULE, pairs_batch, toy_eps
+mesh = sharding.make_mesh(data=4, fsdp=1)
+args = [jax.device_put(a, sharding.batch_sharding(mesh)) for a in pairs_batch(8)]
+out = {}
+for chunks, groups in ((1, 1), (2, 4)):
+    invert = jax.jit(lambda x, t, c: smpo_invert(toy_eps, x, t, SCHEDULE, cond=c, mode="code", chunks=chunks,
+                                                 row_groups=groups).latents)
+    compiled = invert.lower(*args).compile()
+    moves = re.findall(r"all-gather|all-to-all|collective-permute", compiled.as_text())
+    out[chunks] = np.asarray(compiled(*args))
+    print(chunks, groups, sorted(set(moves)))
+    assert not moves, (chunks, groups, moves)
+np.testing.assert_allclose(out[2], out[1], rtol=0, atol=1e-5)
+"""
+
+
+def test_chunks_of_a_batch_split_over_devices_stay_on_their_devices():
+    """Row groups = devices: rows are ordered and chunked within each device's share, so the compiled
+    inversion of a batch split over 4 devices gathers and moves nothing (4 simulated CPU devices)."""
+    out = subprocess.run([sys.executable, "-c", SPLIT_OVER_DEVICES], env=th.subprocess_env(num_devices=4),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
 
 
 def test_chunks_config_is_checked_before_anything_runs():
