@@ -277,7 +277,7 @@ def test_base_evaluation_is_reused_only_for_the_same_pipeline_settings_and_seed(
 
     calls = []
 
-    def fake_evaluate(run, params, out_dir, baseline=None, mesh=None):
+    def fake_evaluate(run, params, out_dir, baseline=None, mesh=None, label=""):
         calls.append(out_dir)
         os.makedirs(out_dir)
         with open(os.path.join(out_dir, "scores.npz"), "w") as f:
