@@ -75,13 +75,14 @@ def unet_flops(method, unet_params, latent_shape, text_shape) -> tuple[float, fl
                                   is_leaf=lambda s: isinstance(s, tuple))
     fwd = lambda p: method.eps(p, x, t, text)  # noqa: E731
     loss = lambda p: jnp.mean(jnp.square(fwd(p)))  # noqa: E731
-    f = _lowered_flops(jax.jit(fwd).lower(unet_params))
-    g = _lowered_flops(jax.jit(jax.value_and_grad(loss)).lower(unet_params))
+    f = xla_flops(jax.jit(fwd).lower(unet_params))
+    g = xla_flops(jax.jit(jax.value_and_grad(loss)).lower(unet_params))
     return (f, g) if f and g else None
 
 
-def _lowered_flops(lowered) -> float | None:
-    cost = lowered.cost_analysis()
+def xla_flops(program) -> float | None:
+    """XLA's FLOP count of a compiled (or lowered) program; None when XLA reports none."""
+    cost = program.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     value = float(cost.get("flops", 0.0)) if cost else 0.0
     return value if value > 0 else None
