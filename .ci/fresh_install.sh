@@ -8,7 +8,8 @@ trap 'rm -rf "$work"' EXIT
 python -m venv "$work/venv"
 "$work/venv/bin/pip" install -q --disable-pip-version-check -e .
 start=$SECONDS
-# The default config shortened (4 updates, a small evaluation every 2); tests/test_console.py runs the same.
+# The default config shortened (10 updates, its warmup; a small evaluation every 5; the train step is the default's);
+# tests/test_console.py runs the same.
 mapfile -t short < tests/short_default_args.txt
 "$work/venv/bin/python" -m jaxpref.train --workdir="$work/run" "${short[@]}"
 for f in before_after.png reward_curve.png metrics.jsonl export/model_index.json export/unet/config.json; do

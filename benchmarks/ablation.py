@@ -1,4 +1,5 @@
-"""Ablation of the seed methods' own mechanisms on the embedded world (tiny model, shapes reward, CPU).
+"""Ablation of the methods' own mechanisms, and the baselines beside them, on the embedded world (tiny model,
+shapes reward, CPU).
 
   python benchmarks/ablation.py        # every variant, seeds 0 1 2: 2-6 min per variant and seed on 2 cores
   python benchmarks/ablation.py --variants dro/sample,dpo --seeds 0 --steps 100 --set optimizer.lr=3e-4
@@ -59,6 +60,13 @@ VARIANTS = {
     "dro/sample": {"objective": "dro", "dro.negative_target": "sample"},
     "dro/trajectory+stale": {"objective": "dro", "dro.negative_target": "trajectory", "dro.refresh_every": 10},
     "dro/sample+stale": {"objective": "dro", "dro.negative_target": "sample", "dro.refresh_every": 10},
+    # each stored trajectory trained k steps (generation / k): dro.steps_per_trajectory
+    "dro/sample+reuse2": {"objective": "dro", "dro.negative_target": "sample", "dro.steps_per_trajectory": 2},
+    "dro/sample+reuse4": {"objective": "dro", "dro.negative_target": "sample", "dro.steps_per_trajectory": 4},
+    # the baselines the papers compare against, on the same pairs and budget
+    "sft": {"objective": "sft"},
+    "kto": {"objective": "kto"},
+    "mapo": {"objective": "mapo"},
 }
 # The same optimizer for every variant (configs/tiny.py's DPO/SmPO setting; the demo's DRO is tuned apart).
 BUDGET = {"optimizer.lr": 1e-4, "optimizer.schedule": "constant", "optimizer.warmup_steps": 10}

@@ -119,7 +119,7 @@ class CheckpointManager:
             except Exception:  # noqa: BLE001 - both fail: not a damaged file; report the newest's error
                 raise first from None
             kept = self._set_aside(steps[0])
-            say(f"checkpoint {steps[0]} cannot be restored ({_first_line(first)}); kept as {kept}; resuming from "
+            say(f"checkpoint {steps[0]} cannot be restored ({console.one_line(first)}); kept as {kept}; resuming from "
                 f"checkpoint {steps[1]}")
             return steps[1], state, meta
 
@@ -161,11 +161,6 @@ class CheckpointManager:
         return CheckpointSaveError(f"saving checkpoint {step} to {self.directory} failed: {error}. The run stopped; "
                                    f"{kept} once the cause is fixed (a full disk: free space or pass another "
                                    "--workdir)")
-
-
-def _first_line(error: Exception, limit: int = 300) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def check_workdir(workdir: str):

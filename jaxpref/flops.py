@@ -61,11 +61,12 @@ def model_flops(workload: str, pairs: int, fwd: float, fwdbwd: float, config=Non
     return float(parts[part])
 
 
-def unet_flops(method, unet_params, latent_shape, text_shape) -> tuple[float, float] | None:
+def unet_flops(eps, unet_params, latent_shape, text_shape) -> tuple[float, float] | None:
     """XLA's count of one image's UNet forward and forward+backward (F, G) at the run's shapes, from the
     lowered (pre-optimisation) programs: no compile (within 0.1% of the compiled count for the UNet, whose
-    FLOPs are convolutions and matmuls). ``method.eps`` feeds the UNet as training does (SDXL's pytree
-    conditioning included); ``unet_params`` may be ShapeDtypeStructs."""
+    FLOPs are convolutions and matmuls). ``eps(params, x, t, text)``: the UNet call, e.g. a method's
+    ``eps`` as training feeds it (SDXL's pytree conditioning included); ``unet_params`` may be
+    ShapeDtypeStructs."""
     import jax
     import jax.numpy as jnp
 
@@ -73,7 +74,7 @@ def unet_flops(method, unet_params, latent_shape, text_shape) -> tuple[float, fl
     t = jnp.zeros((1,), jnp.int32)
     text = jax.tree_util.tree_map(lambda s: jnp.zeros((1, *s), jnp.float32), text_shape,
                                   is_leaf=lambda s: isinstance(s, tuple))
-    fwd = lambda p: method.eps(p, x, t, text)  # noqa: E731
+    fwd = lambda p: eps(p, x, t, text)  # noqa: E731
     loss = lambda p: jnp.mean(jnp.square(fwd(p)))  # noqa: E731
     f = xla_flops(jax.jit(fwd).lower(unet_params))
     g = xla_flops(jax.jit(jax.value_and_grad(loss)).lower(unet_params))

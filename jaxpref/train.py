@@ -45,10 +45,6 @@ from jaxpref.models import save_unet
 from jaxpref.models.pipeline import save_pipeline
 
 
-def _is_main() -> bool:
-    return jax.process_index() == 0
-
-
 _say = console.say
 
 
@@ -120,7 +116,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str, total_steps: int, resume_step: int = 0, shown=()):
         self.total_steps = total_steps
-        self.enabled = _is_main()
+        self.enabled = console.is_main_process()
         self.shown = ("loss", "implicit_acc", "grad_norm", *shown, "skipped_total")
         self._jsonl = self._tb = None
         self._start = self._start_step = None
@@ -275,7 +271,7 @@ def _workdir_lock(workdir: str):
     """Process 0 holds the workdir's lock for the run; every process stops if it is taken."""
     lock = checkpoint_lib.WorkdirLock(workdir)
     refused = None
-    if _is_main():
+    if console.is_main_process():
         try:
             lock.acquire()
         except checkpoint_lib.WorkdirLocked as e:
@@ -337,7 +333,7 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_c
         train_step = trainer.compile_train_step(run, mesh, state, batch, frozen, jax.random.fold_in(base_rng, start))
         _say(f"compiled in {_remember_compile(config, mesh, time.perf_counter() - compile_start):.1f}s")
         _sync_processes(f"jaxpref_step_compiled_{start}")
-        if _is_main():
+        if console.is_main_process():
             run_config.record(workdir, config, *config_changes)   # the run has started: its settings are fixed
         writer = MetricWriter(workdir, config.total_steps, resume_step=start, shown=run.method.describe_metrics())
         last = config.total_steps if max_steps is None else min(config.total_steps, start + max_steps)
@@ -416,13 +412,14 @@ class StepSpeed:
         if self._flops is None:
             run = self.run
             unet_shapes = jax.eval_shape(lambda p: p, run.pipeline.unet_params)
-            fg = flops_lib.unet_flops(run.method, unet_shapes, run.latent_shape, run.text_shape)
+            fg = flops_lib.unet_flops(run.method.eps, unet_shapes, run.latent_shape, run.text_shape)
             self._flops = (run.method.flops(run.config, run.config.batch_size, *fg)["step"] if fg else 0.0)
         return self._flops or None
 
     def measure(self, step: int, side_seconds: float) -> dict:
-        now, mark, self._mark = time.perf_counter(), self._mark, (time.perf_counter(), step, side_seconds)
+        now, mark = time.perf_counter(), self._mark
         if mark is None or step <= mark[1]:
+            self._mark = (now, step, side_seconds)
             return {}
         seconds = (now - mark[0] - (side_seconds - mark[2])) / (step - mark[1])
         out = {"perf/step_ms": 1e3 * seconds, "perf/pairs_per_s": self.run.config.batch_size / seconds}
@@ -444,7 +441,7 @@ class Profiler:
         self.active = False
 
     def before(self, update: int, state):
-        if self.range and update == self.range[0] and _is_main():
+        if self.range and update == self.range[0] and console.is_main_process():
             jax.block_until_ready(state)
             _say(f"profiling updates {self.range[0]}-{self.range[1]} into {self.folder}")
             jax.profiler.start_trace(self.folder)
@@ -504,7 +501,7 @@ def _compile_note(config, mesh) -> str:
 
 def _remember_compile(config, mesh, seconds: float) -> float:
     path = _compile_times_path()
-    if path and _is_main() and seconds > 5:   # a cache hit says nothing about the next cold compile
+    if path and console.is_main_process() and seconds > 5:   # a cache hit says nothing about the next cold compile
         with contextlib.suppress(ValueError, OSError):
             times = {}
             if os.path.isfile(path):
@@ -559,13 +556,13 @@ def _finish(run, state, workdir, writer, mesh) -> dict:
     policy = trained
     if run.config.lora.enabled:
         policy = jax.device_get(lora.merge(run.pipeline.unet_params, trained, lora.scale(run.config.lora)))
-        if _is_main():
+        if console.is_main_process():
             with fileio.staged(os.path.join(workdir, "export")) as local:
                 saved = lora.save_diffusers_lora(local, trained, run.config.lora.rank, run.config.lora.alpha)
             out["exported_lora"] = saved.replace(local, os.path.join(workdir, "export"), 1)
-    if run.config.checkpoint.export_unet and _is_main():
+    if run.config.checkpoint.export_unet and console.is_main_process():
         out.update(_export_model(run, policy, os.path.join(workdir, "export")))
-    if run.config.eval.final and _is_main() and jax.process_count() == 1:
+    if run.config.eval.final and console.is_main_process() and jax.process_count() == 1:
         base, trained = evaluate_lib.base_vs_trained(run, policy, workdir, mesh)
         writer.write(int(state.step), trained, prefix="eval/")
         out.update(base=base, trained=trained)

@@ -45,14 +45,20 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import train_helpers as th  # noqa: E402
 
 # xdist groups: each file is one group (its module fixtures are built once), except the tests below, each its own
-# group so that they spread over the workers, and the embedded end-to-end runs: one group, one worker, in this
-# order, so that they share the base model's held-out evaluation (seed 0 is evaluated once for four runs, see
-# jaxpref.evaluate.evaluate_base) and the notebook, last, finds the default command's train step and generator in
-# the persistent compile cache. The slow tests and those are scheduled first (the longest jobs first keeps the
-# two workers' loads even at the end).
-_EMBEDDED = ("test_embedded.py", "test_notebook.py")
+# group so that they spread over the workers, and the embedded end-to-end runs: one group, one worker, in the
+# order of _EMBEDDED, so that they share the base model's held-out evaluation (seed 0 is evaluated once for
+# every run, see jaxpref.evaluate.evaluate_base) and the later ones (the shortened default command, the hub
+# run, the quickstart notebook) find test_embedded.py's train steps in the persistent compile cache. The slow
+# tests and those are scheduled first (the longest jobs first keeps the two workers' loads even at the end).
+_EMBEDDED = ("test_embedded.py", "test_console.py", "test_hub.py", "test_notebook.py")
+_EMBEDDED_ELSEWHERE = {"test_the_default_command_prints_our_lines_only_and_announces_each_evaluation",
+                       "test_train_command_trains_the_embedded_model_from_the_hub_cache"}
 _OWN_GROUP = {"test_cli_survives_sigkill_and_sigterm_and_exports", "test_two_processes_train_in_lockstep_and_resume",
               "test_regeneration_is_byte_identical", "test_eight_devices_match_one"}
+
+
+def _embedded(item) -> bool:
+    return item.path.name in ("test_embedded.py", "test_notebook.py") or item.originalname in _EMBEDDED_ELSEWHERE
 
 
 # tryfirst: xdist reads the groups in its own pytest_collection_modifyitems; run after it, the markers were
@@ -61,15 +67,18 @@ _OWN_GROUP = {"test_cli_survives_sigkill_and_sigterm_and_exports", "test_two_pro
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        name = item.path.name
-        if name in _EMBEDDED:
+        if _embedded(item):
             group = "embedded"
         elif item.originalname in _OWN_GROUP:
             group = item.originalname
         else:
-            group = name
+            group = item.path.name
         item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None and item.originalname not in _OWN_GROUP)
+
+    def order(item):
+        first = item.get_closest_marker("slow") is not None or item.originalname in _OWN_GROUP
+        return (not first, _EMBEDDED.index(item.path.name) if _embedded(item) else 0)
+    items.sort(key=order)
 
 
 def _shared_base(tmp_path_factory) -> pathlib.Path:

@@ -1,5 +1,6 @@
 """What a user sees at the console: the default command (shortened exactly as CI's fresh-install check runs
-it) prints our own lines only (no absl/orbax/XLA INFO or WARNING line, no "slow compile" alarm), announces
+it: fewer updates and a smaller evaluation, the same train step, which it finds in the persistent compile cache
+after test_embedded.py's default run, in the same xdist group) prints our own lines only (no absl/orbax/XLA INFO or WARNING line, no "slow compile" alarm), announces
 each evaluation with its duration; a mistyped key is one short error with exit code 2, its traceback only
 under --verbosity=debug.
 """
@@ -29,7 +30,7 @@ def test_the_default_command_prints_our_lines_only_and_announces_each_evaluation
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     assert not [line for line in text.splitlines() if LIBRARY_LOG_LINE.search(line)], text
-    for what in ("the policy at step 2", "the base model", "the trained policy"):
+    for what in ("the policy at step 5", "the base model", "the trained policy"):
         assert f"evaluating {what}: 4 prompts x 1 images (DDIM 4, CFG 3) ..." in text, text
         assert re.search(rf"evaluating {what}: .*: done in \d+\.\ds", text), text
     assert re.search(r"compiled in \d+\.\ds", text) and "steps/s, ETA" in text

@@ -24,8 +24,15 @@ def test_model_flops_and_mfu_by_hand():
     assert flops.model_flops("dro step", 8, F, G, _config("dro", **{"dro.steps_per_trajectory": 4})) == pytest.approx(dpo + 32e12)
     assert flops.model_flops("dro generation", 8, F, G, _config("dro", **{"dro.guidance_scale": 7.5})) == pytest.approx(2 * 128e12)
     # SmPO: 5 inversion steps x 2 ReNoise predictions on the 16 latents ("paper" mode runs one more step).
-    assert flops.model_flops("smpo inversion", 8, F, G) == pytest.approx(2 * 5 * 16 * 0.80e12)
-    assert flops.model_flops("smpo step", 8, F, G, _config("smpo", **{"smpo.inversion": "paper"})) == pytest.approx(dpo + 2 * 6 * 16 * 0.8e12)
+    # SmPO: 2 ReNoise predictions on the 16 latents per inversion step the batch runs: step j runs unless all 8
+    # pairs' t (uniform over 0..999) are at or below its level ("code": sources -199, 1, 201, 401, 601; "paper"
+    # one more step, its first always, then t above the targets 1, ..., 801).
+    def runs(levels):
+        return sum(1 - (min(level + 1, 1000) / 1000) ** 8 if level >= 0 else 1.0 for level in levels)
+    assert flops.model_flops("smpo inversion", 8, F, G) == pytest.approx(2 * 16 * 0.8e12 * runs([-199, 1, 201, 401, 601]))
+    assert runs([-199, 1, 201, 401, 601]) == pytest.approx(4.982, abs=1e-3)   # not 5: all 8 t <= 601 in 1.7 %
+    assert flops.model_flops("smpo step", 8, F, G, _config("smpo", **{"smpo.inversion": "paper"})) == pytest.approx(
+        dpo + 2 * 16 * 0.8e12 * runs([-1, 1, 201, 401, 601, 801]))
     assert flops.model_flops("smpo step", 8, F, G, _config("smpo", **{"smpo.inversion": "none"})) == pytest.approx(dpo)  # as DPO
 
     # MFU = flops / seconds / peak; H100 SXM 989 TFLOP/s dense bf16.

@@ -3,7 +3,8 @@
 - ``smpo.inversion_chunks``: the inversion of rows ordered by the steps they need, chunk by chunk, gives the
   whole-batch inversion's latents (<= 1e-5, fp32) with fewer model calls, counted at run time through a
   wrapped eps function; one row per chunk calls the model exactly as often as SmPO's grid says each row needs;
-  on a batch split over devices the chunks stay on their devices (nothing gathered).
+  on a batch split over devices the chunks stay on their devices (nothing gathered); the FLOP model the
+  run's MFU divides by counts the rows the inversion runs (an expectation over t, against counted calls).
 - ``dro.steps_per_trajectory = k``: a micro-step samples B/k trajectories and trains k distinct recorded steps
   of each; k = 1 picks as the reference code does (one step of each of B distinct trajectories).
 - ``lora.fuse_reference_forward``: policy and reference errors from one batched call equal the two calls'.
@@ -22,7 +23,7 @@ from jaxpref import config_lib, lora
 from jaxpref.diffusion import NoiseSchedule, smpo_invert
 from jaxpref.methods.base import Method, pair_keys
 from jaxpref.methods.dro import DRO, empty_negatives_buffer
-from jaxpref.methods.smpo import SmPO
+from jaxpref.methods.smpo import SmPO, inversion_rows
 from jaxpref.models import unet as unet_lib
 from jaxpref.models.presets import BENCH_TINY_UNET, SD15_SCHEDULER
 import train_helpers as th
@@ -102,6 +103,33 @@ def test_chunked_inversion_equals_the_whole_batch_with_fewer_model_calls(mode):
     assert counts[24, 1] == 2 * int(np.sum(steps_needed(mode, t)))
     assert counts[24, 1] < counts[4, 1] < counts[1, 1] and counts[24, 1] <= counts[2, 3] < counts[1, 1]
     print(mode, "model rows per inversion (chunks, groups):", counts)
+
+
+@pytest.mark.parametrize("mode,chunks,groups", [("code", 1, 1), ("code", 4, 1), ("code", 2, 2), ("code", 2, 4), ("paper", 4, 1),
+                                                 ("consistent", 1, 1)])
+def test_flop_model_counts_the_inversion_rows_that_run(mode, chunks, groups):
+    """SmPO's FLOP model (the MFU's numerator) against the rows the inversion calls the model on, counted at
+    run time over 300 batches of 8 pairs with t uniform: the model is an expectation, so within 3 %."""
+    config = config_lib.base_config()
+    config.objective = "smpo"
+    config.smpo.update(inversion=mode, inversion_chunks=chunks)
+    rng = np.random.default_rng(0)
+    counter = RowCounter()
+    invert = jax.jit(lambda x, t, c: smpo_invert(counter.wrap(toy_eps), x, t, SCHEDULE, cond=c, mode=mode,
+                                                 chunks=chunks, row_groups=groups,
+                                                 renoise_steps=config.smpo.inversion_iterations).latents)
+    x0, _, cond = pairs_batch(8)
+    draws = 300
+    for _ in range(draws):
+        invert(x0, np.tile(rng.integers(0, 1000, 8), 2).astype(np.int32), cond)
+    jax.effects_barrier()
+    counted = counter.rows / draws
+    if groups == 1 and jax.device_count() == 1:
+        modelled = SmPO.flops(config, 8, fwd=1.0, fwdbwd=0.0)["inversion"]
+    else:  # rows split in blocks (a device's share each): given here, as the step would on that many devices
+        modelled = 2 * inversion_rows(config.smpo, 8, groups=groups)
+    print(mode, chunks, groups, "rows counted per batch", counted, "modelled", modelled)
+    assert abs(counted - modelled) <= 0.03 * modelled
 
 
 SPLIT_OVER_DEVICES = """

@@ -14,7 +14,7 @@ with per-sample integer timesteps t [B]; the output is read in the schedule's pr
 from jaxpref.diffusion.inversion import (NOISE_SHIFTS, SMPO_MODES, NoiseRegularization, SmPOInversion,
                                          autocorrelation_loss, ddim_inversion_step, invert, patch_kl_loss,
                                          regularize_noise, renoise_step, smpo_consistent_levels, smpo_grid,
-                                         smpo_invert, smpo_landing_timestep)
+                                         smpo_invert, smpo_landing_timestep, smpo_steps)
 from jaxpref.diffusion.samplers import (Trajectory, ddim_step, ddpm_step, dpm_solver_pp_step, dro_timestep_grid,
                                         guided_model, sample, sample_keys, sampler_noise, sampling_grid, step_noise)
 from jaxpref.diffusion.schedule import SAMPLERS, NoiseSchedule, output_to_x0_eps
@@ -24,6 +24,6 @@ __all__ = [
     "Trajectory", "sample", "dro_timestep_grid", "guided_model", "sampling_grid", "sample_keys", "step_noise",
     "sampler_noise", "ddim_step", "ddpm_step", "dpm_solver_pp_step",
     "invert", "smpo_invert", "SmPOInversion", "SMPO_MODES", "smpo_grid", "smpo_landing_timestep",
-    "smpo_consistent_levels", "NoiseRegularization", "NOISE_SHIFTS",
+    "smpo_consistent_levels", "smpo_steps", "NoiseRegularization", "NOISE_SHIFTS",
     "renoise_step", "ddim_inversion_step", "regularize_noise", "patch_kl_loss", "autocorrelation_loss",
 ]

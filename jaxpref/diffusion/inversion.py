@@ -347,6 +347,34 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode={mode!r} is not supported; supported values: {SMPO_MODES}")
 
 
+def smpo_steps(t: jax.Array, schedule: NoiseSchedule, *, mode: str = "code", num_steps: int = 5,
+               grid=None) -> tuple[dict, Optional[float]]:
+    """The scan ``smpo_invert`` runs for per-sample t [B]: ({t_src, t_tgt, t_call, active}, each [S, B]; the
+    clean level's ᾱ: 1.0, or None for the schedule's final ᾱ as the code reads it). ``active[k, b]``: sample
+    b needs step k (in "code" and "paper" a prefix of the steps, longer for larger t)."""
+    _check_mode(mode)
+    t = jnp.asarray(t, jnp.int32)
+    batch = t.shape[0]
+    if mode == "consistent":
+        check_num_steps(num_steps, schedule.num_train_timesteps)
+        levels = smpo_consistent_levels(t, num_steps)
+        t_src, t_tgt = levels[:-1], levels[1:]
+        return dict(t_src=t_src, t_tgt=t_tgt, t_call=t_tgt, active=t_tgt > t_src), 1.0
+    src, tgt = _smpo_levels(schedule, num_steps, grid)
+    if mode == "code":
+        t_src = jnp.broadcast_to(jnp.asarray(src)[:, None], (len(src), batch))
+        t_tgt = jnp.broadcast_to(jnp.asarray(tgt)[:, None], (len(src), batch))
+        return dict(t_src=t_src, t_tgt=t_tgt, t_call=t_src, active=t_src < t[None, :]), None
+    levels = list(tgt)
+    while levels[-1] < schedule.num_train_timesteps - 1:
+        levels.append(levels[-1] + schedule.num_train_timesteps // len(src))
+    g = jnp.asarray(levels, jnp.int32)[:, None]
+    t_tgt = jnp.minimum(g, t[None, :])
+    t_src = jnp.concatenate([jnp.full((1, batch), -1, jnp.int32), t_tgt[:-1]], axis=0)  # −1: clean level
+    active = jnp.concatenate([jnp.ones((1, batch), bool), g[:-1] < t[None, :]], axis=0)
+    return dict(t_src=t_src, t_tgt=t_tgt, t_call=t_tgt, active=active), 1.0
+
+
 def smpo_invert(eps_fn: EpsFn, x0: jax.Array, t: jax.Array, schedule: NoiseSchedule, *, cond, num_steps: int = 5,
                 mode: str = "code", grid=None, renoise_steps: int = 2, average_window: Optional[tuple] = (0, 3),
                 noise_regularization: Optional[NoiseRegularization] = None, keys=None, chunks: int = 1,
@@ -392,36 +420,14 @@ def smpo_invert(eps_fn: EpsFn, x0: jax.Array, t: jax.Array, schedule: NoiseSched
     (``row_chunks``; "code" and "paper": rows with small t need few steps).
     """
     _check_mode(mode)
-    batch = x0.shape[0]
+    if mode == "consistent" and noise_regularization is not None and keys is None:
+        raise ValueError("noise_regularization draws a reference noise and random rolls: pass per-sample keys=[B]")
     t = jnp.asarray(t, jnp.int32)
-    scan = dict(renoise_steps=1, average_window=(0, 2), clean_alpha=1.0)
+    grids, clean_alpha = smpo_steps(t, schedule, mode=mode, num_steps=num_steps, grid=grid)
+    scan = dict(renoise_steps=1, average_window=(0, 2), clean_alpha=clean_alpha)
     if mode == "consistent":
-        check_num_steps(num_steps, schedule.num_train_timesteps)
-        if noise_regularization is not None and keys is None:
-            raise ValueError("noise_regularization draws a reference noise and random rolls: "
-                             "pass per-sample keys=[B]")
-        levels = smpo_consistent_levels(t, num_steps)
-        t_src, t_tgt = levels[:-1], levels[1:]
-        t_call, active = t_tgt, t_tgt > t_src
         scan.update(renoise_steps=renoise_steps, average_window=average_window if renoise_steps > 0 else None,
                     noise_regularization=noise_regularization, keys=keys)
-    elif mode == "code":
-        src, tgt = _smpo_levels(schedule, num_steps, grid)
-        t_src = jnp.broadcast_to(jnp.asarray(src)[:, None], (len(src), batch))
-        t_tgt = jnp.broadcast_to(jnp.asarray(tgt)[:, None], (len(src), batch))
-        t_call, active = t_src, t_src < t[None, :]
-        scan.update(clean_alpha=None)
-    else:
-        src, tgt = _smpo_levels(schedule, num_steps, grid)
-        levels = list(tgt)
-        while levels[-1] < schedule.num_train_timesteps - 1:
-            levels.append(levels[-1] + schedule.num_train_timesteps // len(src))
-        g = jnp.asarray(levels, jnp.int32)[:, None]
-        t_tgt = jnp.minimum(g, t[None, :])
-        t_src = jnp.concatenate([jnp.full((1, batch), -1, jnp.int32), t_tgt[:-1]], axis=0)  # −1: clean level
-        t_call = t_tgt
-        active = jnp.concatenate([jnp.ones((1, batch), bool), g[:-1] < t[None, :]], axis=0)
-    grids = dict(t_src=t_src, t_tgt=t_tgt, t_call=t_call, active=active)
     if chunks == 1 and row_groups == 1:
         x_tilde, _ = _inversion_scan(guided_model(eps_fn, cond), x0, schedule, **grids, **scan)
     else:

@@ -10,6 +10,8 @@ and back is a gather inside each block, which moves no data between devices.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -46,3 +48,26 @@ def from_chunks(a: jax.Array, order: jax.Array) -> jax.Array:
 def check_chunks(batch: int, chunks: int, groups: int = 1) -> None:
     if chunks < 1 or groups < 1 or batch % (chunks * groups):
         raise ValueError(f"chunks={chunks} x groups={groups} must divide the batch of {batch} rows")
+
+
+def expected_rows_run(step_prob, rows: int, chunks: int = 1, groups: int = 1, rows_per_draw: int = 1) -> float:
+    """Expected model rows a chunked masked scan computes (each chunk computes all its rows at every step
+    one of them needs), the rows being ``rows / rows_per_draw`` independent draws, each repeated
+    ``rows_per_draw`` times (a pair's two images share their t), and a draw needing step k with probability
+    ``step_prob[k]``. With chunks > 1 each draw must need a prefix of the steps (so the k-th row in an
+    ordered block needs step j iff at least k of the block's draws do); with one chunk any pattern.
+
+    The chunk holding rows c·r .. of every block (r rows per block) runs step j unless, in every block, fewer
+    than ⌊c·r / rows_per_draw⌋ + 1 of its q draws need it: P = 1 − (1 − P[Bin(q, p_j) >= k])^groups."""
+    check_chunks(rows, chunks, groups)
+    per_block = rows // groups
+    draws = per_block // rows_per_draw
+    per_chunk_block = per_block // chunks
+    total = 0.0
+    for c in range(chunks):
+        k = c * per_chunk_block // rows_per_draw + 1
+        for p in step_prob:
+            p = float(p)
+            at_least_k = sum(math.comb(draws, i) * p ** i * (1.0 - p) ** (draws - i) for i in range(k, draws + 1))
+            total += (1.0 - (1.0 - at_least_k) ** groups) * rows / chunks
+    return total

@@ -153,7 +153,7 @@ class DRO(Method):
         per trajectory, one trajectory per ``dro.steps_per_trajectory`` pairs, twice with CFG."""
         d = config.dro
         update = super().flops(config, pairs, fwd, fwdbwd)["step"]
-        generation = d.num_inference_steps * (pairs // d.steps_per_trajectory) * fwd * (
+        generation = d.num_inference_steps * (pairs / d.steps_per_trajectory) * fwd * (
             2 if d.guidance_scale != 1.0 else 1)
         return {"update": update, "generation": generation, "step": update + generation}
     state_sharding_rules = ((r"negatives/.*", "rows"),)  # trajectories split over devices like a batch

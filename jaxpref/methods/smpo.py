@@ -16,8 +16,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxpref import diffusion, objectives
+from jaxpref.diffusion import row_chunks
 from jaxpref.errors import ConfigError
 from jaxpref.methods.base import INVERTED, NOISE, Method, draw, stack
 
@@ -33,7 +35,28 @@ def inversion_scan_steps(steps: int, mode: str) -> int:
     without inversion ("none": forward noise, as DPO)."""
     if mode == "none":
         return 0
-    return steps + (1 if mode == "paper" else 0)  # diagnostics by training timestep: [0, 250), [250, 500), ...
+    return steps + (1 if mode == "paper" else 0)
+
+
+def inversion_rows(s, micro_pairs: int, schedule=None, groups=None) -> float:
+    """Expected image rows the inversion scan of one micro-batch computes, summed over its steps, for t
+    uniform over the schedule's training timesteps (default: SD's): chunks skip the steps none of their rows
+    needs (``smpo.inversion_chunks``), ordered within ``groups`` blocks (default: per device, as the step
+    splits them). The [2B] stack is winners then losers, so one block holds each pair's t twice, and with
+    an even number of blocks block g + G/2 repeats block g's t (same steps run, twice the rows)."""
+    if s.inversion == "none":
+        return 0.0
+    schedule = schedule or diffusion.NoiseSchedule()
+    t = np.arange(schedule.num_train_timesteps)
+    active = np.asarray(diffusion.smpo_steps(t, schedule, mode=s.inversion, num_steps=s.inversion_steps)[0]["active"])
+    rows, chunks = 2 * micro_pairs, s.inversion_chunks
+    groups = _row_groups(rows, chunks) if groups is None else groups
+    p = active.mean(axis=1)
+    if groups == 1:
+        return row_chunks.expected_rows_run(p, rows, chunks, 1, rows_per_draw=2)
+    if groups % 2 == 0:
+        return 2 * row_chunks.expected_rows_run(p, micro_pairs, chunks, groups // 2)
+    return row_chunks.expected_rows_run(p, rows, chunks, groups)  # odd blocks straddle: taken as independent
 
 
 class SmPO(Method):
@@ -79,10 +102,14 @@ class SmPO(Method):
 
     @classmethod
     def flops(cls, config, pairs, fwd, fwdbwd):
-        """DPO's update plus the inversion: S scan steps x 2 ReNoise predictions on the 2B images. The masked
-        scan computes a step unless every sample is past it, so this counts what runs."""
+        """DPO's update plus the inversion: the expected UNet rows its masked scan computes per micro-batch
+        (``inversion_rows``, t uniform) x its forwards per row and step: 2 (one ReNoise iteration) in
+        "code"/"paper", 1 + ``inversion_iterations`` in "consistent"."""
         update = super().flops(config, pairs, fwd, fwdbwd)["step"]
-        inversion = 2 * inversion_scan_steps(config.smpo.inversion_steps, config.smpo.inversion) * 2 * pairs * fwd
+        s = config.smpo
+        per_step = 1 + (s.inversion_iterations if s.inversion == "consistent" else 1)
+        micro = pairs // config.grad_accum
+        inversion = config.grad_accum * inversion_rows(s, micro) * per_step * fwd
         return {"update": update, "inversion": inversion, "step": update + inversion}
 
     @classmethod
