@@ -67,6 +67,7 @@ VARIANTS = {
     "sft": {"objective": "sft"},
     "kto": {"objective": "kto"},
     "mapo": {"objective": "mapo"},
+    "mapo/lr1e-5": {"objective": "mapo", "optimizer.lr": 1e-5},   # the released code's learning rate
 }
 # The same optimizer for every variant (configs/tiny.py's DPO/SmPO setting; the demo's DRO is tuned apart).
 BUDGET = {"optimizer.lr": 1e-4, "optimizer.schedule": "constant", "optimizer.warmup_steps": 10}
