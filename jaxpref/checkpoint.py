@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jaxpref import errors, fileio
+from jaxpref import console, errors, fileio
 
 LOCK_FILE = "lock"
 
