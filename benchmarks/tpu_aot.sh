@@ -18,6 +18,10 @@ declare -A JOBS=(
   [sd15_smpo-consistent_v5e-2x4_4pc]="--config=configs/smposd15.py --topology=v5e:2x4 --pairs_per_chip=4 $FSDP --config.remat=True --config.smpo.inversion=consistent"
   [sd15_kto_v5e-2x4_4pc]="--config=configs/ktosd15.py --topology=v5e:2x4 --pairs_per_chip=4 $FSDP --config.remat=True"
   [sd15_mapo_v5e-2x4_4pc]="--config=configs/maposd15.py --topology=v5e:2x4 --pairs_per_chip=4 $FSDP --config.remat=True"
+  [sd15_dpo_v5e-2x4_4pc_dots]="--config=configs/dposd15.py --topology=v5e:2x4 --pairs_per_chip=4 $FSDP --config.remat=True --config.remat_policy=dots_saveable"
+  [sd15_dpo-lora-fused_v5e-1x1_4pc]="--config=configs/dposd15_lora.py --topology=v5e:1x1 --pairs_per_chip=4 --config.lora.fuse_reference_forward=True"
+  [sd15_smpo-code-chunks4_v5e-2x4_4pc]="--config=configs/smposd15.py --topology=v5e:2x4 --pairs_per_chip=4 $FSDP --config.remat=True --config.smpo.inversion_chunks=4"
+  [sd15_dro-reuse2_v5e-2x4_4pc]="--config=configs/drosd15.py --topology=v5e:2x4 --pairs_per_chip=4 $FSDP --config.remat=True --config.dro.steps_per_trajectory=2"
   [sd15_dpo_v4-2x2x1_8pc]="--config=configs/dposd15.py --topology=v4:2x2x1 --pairs_per_chip=8 $FSDP --config.remat=True"
   [sd15_dpo_v5p-2x2x1_8pc]="--config=configs/dposd15.py --topology=v5p:2x2x1 --pairs_per_chip=8 $FSDP --config.remat=True"
   [sd15_dro_v5p-2x2x1_8pc]="--config=configs/drosd15.py --topology=v5p:2x2x1 --pairs_per_chip=8 $FSDP --config.remat=True"
@@ -37,7 +41,9 @@ ORDER=(sd15_dpo_v5e-2x4_4pc_pallas sdxl_dpo_v5p-2x2x1_1pc sd15_dpo-lora_v5e-1x1_
        sd15_dpo-lora_v5e-1x1_2pc sdxl_dpo_v5p-2x2x1_2pc sdxl_dpo_v4-2x2x1_2pc sd15_dpo_v5e-2x4_4pc_xla sd15_dro_v5e-2x4_4pc
        sd15_smpo-code_v5e-2x4_4pc sd15_smpo-consistent_v5e-2x4_4pc sd15_dpo_v4-2x2x1_8pc sd15_dpo_v5p-2x2x1_8pc
        sd15_dro_v4-2x2x1_8pc sd15_smpo-code_v4-2x2x1_8pc sd15_smpo-consistent_v4-2x2x1_8pc sd15_dro_v5p-2x2x1_8pc
-       sd15_smpo-code_v5p-2x2x1_8pc sd15_smpo-consistent_v5p-2x2x1_8pc sd15_kto_v5e-2x4_4pc sd15_mapo_v5e-2x4_4pc)
+       sd15_smpo-code_v5p-2x2x1_8pc sd15_smpo-consistent_v5p-2x2x1_8pc sd15_kto_v5e-2x4_4pc sd15_mapo_v5e-2x4_4pc
+       sd15_dpo_v5e-2x4_4pc_dots sd15_dpo-lora-fused_v5e-1x1_4pc sd15_smpo-code-chunks4_v5e-2x4_4pc
+       sd15_dro-reuse2_v5e-2x4_4pc)
 [ $# -gt 0 ] && ORDER=("$@")
 for name in "${ORDER[@]}"; do
   echo "=== $name: python -m jaxpref.aot ${JOBS[$name]}"

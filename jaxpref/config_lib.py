@@ -70,9 +70,13 @@ def apply_overrides(config, overrides: dict, source: str = "--set"):
 
 
 def config_path(name: str) -> str:
-    """The file of ``configs/<name>.py`` (for ``--config=``)."""
-    module = importlib.import_module("jaxpref.configs")
-    return os.path.join(os.path.dirname(module.__file__), f"{name}.py")
+    """The file of ``configs/<name>.py`` (for ``--config=``): installed as ``jaxpref.configs``, or the checkout's
+    top-level ``configs/`` when the package runs from a source tree that was not installed."""
+    try:
+        folder = os.path.dirname(importlib.import_module("jaxpref.configs").__file__)
+    except ModuleNotFoundError:
+        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    return os.path.join(folder, f"{name}.py")
 
 
 def base_config() -> ml_collections.ConfigDict:

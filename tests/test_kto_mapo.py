@@ -1,6 +1,6 @@
 """Diffusion-KTO and MaPO (docs/methods.md §7, §8): each loss against a float64 numpy transcription of its
 released training script's loss code, the properties their papers state, the reference MaPO does not keep,
-and one short CLI run each on the embedded model."""
+and one short CLI run each."""
 import json
 import os
 import subprocess
@@ -243,8 +243,9 @@ def test_bad_values_are_named_before_anything_loads(key, value, match):
 
 @pytest.mark.parametrize("objective, metric", [("kto", "reference_point"), ("mapo", "err_w")])
 def test_a_short_embedded_run_through_the_cli(objective, metric, world, tmp_path):
-    """``python -m jaxpref.train`` with configs/tiny.py:<objective> on the shipped tiny model, 2 updates (compiled
-    at LLVM level 0, as conftest's ``compiled_for_few_runs``)."""
+    """``python -m jaxpref.train`` with configs/tiny.py:<objective> on the tests' tiny random pipeline (its
+    smaller UNet compiles in 2/3 of the shipped one's time), 2 updates (compiled at LLVM level 0, as conftest's
+    ``compiled_for_few_runs``)."""
     config_file = tmp_path / "config.py"
     config_file.write_text(f"""import sys
 sys.path.insert(0, {th.TESTS!r})
@@ -259,7 +260,7 @@ def get_config():
     workdir = tmp_path / objective
     args = [f"--config={config_file}", f"--workdir={workdir}", "--config.total_steps=2", "--config.batch_size=4",
             "--config.optimizer.warmup_steps=0", "--config.log.every=1", "--config.checkpoint.every=0",
-            "--config.eval.final=False", f"--config.data.data_dir={world[1]}"]
+            "--config.eval.final=False", f"--config.data.data_dir={world[1]}", f"--config.model_path={world[0]}"]
     out = subprocess.run([sys.executable, "-m", "jaxpref.train", *args], cwd=th.REPO,
                          env=th.subprocess_env(llvm_level_0=True), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
