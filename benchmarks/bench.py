@@ -177,8 +177,8 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
             seconds, times = median_seconds(
                 lambda p=state.params: jax.block_until_ready(
                     part_compiled(p, frozen, batch_arr, rngs[next(calls) % len(rngs)])), iters)
-            trips = config.dro.num_inference_steps if objective == "dro" else inversion_scan_steps(
-                config.smpo.inversion_steps, config.smpo.inversion)
+            trips = (config.dro.num_inference_steps if objective == "dro"
+                     else inversion_scan_steps(config.smpo, run.schedule))
             raw = xla_flops(part_compiled)
             xla, corrected = (None, False) if raw is None else loop_corrected(raw, raw, trips, flops(part_name))
             loop = (raw, trips, corrected)

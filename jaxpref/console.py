@@ -120,9 +120,15 @@ def phase(what: str, *, announce: bool = True):
     say(f"{what}: done in {time.perf_counter() - start:.1f}s")
 
 
+ONE_LINE_MAX = 300  # characters: a library's message (e.g. one listing a checkpoint's files) stays a line
+
+
 def one_line(error: BaseException) -> str:
-    """An error's message on one line (the first line, with its type where it is not ours)."""
+    """An error's message on one line (the first line, cut at ``ONE_LINE_MAX`` characters, with its type where
+    it is not ours)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if len(text) > ONE_LINE_MAX:
+        text = text[:ONE_LINE_MAX - 3] + "..."
     if isinstance(error, errors.JaxprefError) or isinstance(error, ValueError):
         return text
     return f"{type(error).__name__}: {text}"

@@ -55,8 +55,8 @@ def test_text_encoder_matches_transformers(eos, act, tmp_path):
     assert rel_err(out["pooler_output"], expected.pooler_output.numpy()) <= RTOL
     assert len(out["hidden_states"]) == len(expected.hidden_states) == 4
     assert rel_err(out["hidden_states"][-2], expected.hidden_states[-2].numpy()) <= RTOL
-    last = _jitted(module, CLIPTextModel.__call__)({"params": params}, ids)
-    np.testing.assert_array_equal(last, out["last_hidden_state"])
+    last = _jitted(module, CLIPTextModel.__call__)({"params": params}, ids)   # another program: fp32 rounding apart
+    assert rel_err(last, np.asarray(out["last_hidden_state"], np.float64)) <= 1e-6
 
 
 def test_text_encoder_with_projection_matches_transformers(tmp_path):

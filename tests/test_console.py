@@ -54,3 +54,16 @@ def test_a_bad_value_names_key_value_and_what_is_accepted(tmp_path):
     lines = (out.stdout + out.stderr).strip().splitlines()
     assert out.returncode == errors.EXIT_CONFIG and len(lines) <= 3, lines
     assert lines[-1] == "jaxpref.train: config.optimizer.lr=-0.001: a number > 0"
+
+
+def test_a_library_error_is_one_line_of_at_most_300_characters():
+    """A library's long, many-line message (e.g. orbax listing a checkpoint's files) is cut to one line of the
+    stated width, its type named; ours keep their text."""
+    from jaxpref import console
+
+    long = OSError("x" * 1000 + "\nsecond line")
+    line = console.one_line(long)
+    assert "\n" not in line and len(line) <= len("OSError: ") + 300 and line.startswith("OSError: xxx")
+    assert line.endswith("...")
+    assert console.one_line(errors.ConfigError("lr", -1, "a positive number")).count("\n") == 0
+    assert console.one_line(RuntimeError("short")) == "RuntimeError: short"

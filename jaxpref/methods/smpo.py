@@ -30,12 +30,15 @@ INVERSION_MODELS = ("policy", "reference")    # the UNet that inverts (``smpo.in
 T_BUCKETS = (0, 250, 500, 750)
 
 
-def inversion_scan_steps(steps: int, mode: str) -> int:
-    """Steps of the inversion scan: one per grid source ("code"), one more to reach t > top ("paper"), none
-    without inversion ("none": forward noise, as DPO)."""
-    if mode == "none":
+def inversion_scan_steps(s, schedule=None) -> int:
+    """Steps of the inversion scan ``smpo_invert`` runs (``diffusion.smpo_steps``' length; 0 without
+    inversion, "none": forward noise, as DPO)."""
+    if s.inversion == "none":
         return 0
-    return steps + (1 if mode == "paper" else 0)
+    t = np.zeros((1,), np.int32)
+    steps = diffusion.smpo_steps(t, schedule or diffusion.NoiseSchedule(), mode=s.inversion,
+                                 num_steps=s.inversion_steps)[0]
+    return int(steps["active"].shape[0])
 
 
 def inversion_rows(s, micro_pairs: int, schedule=None, groups=None) -> float:
