@@ -69,14 +69,17 @@ def _config_file(tmp_path, world) -> str:
 
 
         def get_config():
+            train_helpers.compile_as_the_parent_asked()
             return train_helpers.tiny_dpo_config({world[0]!r}, {world[1]!r}, total_steps=2, **{{"eval.final": False}})
         """))
     return str(path)
 
 
 def _train(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "jaxpref.train", *args], cwd=th.REPO, env=th.subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    """The command in a child process; its 2-update step compiles at LLVM level 0 (conftest's
+    ``compiled_for_few_runs``)."""
+    return subprocess.run([sys.executable, "-m", "jaxpref.train", *args], cwd=th.REPO,
+                          env=th.subprocess_env(llvm_level_0=True), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
