@@ -166,6 +166,25 @@ def _load_config_file(path):
 CONFIG_FILES = sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py") and f != "__init__.py")
 
 
+def test_configs_are_found_installed_and_from_a_source_tree(monkeypatch):
+    """``--config``'s default and the benchmarks name configs through ``config_path``: the installed
+    ``jaxpref.configs`` package, or the checkout's configs/ when the package runs from a source tree that
+    was never installed (no ``jaxpref.configs`` to import)."""
+    import importlib
+
+    installed = config_lib.config_path("tiny")
+    assert os.path.samefile(installed, os.path.join(th.REPO, "configs", "tiny.py"))
+    real_import = importlib.import_module
+
+    def uninstalled(name, *args):
+        if name == "jaxpref.configs":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", uninstalled)
+    assert os.path.samefile(config_lib.config_path("dposd15"), os.path.join(th.REPO, "configs", "dposd15.py"))
+
+
 # Configs sized for another device count than a v5e-8 / 8 GPUs (their docstrings say so): the LoRA config for
 # one 16 GiB chip, the SDXL configs for a v5p-8's 4 (megacore) chips, one pair per chip per micro-batch.
 SIZED_FOR = {"dposd15_lora.py": 1, "dposdxl.py": 4, "dposdxl_lora.py": 4, "drosdxl.py": 4, "smposdxl.py": 4}
