@@ -242,7 +242,7 @@ def test_bad_values_are_named_before_anything_loads(key, value, match):
 
 
 @pytest.mark.parametrize("objective, metric", [("kto", "reference_point"), ("mapo", "err_w")])
-def test_a_short_embedded_run_through_the_cli(objective, metric, world, tmp_path):
+def test_a_short_run_through_the_cli(objective, metric, world, tmp_path):
     """``python -m jaxpref.train`` with configs/tiny.py:<objective> on the tests' tiny random pipeline (its
     smaller UNet compiles in 2/3 of the shipped one's time), 2 updates (compiled at LLVM level 0, as conftest's
     ``compiled_for_few_runs``)."""
