@@ -48,8 +48,9 @@ import train_helpers as th  # noqa: E402
 # group so that they spread over the workers, and the embedded end-to-end runs: one group, one worker, in the
 # order of _EMBEDDED, so that they share the base model's held-out evaluation (seed 0 is evaluated once for
 # every run, see jaxpref.evaluate.evaluate_base) and the later ones (the shortened default command, the hub
-# run, the quickstart notebook) find test_embedded.py's train steps in the persistent compile cache. The slow
-# tests and those are scheduled first (the longest jobs first keeps the two workers' loads even at the end).
+# run, the quickstart notebook) find test_embedded.py's train steps in the persistent compile cache. xdist sends
+# the groups to the workers most tests first (its --loadscope-reorder default, as even as longest-first here);
+# within a group the tests run in the order below: the slow ones and those first.
 _EMBEDDED = ("test_embedded.py", "test_console.py", "test_hub.py", "test_notebook.py")
 _EMBEDDED_ELSEWHERE = {"test_the_default_command_prints_our_lines_only_and_announces_each_evaluation",
                        "test_train_command_trains_the_embedded_model_from_the_hub_cache"}
