@@ -2,9 +2,8 @@
 # The committed TPU memory results (benchmarks/results/tpu_aot/, table in docs/performance.md): SD1.5, SD1.5 LoRA
 # and SDXL train steps compiled for TPU topologies on a CPU host by `python -m jaxpref.aot`, one after another
 # (each compile took 14-90 minutes and 15-25 GB of host memory here, SmPO with inversion chunks ~35 GB: add swap
-# on a 24 GB host). The SDXL configs
-# already shard fsdp over all chips (mesh data=1, fsdp=-1); the SD1.5 rows set it. Needs the [tpu] extra. Run
-# from the repository root:
+# on a 24 GB host). The SDXL configs already shard fsdp over all chips (mesh data=1, fsdp=-1); the SD1.5 rows
+# set it. Needs the [tpu] extra. Run from the repository root:
 #   nice -n 10 bash benchmarks/tpu_aot.sh [name ...]      # no names: all, in this order
 # A row that does not fit still writes its JSON (exit 1 is its verdict, not an error of this script).
 set -uo pipefail
