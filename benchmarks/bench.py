@@ -24,17 +24,22 @@ program whose count is under half the model's is taken as one loop body, the loo
 ``trips × raw``, and the step's is ``raw + (trips − 1) × body``. XLA also counts remat's recompute,
 and nothing inside custom calls (cuDNN flash attention): read it as a cross-check, not as the MFU.
 
+``--profile DIR`` traces a few steps after the timed ones (``jax.profiler``, viewable in TensorBoard or
+Perfetto) and sums the trace by kernel kind and by phase of the step (``profile_breakdown.py``).
+
 Peak memory: ``jax.devices()[0].memory_stats()['peak_bytes_in_use']`` (the process high-water mark;
 each objective runs in its own subprocess when several are asked for) where the backend reports it
 ("hwm"), else the compiled ``memory_analysis()``: argument + output + temp − alias ("xla").
 
 Modules beside this script: ``random_sd.py`` (sizes, random-weight pipeline, config, batch),
-``measure.py`` (timing, XLA counts, the table), ``memory_table.py`` (``--memory-table``).
+``measure.py`` (timing, XLA counts, the table), ``memory_table.py`` (``--memory-table``),
+``profile_breakdown.py`` (``--profile``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import itertools
 import json
 import os
@@ -56,9 +61,11 @@ from jaxpref.methods.smpo import inversion_scan_steps  # noqa: E402
 from jaxpref.methods import METHODS  # noqa: E402
 from jaxpref.methods.base import pair_keys  # noqa: E402
 from jaxpref.methods.dro import empty_negatives_buffer  # noqa: E402
+from jaxpref.step import policy_params  # noqa: E402
 from jaxpref.models.unet import count_params  # noqa: E402
 from measure import (Row, fmt, format_table, mark_failed, median_seconds, parse_share, peak, row_from_dict,  # noqa: E402
                      timing_turn, unet_xla_flops, xla_flops)
+import profile_breakdown  # noqa: E402
 from memory_table import format_memory_table, memory_worker, run_memory_table  # noqa: E402
 from random_sd import SIZES, bench_config, make_batch, random_pipeline  # noqa: E402
 
@@ -79,7 +86,8 @@ def generation_program(run):
         text, x0 = method.captions(frozen, micro), method.latents(micro)
         buffer = empty_negatives_buffer(cfg.dro.buffer_size, run.text_shape, run.latent_shape,
                                         cfg.dro.num_inference_steps)
-        return method.refill_negatives(buffer, params, frozen, text, x0, keys, jax.random.fold_in(rng, 1))
+        sampler = policy_params(cfg, params, frozen, rng)  # with LoRA: the base and these adapters
+        return method.refill_negatives(buffer, sampler, frozen, text, x0, keys, jax.random.fold_in(rng, 1))
     return generate
 
 
@@ -93,10 +101,36 @@ def inversion_program(run):
         text, x0 = method.captions(frozen, micro), method.latents(micro)
         t = method.timesteps(keys)
         both = lambda a, b: jnp.concatenate([a, b], axis=0)  # noqa: E731
-        return diffusion.smpo_invert(method.eps_fn(params), both(x0[:, 0], x0[:, 1]), both(t, t), run.schedule,
+        inverter = policy_params(cfg, params, frozen, rng)  # with LoRA: the base and these adapters
+        return diffusion.smpo_invert(method.eps_fn(inverter), both(x0[:, 0], x0[:, 1]), both(t, t), run.schedule,
                                      cond=both(text, text), mode=cfg.smpo.inversion,
                                      num_steps=cfg.smpo.inversion_steps)
     return invert
+
+
+# ---------------------------------------------------------------------------------------------
+# A profile of the timed step.
+
+PROFILE_STEPS = 3
+
+
+def profile_steps(one_step, compiled, folder: str, step_seconds: float, log=print) -> dict:
+    """``PROFILE_STEPS`` calls of ``one_step`` under ``jax.profiler`` into ``folder`` (TensorBoard's profile
+    plugin or Perfetto read it), with the compiled step's HLO beside it; returns the trace's breakdown by
+    kernel kind and phase (``profile_breakdown``)."""
+    os.makedirs(folder, exist_ok=True)
+    hlo = compiled.as_text()
+    with gzip.open(os.path.join(folder, "step.hlo.txt.gz"), "wt") as f:
+        f.write(hlo)
+    jax.profiler.start_trace(folder)
+    try:
+        for _ in range(PROFILE_STEPS):
+            one_step()
+    finally:
+        jax.profiler.stop_trace()
+    summary = profile_breakdown.jax_breakdown(folder, PROFILE_STEPS, hlo)
+    log(profile_breakdown.format_breakdown(summary, f"  profile ({folder})", step_seconds * 1e3))
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,13 +142,33 @@ def _aot(fn, *args, **jit_kwargs):
     return compiled, time.perf_counter() - start
 
 
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs of ``tree`` placed as ``shardings``: what a program compiles for, nothing allocated."""
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def _frozen_shapes(run):
+    """The shapes of ``trainer.frozen_params(run)`` from a pipeline of ShapeDtypeStructs."""
+    pipe = run.pipeline
+
+    def frozen(unet_params, text_params):
+        filled = dataclasses.replace(pipe, unet_params=unet_params, text_encoder_params=text_params)
+        return trainer.frozen_params(dataclasses.replace(run, pipeline=filled))
+    return jax.eval_shape(frozen, pipe.unet_params, pipe.text_encoder_params)
+
+
 def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int] = None, dtype: str = "float32",
                     remat: bool = False, attention: str = "xla", iters: int = 5, seed: int = 0,
                     unet_flops: Optional[tuple[float, float]] = None, log=print,
-                    overrides=(), share: Optional[tuple[str, int]] = None) -> tuple[list[Row], dict]:
+                    overrides=(), share: Optional[tuple] = None,
+                    profile: Optional[str] = None) -> tuple[list[Row], dict]:
     """Times one objective's programs; returns (rows, info). ``unet_flops``: (F, G) to use; default
-    the measured ones for sd15, else XLA's batch-1 counts of the lowered UNet. ``share``: (DIR, N) when
-    N bench processes share the device (``measure.timing_turn``)."""
+    the measured ones for sd15, else XLA's batch-1 counts of the lowered UNet. ``share``: (DIR, N[, RANK])
+    when N bench processes share the device (``measure.timing_turn``). ``profile``: a folder for a
+    jax.profiler trace of ``PROFILE_STEPS`` steps, summarised in ``info['profile']``.
+
+    The programs compile for the arguments' shapes and shardings before any weight exists: a process
+    waiting for its turn on a shared GPU holds no state."""
     size = SIZES[size_name]
     batch = batch or size.batch
     dev = jax.devices()[0]
@@ -123,10 +177,10 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
         raise ValueError(f"--attention cudnn needs a GPU and --dtype bfloat16 (cuDNN flash attention); got {kind}, "
                          f"{dtype}: use --attention xla")
     jdtype = config_lib.DTYPES[dtype]
-    pipeline = random_pipeline(size, jdtype, None if attention == "xla" else attention, seed)
+    shapes = random_pipeline(size, jdtype, None if attention == "xla" else attention, seed, with_params=False)
     config = bench_config(size, objective, batch, dtype, remat, overrides, attention)
-    run = trainer.build_run(config, pipeline)
-    info = {"overrides": list(overrides), "unet_params": count_params(pipeline.unet_params),
+    run = trainer.build_run(config, shapes)
+    info = {"overrides": list(overrides), "unet_params": count_params(shapes.unet_params),
             "latent_shape": list(run.latent_shape), "text_shape": list(run.text_shape)}
 
     if unet_flops is None:
@@ -134,43 +188,51 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
             unet_flops, source = (size.fwd_flops, size.fwdbwd_flops), "measured (SD1.5, 64x64)"
         else:
             # The plain module: remat's recompute and cuDNN's custom calls would skew XLA's count.
-            plain = pipeline.unet.clone(remat=False, attention_impl=None)
-            unet_flops, source = unet_xla_flops(plain, pipeline.unet_params, size), "xla-unet (batch 1)"
+            plain = shapes.unet.clone(remat=False, attention_impl=None)
+            unet_flops, source = unet_xla_flops(plain, shapes.unet_params, size), "xla-unet (batch 1)"
     else:
         source = "given"
     fwd, fwdbwd = unet_flops
     info.update(fwd_flops=fwd, fwdbwd_flops=fwdbwd, flops_source=source)
     flops = lambda w: model_flops(w, batch, fwd, fwdbwd, config)  # noqa: E731
 
-    # The state and frozen params as the training loop builds them: born sharded on the mesh.
+    # The state, frozen params and batch as the training loop places them (on the mesh), abstract for now.
     mesh = sharding.make_mesh(data=-1, fsdp=1)
-    frozen = trainer.frozen_params(run)
-    frozen = jax.device_put(frozen, trainer.frozen_shardings(run, mesh, frozen))
-    state, _, _ = trainer.init_state(run, mesh)
-    # From here the state owns the policy weights (the step donates them): drop the pipeline's handle so
-    # the memory high-water mark holds no second copy.
-    run.pipeline = dataclasses.replace(run.pipeline, unet_params=None)
-    del pipeline
+    state_shapes, state_shardings = trainer.abstract_state(run, mesh)
+    frozen_shapes = _frozen_shapes(run)
+    frozen_sharding = trainer.frozen_shardings(run, mesh, frozen_shapes)
+    abstract_frozen = _abstract(frozen_shapes, frozen_sharding)
+    abstract_state = _abstract(state_shapes, state_shardings)
     batch_np = make_batch(run, batch, seed)
-    batch_arr = jax.device_put(batch_np, sharding.rows_sharding(mesh, batch_np))
-    rngs = [jax.random.PRNGKey(seed + i) for i in range(iters + 3)]
+    batch_sharding = sharding.rows_sharding(mesh, batch_np)
+    abstract_batch = _abstract(jax.eval_shape(lambda b: b, batch_np), batch_sharding)
+    rngs = [jax.random.PRNGKey(seed + i) for i in range(iters + 3 + PROFILE_STEPS)]
     common = dict(impl="jax", pairs=batch, device=kind)
     rows = []
 
-    # Every program compiled before any is timed (``timing_turn``: processes sharing a GPU time one at
-    # a time, after all have compiled); the loop program is timed first: the step donates the state.
     has_part = objective == "dro" or (objective == "smpo" and config.smpo.inversion != "none")
     if has_part:
         part_name, program = (("dro generation", generation_program(run)) if objective == "dro"
                               else ("smpo inversion", inversion_program(run)))
-        part_compiled, part_compile_s = _aot(program, state.params, frozen, batch_arr, rngs[0])
+        part_compiled, part_compile_s = _aot(program, abstract_state.params, abstract_frozen, abstract_batch, rngs[0])
         log(f"  {part_name}: compiled in {part_compile_s:.1f} s")
     start = time.perf_counter()
-    compiled = trainer.compile_train_step(run, mesh, state, batch_arr, frozen, rngs[0])
+    compiled = trainer.compile_train_step(run, mesh, abstract_state, abstract_batch, abstract_frozen, rngs[0])
     compile_s = time.perf_counter() - start
     log(f"  {objective} step: compiled in {compile_s:.1f} s")
 
+    # The weights, drawn in host memory while the device may still be another process's (seconds for SD1.5).
+    weights = random_pipeline(size, jdtype, None if attention == "xla" else attention, seed, on_host=True)
     with timing_turn(share, log):
+        # On the device, and the state born sharded, as the training loop builds them.
+        run.pipeline = weights
+        frozen = jax.device_put(trainer.frozen_params(run), frozen_sharding)
+        state, _, _ = trainer.init_state(run, mesh)
+        # From here the state owns the policy weights (the step donates them): drop the pipeline's handle so
+        # the memory high-water mark holds no second copy.
+        run.pipeline = shapes
+        del weights
+        batch_arr = jax.device_put(batch_np, batch_sharding)
         loop = None
         if has_part:
             calls = itertools.count()
@@ -200,6 +262,8 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
 
         seconds, times = median_seconds(one_step, iters)
         metrics = jax.device_get(one_step())
+        if profile:
+            info["profile"] = profile_steps(one_step, compiled, os.path.join(profile, objective), seconds, log)
     # The first step starts at policy = reference (DPO: loss log 2 up to the bf16 reference's rounding);
     # the last has moved: with random weights the losses saturate within a few steps.
     info["first_metrics"] = {k: float(v) for k, v in jax.device_get(holder.pop("first")).items()}
@@ -232,7 +296,7 @@ def _default_dtype() -> str:
     return "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
 
 
-def _share_arg(value: str) -> tuple[str, int]:
+def _share_arg(value: str) -> tuple:
     try:
         return parse_share(value)
     except ValueError as e:
@@ -247,6 +311,8 @@ def _worker_command(args, objective: str, out: str) -> list[str]:
             cmd += [flag, str(value)]
     if args.remat:
         cmd.append("--remat")
+    if args.profile:
+        cmd += ["--profile", args.profile]
     for item in args.set:
         cmd += ["--set", item]
     return cmd
@@ -281,7 +347,7 @@ def _run_here(args, objective: str) -> dict:
           f"{dev.device_kind}", flush=True)
     try:
         rows, info = bench_objective(objective, args.size, batch, dtype, args.remat, args.attention, iters,
-                                     overrides=args.set, share=args.share_device)
+                                     overrides=args.set, share=args.share_device, profile=args.profile)
     except BaseException:
         mark_failed(args.share_device)
         raise
@@ -333,10 +399,13 @@ def main(argv=None):
     parser.add_argument("--no-isolate", action="store_true",
                         help="run all objectives in this process (peak memory is then a running high-water mark; "
                         "on a GPU, --torch then competes with JAX's preallocation)")
-    parser.add_argument("--share-device", default=None, metavar="DIR:N", type=_share_arg,
-                        help="N bench commands started together on one GPU: all compile at once, then they time "
-                        "one at a time (a lock in DIR, a fresh folder per group); set XLA_PYTHON_CLIENT_MEM_FRACTION "
-                        "below 1/N for each")
+    parser.add_argument("--share-device", default=None, metavar="DIR:N[:RANK]", type=_share_arg,
+                        help="N bench commands started together on one GPU: all compile at once (holding no "
+                        "weights), then they time one at a time, in RANK order where given (markers in DIR, a fresh "
+                        "folder per group); run them with XLA_PYTHON_CLIENT_PREALLOCATE=false")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help=f"after timing, trace {PROFILE_STEPS} steps with jax.profiler into DIR/<objective> and "
+                        "put their breakdown (kernel kinds, phases, busy time) in the JSON")
     parser.add_argument("--quiet-table", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-table", action="store_true",
                         help="per-device memory of the SD1.5 DPO step over 1/2/4/8 simulated CPU devices")
@@ -349,6 +418,8 @@ def main(argv=None):
     parser.add_argument("--memory-compile-limit", type=float, default=300.0,
                         help="seconds: a compile slower than this stops the larger meshes")
     args = parser.parse_args(argv)
+    if args.profile:  # a step loaded from the compile cache then carries this code's op names
+        jax.config.update("jax_compilation_cache_include_metadata_in_key", True)
 
     if args.memory_worker:
         result = memory_worker(args)

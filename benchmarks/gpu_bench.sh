@@ -7,9 +7,13 @@
 #   STAGE=torch-compile bash benchmarks/gpu_bench.sh OUT_DIR [SECONDS]   # the torch.compile row alone
 #   STAGE=shared OBJECTIVES=smpo,dro bash benchmarks/gpu_bench.sh OUT_DIR [SECONDS]  # one process per
 #       objective: they compile at once (the compiles are CPU work, minutes each), then time one at a time
+#   STAGE=sweep bash benchmarks/gpu_bench.sh OUT_DIR [SECONDS]   # benchmarks/sweep.py: JAX's DPO step,
+#       torch.compile's and each variant of sweep.VARIANTS (XLA flags, batch, the SmPO and DRO options), with
+#       profiles of the first two; ONLY=name,name picks variants
 #
 # Writes OUT_DIR/gpu.txt (device, clocks, versions), OUT_DIR/sd15_b8_cudnn.{json,log},
-# OUT_DIR/torch_compile_sd15_b8.{json,log} or (shared) OUT_DIR/sd15_b8_cudnn_<objective>.{json,log}.
+# OUT_DIR/torch_compile_sd15_b8.{json,log}, (shared) OUT_DIR/sd15_b8_cudnn_<objective>.{json,log} or (sweep)
+# OUT_DIR/sweep.json, OUT_DIR/<variant>.{json,log} and OUT_DIR/profile/.
 # SECONDS (default 540) bounds the run: the process group is stopped then, and the JSON keeps every
 # objective that finished (bench.py rewrites it after each).
 # Missing packages (diffusers, ml_collections) may sit as wheels in .whl/ of the repository root.
@@ -63,9 +67,8 @@ case $stage in
   shared)
     IFS=, read -ra each <<< "$objectives"
     turn=$(mktemp -d)
-    fraction=$(python3 -c "print(round(0.9 / ${#each[@]}, 2))")  # JAX would take 75% of the GPU per process
-    for o in "${each[@]}"; do
-      XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction bounded "$seconds" bash -c "python3 benchmarks/bench.py --size $size \
+    for o in "${each[@]}"; do  # no preallocation: a process waiting for its turn holds no weights
+      XLA_PYTHON_CLIENT_PREALLOCATE=false bounded "$seconds" bash -c "python3 benchmarks/bench.py --size $size \
         --batch $batch --attention $attention --objectives $o --share-device $turn:${#each[@]} \
         --json '$out/${size}_b${batch}_${attention}_$o.json' 2>&1 | tee '$out/${size}_b${batch}_${attention}_$o.log'" &
     done
@@ -73,5 +76,8 @@ case $stage in
   torch-compile)
     bounded "$seconds" bash -c "python3 benchmarks/torch_dpo_step.py --size $size --batch $batch --dtype bfloat16 \
       --compile --json '$out/torch_compile_${size}_b$batch.json' 2>&1 | tee '$out/torch_compile_${size}_b$batch.log'" ;;
-  *) echo "unknown STAGE=$stage (main, shared, torch-compile)" >&2; exit 2 ;;
+  sweep)
+    bounded "$((seconds + 30))" python3 benchmarks/sweep.py --out "$out" --seconds "$seconds" --size "$size" \
+      --batch "$batch" --attention "$attention" ${ONLY:+--only "$ONLY"} 2>&1 | tee "$out/sweep.log" ;;
+  *) echo "unknown STAGE=$stage (main, shared, torch-compile, sweep)" >&2; exit 2 ;;
 esac

@@ -41,33 +41,65 @@ def peak(compiled) -> tuple[Optional[int], str]:
     return (b, "xla") if b is not None else (None, "")
 
 
-def parse_share(value: str) -> tuple[str, int]:
-    """``--share-device DIR:N`` as (DIR, N), checked before anything is compiled."""
-    folder, _, count = value.rpartition(":")
-    if not folder or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"expected DIR:N (a fresh folder per group, N >= 1 processes), got {value!r}")
-    return folder, int(count)
+def parse_share(value: str) -> tuple:
+    """``--share-device DIR:N[:RANK]`` as (DIR, N) or (DIR, N, RANK), checked before anything is compiled."""
+    head, _, last = value.rpartition(":")
+    rank = None
+    if head.rpartition(":")[2].isdigit() and last.isdigit() and head.rpartition(":")[0]:
+        head, _, count = head.rpartition(":")
+        rank = int(last)
+    else:
+        count = last
+    folder = head
+    if not folder or not count.isdigit() or int(count) < 1 or (rank is not None and not 0 <= rank < int(count)):
+        raise ValueError(f"expected DIR:N or DIR:N:RANK (a fresh folder per group, N >= 1 processes, "
+                         f"0 <= RANK < N), got {value!r}")
+    return (folder, int(count)) if rank is None else (folder, int(count), rank)
+
+
+def _marker(folder: str, what: str, share: tuple) -> str:
+    """DIR/<what>.<rank> in a ranked group, DIR/<what>.<pid> otherwise."""
+    return os.path.join(folder, f"{what}.{share[2] if len(share) > 2 else os.getpid()}")
+
+
+def _count(folder: str, *whats: str) -> int:
+    return sum(len(glob.glob(os.path.join(folder, f"{w}.*"))) for w in whats)
 
 
 @contextlib.contextmanager
-def timing_turn(share: Optional[tuple[str, int]], log=print, wait_s: float = 900.0):
+def timing_turn(share: Optional[tuple], log=print, wait_s: float = 900.0):
     """Several bench processes on one GPU: they compile at once (compiles are CPU work), then time one
-    at a time. ``share`` is (DIR, N) from ``parse_share``: this process marks DIR/compiled.<pid>, waits
-    (at most ``wait_s``) until N processes have compiled or failed, then holds DIR/lock while its rows
-    are timed, so no timed call runs beside another process's compile (its autotuning runs on the GPU)
-    or timing. None: no sharing."""
+    at a time. ``share`` is (DIR, N) or (DIR, N, RANK) from ``parse_share``: this process marks
+    DIR/compiled.*, waits (at most ``wait_s``) until N processes have compiled or failed, then times while
+    no other does: in rank order when ranked (rank r starts once ranks 0..r-1 are done or failed: the rows
+    that matter most first, in case the run is cut short), else whoever holds DIR/lock. So no timed call
+    runs beside another process's compile (its autotuning runs on the GPU) or timing. None: no sharing."""
     if not share:
         yield
         return
-    folder, count = share
+    folder, count = share[:2]
     os.makedirs(folder, exist_ok=True)
-    open(os.path.join(folder, f"compiled.{os.getpid()}"), "w").close()
+    open(_marker(folder, "compiled", share), "w").close()
     start = time.perf_counter()
-    while len(glob.glob(os.path.join(folder, "compiled.*")) + glob.glob(os.path.join(folder, "failed.*"))) < count:
-        if time.perf_counter() - start > wait_s:
-            log(f"  timing_turn: {count} processes not all compiled after {wait_s:.0f} s; timing anyway")
-            break
-        time.sleep(1.0)
+
+    def waiting(ready):
+        while not ready():
+            if time.perf_counter() - start > wait_s:
+                log(f"  timing_turn: gave up waiting after {wait_s:.0f} s; timing anyway")
+                return
+            time.sleep(0.5)
+
+    waiting(lambda: _count(folder, "compiled", "failed") >= count)
+    if len(share) > 2:
+        rank = share[2]
+        waiting(lambda: all(os.path.exists(os.path.join(folder, f"done.{r}"))
+                            or os.path.exists(os.path.join(folder, f"failed.{r}")) for r in range(rank)))
+        log(f"  timing_turn: turn {rank} of {count} after {time.perf_counter() - start:.1f} s")
+        try:
+            yield
+        finally:
+            open(_marker(folder, "done", share), "w").close()
+        return
     with open(os.path.join(folder, "lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         log(f"  timing_turn: waited {time.perf_counter() - start:.1f} s for the others' compiles and timings")
@@ -77,11 +109,11 @@ def timing_turn(share: Optional[tuple[str, int]], log=print, wait_s: float = 900
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def mark_failed(share: Optional[tuple[str, int]]) -> None:
+def mark_failed(share: Optional[tuple]) -> None:
     """A process of a ``timing_turn`` group that will not time: the others need not wait for it."""
     if share:
         os.makedirs(share[0], exist_ok=True)
-        open(os.path.join(share[0], f"failed.{os.getpid()}"), "w").close()
+        open(_marker(share[0], "failed", share), "w").close()
 
 
 def median_seconds(call, iters: int, warmup: int = 2) -> tuple[float, list[float]]:

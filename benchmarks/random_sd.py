@@ -39,10 +39,11 @@ SIZES = {
 }
 
 
-def random_params(shapes, seed: int = 0):
+def random_params(shapes, seed: int = 0, on_host: bool = False):
     """Params for a ShapeDtypeStruct tree, drawn on the host: kernels N(0, 1/fan_in), norm scales ~1,
     the rest N(0, 0.02²). Keeps activations O(1) through a deep random UNet so the losses stay finite.
-    (numpy, not a jitted init: one random op per leaf makes an XLA program that compiles for minutes.)"""
+    (numpy, not a jitted init: one random op per leaf makes an XLA program that compiles for minutes.)
+    ``on_host``: numpy leaves, nothing put on a device yet."""
     rng = np.random.default_rng(seed)
 
     def leaf(path, s):
@@ -54,16 +55,17 @@ def random_params(shapes, seed: int = 0):
             n = 1.0 + np.float32(0.02) * n
         else:
             n *= np.float32(0.02)
-        return jnp.asarray(n, s.dtype)
+        return np.asarray(n, s.dtype) if on_host else jnp.asarray(n, s.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def random_pipeline(size: Size, dtype, attention_impl: Optional[str] = None, seed: int = 0,
-                    with_params: bool = True) -> pipeline_lib.SDPipeline:
+                    with_params: bool = True, on_host: bool = False) -> pipeline_lib.SDPipeline:
     """An ``SDPipeline`` of random fp32 weights: the UNet of ``size`` (compute ``dtype``), a CLIP text
     encoder of ``size.text``, a VAE module without params (only its config is read), a stub tokenizer.
-    ``with_params=False`` leaves ShapeDtypeStructs in place of params (nothing is allocated)."""
+    ``with_params=False`` leaves ShapeDtypeStructs in place of params (nothing is allocated); ``on_host``
+    keeps the params in host memory (numpy)."""
     unet = unet_lib.unet_from_config(size.unet, source="benchmarks/bench.py size", dtype=dtype,
                                      attention_impl=attention_impl)
     text_encoder = clip.CLIPTextModel(config=size.text, dtype=dtype)
@@ -71,8 +73,8 @@ def random_pipeline(size: Size, dtype, attention_impl: Optional[str] = None, see
     shapes = pipeline_lib.shape_pipeline(unet, text_encoder, vae, SD15_SCHEDULER, "random-weights")
     if not with_params:
         return shapes
-    return dataclasses.replace(shapes, unet_params=random_params(shapes.unet_params, seed),
-                               text_encoder_params=random_params(shapes.text_encoder_params, seed + 1))
+    return dataclasses.replace(shapes, unet_params=random_params(shapes.unet_params, seed, on_host),
+                               text_encoder_params=random_params(shapes.text_encoder_params, seed + 1, on_host))
 
 
 def bench_config(size: Size, objective: str, batch: int, dtype: str, remat: bool, overrides=(),

@@ -21,6 +21,7 @@ warm-up calls are excluded; a row is the median of ``--iters`` steps, each ended
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import statistics
@@ -36,6 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import measure  # noqa: E402
+import profile_breakdown  # noqa: E402
 import random_sd  # noqa: E402
 from jaxpref.flops import model_flops  # noqa: E402
 
@@ -151,9 +153,12 @@ def time_step(step, batch, iters: int, warmup: int, device: str) -> tuple[float,
 
 
 def run(size_name: str = "tiny", batch: int = 2, dtype: str = "float32", iters: int = 5, compile: bool = False,
-        flops: tuple[float, float] | None = None, log=print, warmup: int | None = None) -> list[measure.Row]:
-    """The eager row (and the torch.compile row); FLOPs by jaxpref.flops' DPO model. ``warmup``: calls
-    after the first, untimed (default 2 eager, 3 compiled)."""
+        flops: tuple[float, float] | None = None, log=print, warmup: int | None = None, eager: bool = True,
+        share: tuple | None = None, profile: str | None = None) -> list[measure.Row]:
+    """The eager row and/or the torch.compile row; FLOPs by jaxpref.flops' DPO model. ``warmup``: calls
+    after the first, untimed (default 2 eager, 3 compiled). ``share``: as bench.py's ``--share-device``
+    (one row: the first call and warm-ups before the turn, one more warm-up in it). ``profile``: a folder
+    for a torch.profiler trace of 3 steps per row, summarised in ``PROFILES``."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -165,33 +170,72 @@ def run(size_name: str = "tiny", batch: int = 2, dtype: str = "float32", iters: 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=1e-2, fused=device == "cuda")
     data = make_batch(size_name, batch, device)
     rows, errors = [], ERRORS
-    variants = [("torch eager", policy, reference, 2 if warmup is None else warmup)]
+    variants = [("torch eager", policy, reference, 2 if warmup is None else warmup)] if eager else []
     if compile:
         variants.append(("torch compile", torch.compile(policy), torch.compile(reference),
                          3 if warmup is None else warmup))
+    if share and len(variants) != 1:
+        raise ValueError("--share-device times one row per process: pass --compile --no-eager, or neither")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for impl, pol, ref, n_warm in variants:
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         step = make_step(pol, ref, text_encoder, optimizer, device, tdtype)
         try:
             start = time.perf_counter()
             step(*data)
             sync()
             first = time.perf_counter() - start
-            seconds, times = time_step(step, data, iters, n_warm, device)
+            if share:  # compiled and warm before the turn; the turn starts from an emptied cache
+                for _ in range(n_warm):
+                    step(*data)
+                sync()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            with measure.timing_turn(share, log):
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                seconds, times = time_step(step, data, iters, 1 if share else n_warm, device)
+                peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+                if profile:
+                    PROFILES[impl] = profile_steps(step, data, device, os.path.join(profile, impl.replace(" ", "_")),
+                                                   seconds, log)
         except (RuntimeError, torch.OutOfMemoryError) as e:  # torch.compile's failures are RuntimeErrors too
             # One variant failing (out of memory, a compiler missing) leaves the other row standing.
             errors.append(f"{impl}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             log(f"  {errors[-1]}")
             optimizer.zero_grad(set_to_none=True)
+            measure.mark_failed(share)
             continue
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
         rows.append(measure.Row(impl=impl, workload="dpo step", pairs=batch, seconds=seconds, model_flops=step_flops,
                               peak_bytes=peak, peak_source="torch" if peak else "", compile_seconds=first,
                               device=kind, notes="SDPA; compile s = first call", times=times))
         log(f"  {impl}: {seconds * 1e3:.2f} ms")
     return rows
+
+
+PROFILE_STEPS = 3
+PROFILES: dict = {}  # row name -> profile_breakdown summary (written to --json)
+
+
+def profile_steps(step, data, device: str, folder: str, step_seconds: float, log=print) -> dict:
+    """``PROFILE_STEPS`` steps under torch.profiler (its GPU kernels), the Chrome trace gzipped into
+    ``folder``; returns its breakdown by kernel kind (``profile_breakdown``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(folder, exist_ok=True)
+    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILE_STEPS):
+            step(*data)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    path = os.path.join(folder, "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+        dst.write(src.read())
+    os.remove(path)
+    summary = profile_breakdown.torch_breakdown(path + ".gz", PROFILE_STEPS)
+    log(profile_breakdown.format_breakdown(summary, f"  profile ({folder})", step_seconds * 1e3))
+    return summary
 
 
 def main(argv=None):
@@ -202,6 +246,12 @@ def main(argv=None):
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 10; CPU 3)")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    parser.add_argument("--no-eager", action="store_true", help="no eager row (with --compile: that row alone)")
+    parser.add_argument("--share-device", default=None, metavar="DIR:N[:RANK]", type=measure.parse_share,
+                        help="one of N bench commands on one GPU (bench.py's --share-device); one row")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after timing, trace 3 steps of each row with torch.profiler into DIR and put their "
+                        "breakdown by kernel kind in the JSON")
     parser.add_argument("--fwd-flops", type=float, default=None, help="F per image (default: measured for sd15, else XLA)")
     parser.add_argument("--fwdbwd-flops", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None,
@@ -216,12 +266,18 @@ def main(argv=None):
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     batch = args.batch or random_sd.SIZES[args.size].batch
     flops = (args.fwd_flops, args.fwdbwd_flops) if args.fwd_flops and args.fwdbwd_flops else None
-    rows = run(args.size, batch, dtype, args.iters or (10 if cuda else 3), args.compile, flops)
+    try:
+        rows = run(args.size, batch, dtype, args.iters or (10 if cuda else 3), args.compile, flops,
+                   eager=not args.no_eager, share=args.share_device, profile=args.profile)
+    except BaseException:
+        measure.mark_failed(args.share_device)
+        raise
     if args.json:
         import diffusers
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "diffusers": diffusers.__version__, "size": args.size,
-                       "batch": batch, "dtype": dtype, "rows": [r.as_dict() for r in rows], "errors": ERRORS}, f,
+                       "batch": batch, "dtype": dtype, "rows": [r.as_dict() for r in rows], "errors": ERRORS,
+                       "profiles": PROFILES}, f,
                       indent=2)
     if not args.quiet_table:
         print(measure.format_table(rows, f"{args.size}: PyTorch reference DPO step, {batch} pairs, {dtype}"))

@@ -111,8 +111,9 @@ def make_train_step(config, method: Method, optimizer: optax.GradientTransformat
         # A finite loss and gradient norm (one reduction) is the whole check: per-leaf checks of the new
         # params multiply XLA compile time several-fold for nothing (AdamW of finite grads is finite).
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):  # names the update's kernels in a profile (config.profile)
+            updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
         params = select(finite, new_params, state.params)
         opt_state = select(finite, new_opt_state, state.opt_state)
         ema_params = state.ema_params

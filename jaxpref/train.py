@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import json
 import math
@@ -330,7 +331,8 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_c
         # hosts can finish compiling further apart than that.
         _say(_compile_note(config, mesh))
         compile_start = time.perf_counter()
-        train_step = trainer.compile_train_step(run, mesh, state, batch, frozen, jax.random.fold_in(base_rng, start))
+        with _profiled_names(config):
+            train_step = trainer.compile_train_step(run, mesh, state, batch, frozen, jax.random.fold_in(base_rng, start))
         _say(f"compiled in {_remember_compile(config, mesh, time.perf_counter() - compile_start):.1f}s")
         _sync_processes(f"jaxpref_step_compiled_{start}")
         if console.is_main_process():
@@ -340,7 +342,7 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_c
         history, preempted, step = [], False, start
         streak = SkipStreak(config)
         speed = StepSpeed(run, mesh)
-        profiler = Profiler(config, workdir)
+        profiler = Profiler(config, workdir, train_step)
         loop_start, side_seconds = time.perf_counter(), 0.0   # side: evaluations and sample grids
         with checkpoint_lib.PreemptionGuard() as guard:
             while step < last:
@@ -432,18 +434,40 @@ class StepSpeed:
         return out
 
 
-class Profiler:
-    """``config.profile='a:b'``: a jax.profiler trace of updates a..b in <workdir>/profile."""
+@contextlib.contextmanager
+def _profiled_names(config):
+    """With ``config.profile``, a step loaded from the compile cache must carry this code's op names: the
+    cache key then includes the program's metadata (JAX leaves it out by default, so that moving code keeps
+    its hits, at the cost of stale names in profiles)."""
+    key = "jax_compilation_cache_include_metadata_in_key"
+    before = getattr(jax.config, key)
+    if config.get("profile"):
+        jax.config.update(key, True)
+    try:
+        yield
+    finally:
+        jax.config.update(key, before)
 
-    def __init__(self, config, workdir: str):
+
+class Profiler:
+    """``config.profile='a:b'``: a jax.profiler trace of updates a..b in <workdir>/profile, beside the compiled
+    step's HLO (``step.hlo.txt.gz``): a kernel's ``hlo_op`` in the trace names its instruction there, whose
+    ``op_name`` says where in the step it runs."""
+
+    def __init__(self, config, workdir: str, compiled_step=None):
         self.range = config_lib.profile_range(config)
         self.folder = os.path.join(workdir, "profile")
+        self.compiled_step = compiled_step
         self.active = False
 
     def before(self, update: int, state):
         if self.range and update == self.range[0] and console.is_main_process():
             jax.block_until_ready(state)
             _say(f"profiling updates {self.range[0]}-{self.range[1]} into {self.folder}")
+            if self.compiled_step is not None:
+                os.makedirs(self.folder, exist_ok=True)
+                with gzip.open(os.path.join(self.folder, "step.hlo.txt.gz"), "wt") as f:
+                    f.write(self.compiled_step.as_text())
             jax.profiler.start_trace(self.folder)
             self.active = True
 

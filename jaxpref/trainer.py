@@ -206,7 +206,9 @@ def compile_train_step(run: Run, mesh, state, batch, frozen, rng=None):
     donation included) and the mesh's devices are the key of this process's cache."""
     lowered = lower_train_step(run, mesh, state, batch, frozen, rng)
     devices = [(d.platform, d.id) for d in mesh.devices.flat]
-    key = hashlib.sha256(f"{devices}\n{lowered.as_text()}".encode()).hexdigest()
+    # Op names count where the persistent cache counts them (a profiled run: ``train._profiled_names``).
+    names = bool(jax.config.jax_compilation_cache_include_metadata_in_key)
+    key = hashlib.sha256(f"{devices}\n{lowered.as_text(debug_info=names)}".encode()).hexdigest()
     if key not in _COMPILED:
         _COMPILED[key] = lowered.compile()
         while len(_COMPILED) > _COMPILED_KEEP:

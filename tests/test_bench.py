@@ -25,7 +25,7 @@ import bench  # noqa: E402  (benchmarks/bench.py)
 def test_tiny_dpo_benchmark_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     payload = bench.main(["--size", "tiny", "--objectives", "dpo", "--dtype", "float32", "--iters", "2",
-                          "--json", str(out)])
+                          "--json", str(out), "--profile", str(tmp_path / "profile")])
     table = capsys.readouterr().out
     assert "dpo step" in table and "ms/call" in table
     saved = json.loads(out.read_text())
@@ -41,6 +41,17 @@ def test_tiny_dpo_benchmark_end_to_end(tmp_path, capsys):
     assert row["xla_flops"] == pytest.approx(row["model_flops"], rel=0.15)
     info = saved["objectives"]["dpo"]
     assert math.isfinite(info["final_metrics"]["loss"])
+    # --profile: the traced steps' kernels, each found in the compiled step's HLO by the op it ran, fall in
+    # the step's phases (the train step's named scopes, the backward pass's transpose) and take no more
+    # time than the steps took.
+    profile = info["profile"]
+    assert (tmp_path / "profile" / "dpo" / profile["trace"]).is_file()
+    phases = profile["by_phase_ms"]
+    for phase in ("optimizer", "reference", "backward", "forward/other"):
+        assert phases.get(phase, 0) > 0, (phase, phases)
+    assert phases.get("unknown", 0) < 0.5 * sum(phases.values()), phases
+    assert 0 < profile["busy_ms_per_step"] <= 1.5 * row["seconds"] * 1e3 + 5
+    assert sum(profile["by_kind_ms"].values()) == pytest.approx(profile["kernel_ms_per_step"])
 
 
 def test_torch_reference_step_tiny():
@@ -132,6 +143,83 @@ def test_processes_sharing_a_device_time_after_all_compiled_and_one_at_a_time(tm
             measure.parse_share(bad)
     with pytest.raises(SystemExit):  # a group is N commands of one objective each, started together
         bench.main(["--objectives", "dpo,dro", "--share-device", share])
+
+
+def test_ranked_processes_time_in_rank_order_after_all_compiled(tmp_path):
+    """``--share-device DIR:N:RANK`` (sweep.py): the turns go by rank, whoever compiled first; a rank that
+    failed is not waited for."""
+    share = lambda rank: f"{tmp_path / 'turn'}:4:{rank}"  # noqa: E731
+    procs = [subprocess.Popen([sys.executable, "-c", _TURN_WORKER, BENCHMARKS, share(rank), str(s),
+                               str(tmp_path / f"{rank}.json")]) for rank, s in ((3, 0.1), (0, 1.5), (2, 0.1))]
+    import measure
+    measure.mark_failed(measure.parse_share(share(1)))  # rank 1 died before compiling
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    runs = {rank: json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 2, 3)}
+    assert all(r["start"] >= runs[0]["compiled"] for r in runs.values())
+    assert runs[0]["end"] <= runs[2]["start"] and runs[2]["end"] <= runs[3]["start"]
+    for bad in ("turn:2:2", "turn:2:-1", "turn:0:0"):
+        with pytest.raises(ValueError, match="DIR:N"):
+            measure.parse_share(bad)
+
+
+def test_sweep_stops_a_variant_still_compiling_and_times_the_rest_in_order(tmp_path, monkeypatch):
+    """``sweep.py``: a variant not compiled by ``--compile-deadline`` is stopped and marked failed, so the
+    others do not wait for it; the rest time in the table's order and the summary relates each step to the
+    baseline's and torch.compile's per pair."""
+    import sweep
+
+    row = lambda impl, workload, pairs, s: {"impl": impl, "workload": workload, "pairs": pairs, "seconds": s,  # noqa: E731
+                                            "pairs_per_second": pairs / s, "mfu_model": None, "peak_bytes": None}
+    seconds = {"jax-dpo": (0.1, 0.200, 8), "torch-compile": (0.1, 0.180, 8), "jax-dpo-b16": (30.0, 0.3, 16),
+               "jax-dro-spt4": (0.1, 0.400, 8)}
+    worker = _TURN_WORKER + "json.dump({'rows': [json.loads(sys.argv[5])], **json.load(open(out))}, open(out, 'w'))\n"
+
+    def command(v, rank, count, args, share_dir):
+        compile_s, step_s, pairs = seconds[v.name]
+        workload = "dro step" if "dro" in v.name else "dpo step"
+        return [sys.executable, "-c", worker, BENCHMARKS, f"{share_dir}:{count}:{rank}", str(compile_s),
+                os.path.join(args.out, f"{v.name}.json"), json.dumps(row(v.tool, workload, pairs, step_s))]
+
+    monkeypatch.setattr(sweep, "command", command)
+    summary = sweep.main(["--out", str(tmp_path), "--only", "jax-dpo,torch-compile,jax-dpo-b16,jax-dro-spt4",
+                          "--seconds", "60", "--compile-deadline", "4"])
+    by_name = {e["variant"]: e for e in summary["variants"]}
+    assert by_name["jax-dpo-b16"]["exit"].startswith("still compiling") and "ms" not in by_name["jax-dpo-b16"]
+    runs = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("jax-dpo", "torch-compile", "jax-dro-spt4")]
+    assert all(a["end"] <= b["start"] for a, b in zip(runs, runs[1:]))
+    assert by_name["jax-dpo"]["speedup_vs_torch_compile"] == pytest.approx(0.180 / 0.200)
+    assert by_name["jax-dro-spt4"]["step_over_jax_dpo"] == pytest.approx(2.0)
+    assert "speedup_vs_torch_compile" not in by_name["jax-dro-spt4"]  # another workload
+    assert json.loads((tmp_path / "sweep.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_profile_kinds_and_busy_time():
+    """Kernel names as cuDNN, cuBLAS, XLA and Inductor give them on Hopper fall in their kind; busy time is
+    the union of the kernels' intervals (overlapping streams counted once)."""
+    import profile_breakdown as pb
+
+    kinds = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_cudnn": "convolution",
+        "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_cublas": "matmul",
+        "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN": "matmul",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128": "attention",
+        "triton_poi_fused__to_copy_add_convolution_3": "elementwise",
+        "triton_red_fused_native_group_norm_0": "reduction",
+        "triton_per_fused_native_group_norm_silu_7": "reduction",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float>>": "optimizer",
+        "input_reduce_fusion_3": "reduction",
+        "loop_convert_fusion_12": "elementwise",
+        "gemm_fusion_dot_12": "matmul",
+        "loop_transpose_fusion_2": "copy/transpose",
+    }
+    assert {name: pb.kernel_kind(name) for name in kinds} == kinds
+    kernels = [("gemm_a", None, 0.0, 10e6), ("loop_add_fusion", None, 5e6, 10e6), ("gemm_a", None, 20e6, 10e6),
+               ("input_reduce_fusion", None, 40e6, 20e6)]
+    summary = pb.summarize(kernels, steps=2)
+    assert summary["busy_ms_per_step"] == pytest.approx((15 + 10 + 20) / 2)
+    assert summary["by_kind_ms"] == pytest.approx({"matmul": 10.0, "elementwise": 5.0, "reduction": 10.0})
+    assert summary["top"][0]["op"] == "gemm_a" and summary["top"][0]["calls_per_step"] == 1.0
 
 
 def test_self_generated_benchmark_data_is_what_the_trainer_reads(tmp_path):

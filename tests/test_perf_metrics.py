@@ -3,8 +3,10 @@ known (declared here for the CPU), equal to the method's FLOPs per update over t
 the peak; none on a device whose peak is unknown. ``config.profile`` traces the requested updates only.
 """
 import glob
+import gzip
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -39,6 +41,10 @@ def test_speed_mfu_and_profile_of_a_run(world, reference, tmp_path, capsys):
     assert "profiling updates 8-8" in capsys.readouterr().out
     traces = glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
     assert len(traces) == 1, traces
+    with gzip.open(os.path.join(workdir, "profile", "step.hlo.txt.gz"), "rt") as f:  # the traced program's HLO
+        hlo = f.read()
+    assert re.search(r'op_name="jit\(train_step\)/optimizer/', hlo)
+    assert re.search(r'op_name="jit\(train_step\)/[^"]*reference\)?/UNet2DConditionModel/', hlo)
 
     # No declared peak on a CPU: speed, but no MFU.
     train_lib.train(th.tiny_dpo_config(*world, total_steps=11), workdir)

@@ -171,7 +171,8 @@ class Method:
         if self.config.lora.get("fuse_reference_forward", False):
             return self.fused_errors(params, x, t, text, target)
         err = objectives.denoising_error(self.eps(params, x, t, text), target)
-        ref_pred = jax.lax.stop_gradient(self.eps(ref_params, x, t, text))
+        with jax.named_scope("reference"):  # names its kernels in a profile
+            ref_pred = jax.lax.stop_gradient(self.eps(ref_params, x, t, text))
         return err, objectives.denoising_error(ref_pred, target)
 
     def fused_errors(self, params: lora.LoraParams, x, t, text, target):
