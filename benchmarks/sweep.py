@@ -7,8 +7,9 @@
 Each variant (``VARIANTS``) is its own process (``bench.py`` or ``torch_dpo_step.py``) of one group
 (``--share-device DIR:N:RANK``): all compile at once, holding no weights (the compiles are host work,
 minutes each), then they time one at a time in the table's order, so the rows that matter most come first
-if the run is cut short. A variant still compiling at ``--compile-deadline`` is stopped (timing beside
-its GPU autotuning would disturb the others); at ``--seconds`` everything is. The baseline and
+if the run is cut short. The baseline and torch.compile rows compile at full priority, the others niced;
+a variant other than those two still compiling at ``--compile-deadline`` is stopped (timing beside its
+GPU autotuning would disturb the others); at ``--seconds`` everything is. The baseline and
 torch.compile rows also trace 3 steps (``--profile``): ``profile_breakdown`` says where each spends its
 time. Writes OUT/<variant>.json and .log, OUT/profile/, and OUT/sweep.json: every variant's step time,
 MFU and peak memory beside the baseline's and torch.compile's of the same run.
@@ -36,14 +37,15 @@ class Variant:
     args: tuple = ()
     xla_flags: str = ""         # added to XLA_FLAGS for this process
     profile: bool = False
+    essential: bool = False     # compiles at full priority and is not stopped at the compile deadline
     why: str = ""
 
 
 # Timing order. The DPO rows compare with torch.compile at the same batch and precision; the SmPO and DRO
 # rows carry their speed options (their step over DPO's of the same run is the figure); then the DPO levers.
 VARIANTS = (
-    Variant("jax-dpo", "jax", ("--objectives", "dpo"), profile=True, why="the baseline: as trained"),
-    Variant("torch-compile", "torch", ("--compile", "--no-eager"), profile=True,
+    Variant("jax-dpo", "jax", ("--objectives", "dpo"), profile=True, essential=True, why="the baseline: as trained"),
+    Variant("torch-compile", "torch", ("--compile", "--no-eager"), profile=True, essential=True,
             why="PyTorch diffusers step under torch.compile, same batch and precision"),
     Variant("jax-smpo-chunks8", "jax", ("--objectives", "smpo", "--set", "smpo.inversion_chunks=8"),
             why="SmPO inverting only the rows each level needs, in 8 chunks"),
@@ -66,12 +68,13 @@ def command(v: Variant, rank: int, count: int, args, share_dir: str) -> list:
         common += ["--iters", str(args.iters)]
     if v.profile:
         common += ["--profile", os.path.join(args.out, "profile", v.name)]
-    if v.tool == "torch":
-        batch = [] if "--batch" in v.args else ["--batch", str(args.batch)]
-        return [sys.executable, os.path.join(HERE, "torch_dpo_step.py"), *common, *batch, *v.args]
     batch = [] if "--batch" in v.args else ["--batch", str(args.batch)]
-    return [sys.executable, os.path.join(HERE, "bench.py"), "--no-isolate", "--attention", args.attention, *common,
-            *batch, *v.args]
+    # The others compile on the host cores the essential rows leave (their compiles take minutes each).
+    nice = [] if v.essential else ["nice", "-n", "10"]
+    if v.tool == "torch":
+        return [*nice, sys.executable, os.path.join(HERE, "torch_dpo_step.py"), *common, *batch, *v.args]
+    return [*nice, sys.executable, os.path.join(HERE, "bench.py"), "--no-isolate", "--attention", args.attention,
+            *common, *batch, *v.args]
 
 
 def environment(v: Variant) -> dict:
@@ -133,7 +136,7 @@ def _watch(procs, status, start, marker, stop, args):
                 status[name] = proc.returncode
             elif elapsed > args.seconds:
                 stop(name, f"stopped at the {args.seconds:.0f} s deadline")
-            elif not compiled and elapsed > args.compile_deadline:
+            elif not compiled and elapsed > args.compile_deadline and not BY_NAME[name].essential:
                 stop(name, f"still compiling at {args.compile_deadline:.0f} s")
             else:
                 continue
