@@ -18,6 +18,7 @@ the program before partitioning, e.g. dense attention's [B, heads, T, S] logits)
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -72,6 +73,9 @@ def topology_devices(name: str):
         return topologies.get_topology_desc(platform="tpu", topology_name=f"{m.group(1)}:{m.group(2)}",
                                             **kwargs).devices
     except Exception as e:  # libtpu's own error says little: name what works
+        if importlib.util.find_spec("libtpu") is None:
+            raise ValueError(f"--topology={name!r}: compiling for a TPU needs the TPU compiler (libtpu), which this "
+                             "install lacks: pip install -e '.[tpu]' (or pip install 'jax[tpu]')") from e
         raise ValueError(f"--topology={name!r}: the TPU compiler does not know it ({str(e).splitlines()[0]}); "
                          f"valid e.g. {', '.join(KNOWN_TOPOLOGIES)}") from e
 

@@ -163,6 +163,13 @@ def exit_on_flag_error(command: str, argv, error: BaseException, explain=None):
     sys.exit(errors.EXIT_CONFIG)
 
 
+_HELP_FLAGS = ("-?", "-h", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
+def _asks_for_help(argv) -> bool:
+    return any(a.split("=", 1)[0] in _HELP_FLAGS for a in argv[1:])
+
+
 def run(main, command: str, *, explain_flag_error=None):
     """``absl.app.run(main)`` with our flag parsing (one-line errors, --verbosity=debug) and failure report.
 
@@ -175,6 +182,10 @@ def run(main, command: str, *, explain_flag_error=None):
         argv = _normalise_verbosity(argv)
         try:
             return flags.FLAGS(argv)
+        except SystemExit as e:  # absl prints --help's usage, then exits 1: asking for help is no failure
+            if e.code == 1 and _asks_for_help(argv):
+                sys.exit(errors.EXIT_OK)
+            raise
         except Exception as e:  # noqa: BLE001 - every parse failure becomes one line
             exit_on_flag_error(command, argv, e, explain_flag_error)
 

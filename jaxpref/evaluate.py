@@ -635,8 +635,13 @@ def main(argv) -> None:
                          f"{len(prompt_set)}; a win rate needs the same prompt set (and --num_prompts)")
     pipe, unet_params = export.load_trained(f.checkpoint, model_path, use_ema=f.use_ema)
     settings = {k: s[k] for k in _SETTINGS}
+    source = "" if f.config else " (the SD1.5 protocol's defaults; --config=<a run's config> takes its own)"
     print(f"evaluating {len(prompt_set)} prompts x {settings['num_images_per_prompt']} images on "
-          f"{jax.device_count()} device(s)", flush=True)
+          f"{jax.device_count()} device(s): {settings['sampler']}, {settings['num_steps']} steps, guidance "
+          f"{settings['guidance_scale']}{source}", flush=True)
+    if not scorers:
+        print("no --reward: the images are generated and saved, nothing is scored (e.g. --reward=shapes for "
+              "the shapes prompts; jaxpref.rewards lists the rewards)", flush=True)
     metrics = evaluate(pipe, prompt_set, scorers, unet_params=unet_params, out_dir=f.out, baseline_scores=baseline,
                        height=f.resolution or None, width=f.resolution or None, **settings)
     with open(os.path.join(f.out, "metrics.md")) as fh:

@@ -9,9 +9,9 @@ is the same run as a function (tests, notebooks, sweeps).
 
 A checkpoint holds the state and every process's loader position, so a resumed run continues with
 exactly the next batch, and metrics.jsonl drops the rows the interrupted run wrote after that checkpoint.
-The run stops with a message (exit 1, nothing exported) when it diverges (``config.max_consecutive_skips``
-updates in a row skipped for a non-finite loss or gradient), when another run holds the workdir, or when a
-checkpoint cannot be written.
+The run stops with one line and nothing exported when it diverges (exit 3: ``config.max_consecutive_skips``
+updates in a row skipped for a non-finite loss or gradient), or when another run holds the workdir or a
+checkpoint cannot be written (exit 4); docs/operating.md lists every exit code.
 """
 from __future__ import annotations
 
@@ -665,6 +665,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = config_from_flag()
     if FLAGS.print_config:
+        config_lib.validate(config, check_paths=False)  # what it prints is a config a run would accept
         print(config_lib.describe(config))
         return 0
     if FLAGS.distributed or FLAGS.coordinator_address:

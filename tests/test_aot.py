@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import pytest
@@ -71,6 +72,13 @@ def test_unknown_topologies_and_bad_config_keys_are_named():
         aot.topology_devices("v9:2x2")
     with pytest.raises(ValueError, match=r"v5e:3x5.*does not know it.*v4:2x2x4"):
         aot.topology_devices("v5e:3x5")
+    # A plain `pip install -e .` has no TPU compiler: the line says what to install, not that v5e:2x4 is unknown.
+    real_find_spec = aot.importlib.util.find_spec
+    with mock.patch.object(aot.importlib.util, "find_spec",
+                           lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a)), \
+            mock.patch.object(aot.topologies, "get_topology_desc", side_effect=RuntimeError("TPU support not installed")):
+        with pytest.raises(ValueError, match=r"needs the TPU compiler.*pip install -e '\.\[tpu\]'"):
+            aot.topology_devices("v5e:2x4")
     single = aot.topology_devices("v5e:1x1")  # one chip: smaller than a v5e host's 2x2
     assert len(single) == 1 and single[0].device_kind == "TPU v5 lite"
     p = _aot("--config=configs/tiny.py:dpo", "--topology=v5q:2x4")

@@ -174,7 +174,7 @@ def test_cli_on_two_devices_matches_one(tiny, shapes_prompts, tmp_path):
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| shapes |" in proc.stdout and "on 2 device(s)" in proc.stdout
+    assert "| shapes |" in proc.stdout and "on 2 device(s): ddpm, 3 steps, guidance 7.5" in proc.stdout
     ref = ev.generate(pipe, shapes_prompts, batch_size=4, **GEN)
     cli = np.stack([np.stack([np.asarray(Image.open(os.path.join(out, "images", f"{i:05d}_{k:02d}.png")))
                               for k in range(2)]) for i in range(3)])

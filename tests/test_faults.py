@@ -81,6 +81,15 @@ def test_every_config_key_has_a_meaning_and_print_config_lists_them():
         assert f"\n{key} = " in "\n" + out.stdout and meaning in out.stdout, key
     assert "optimizer.lr = 0.5   (base default: 0.0001)" in out.stdout
     assert "max_consecutive_skips = 20\n" in out.stdout
+    # What it prints is a config a run accepts: a bad value is the run's one line and exit 2, and --help is
+    # no failure (absl's own --help exits 1).
+    bad = subprocess.run([sys.executable, "-m", "jaxpref.train", "--print_config", "--config.objective=ddpo"],
+                         cwd=th.REPO, env=th.subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "config.objective='ddpo'" in bad.stderr and "did you mean 'dpo'" in bad.stderr
+    assert not bad.stdout
+    helped = subprocess.run([sys.executable, "-m", "jaxpref.train", "--help"], cwd=th.REPO, env=th.subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0 and "--print_config" in helped.stdout + helped.stderr
 
 
 def _strict_rows(path):
