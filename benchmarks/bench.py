@@ -124,11 +124,14 @@ def profile_steps(one_step, compiled, folder: str, step_seconds: float, log=prin
         f.write(hlo)
     jax.profiler.start_trace(folder)
     try:
+        start = time.perf_counter()
         for _ in range(PROFILE_STEPS):
             one_step()
+        traced_s = time.perf_counter() - start
     finally:
         jax.profiler.stop_trace()
     summary = profile_breakdown.jax_breakdown(folder, PROFILE_STEPS, hlo)
+    summary["traced_ms_per_step"] = 1e3 * traced_s / PROFILE_STEPS  # wall time of the traced steps
     log(profile_breakdown.format_breakdown(summary, f"  profile ({folder})", step_seconds * 1e3))
     return summary
 
@@ -263,7 +266,11 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
         seconds, times = median_seconds(one_step, iters)
         metrics = jax.device_get(one_step())
         if profile:
-            info["profile"] = profile_steps(one_step, compiled, os.path.join(profile, objective), seconds, log)
+            try:
+                info["profile"] = profile_steps(one_step, compiled, os.path.join(profile, objective), seconds, log)
+            except Exception as e:  # noqa: BLE001 - a trace we cannot read must not cost the timed row
+                info["profile_error"] = f"{type(e).__name__}: {e}"
+                log(f"  profile failed: {info['profile_error']}")
     # The first step starts at policy = reference (DPO: loss log 2 up to the bf16 reference's rounding);
     # the last has moved: with random weights the losses saturate within a few steps.
     info["first_metrics"] = {k: float(v) for k, v in jax.device_get(holder.pop("first")).items()}

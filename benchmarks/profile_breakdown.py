@@ -157,10 +157,12 @@ def _event_hlo_op(stats: dict) -> Optional[str]:
 _NOT_KERNELS = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Launch Stats", "Source code", "Framework")
 
 
-def jax_kernels(path: str, module: Optional[str] = None) -> list:
+def jax_kernels(path: str, module: Optional[str] = None) -> tuple:
     """(name, hlo_op, start ns, duration ns) of every device kernel in an xplane file. GPU: the events of
     the device planes' stream lines; a CPU trace has no device plane, so its XLA thunks (events carrying
-    ``hlo_op``) stand in. ``module``: keep only kernels of HLO modules whose name contains it."""
+    ``hlo_op``) stand in. ``module``: keep only kernels of HLO modules whose name contains it. Returns
+    (kernels, "device" or "host": where they were read; host thunks on a GPU mean the device trace is missing,
+    e.g. no CUPTI)."""
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(path)
@@ -180,14 +182,15 @@ def jax_kernels(path: str, module: Optional[str] = None) -> list:
                 if module and module not in str(stats.get("hlo_module", module)):
                     continue
                 kernels.append((event.name, hlo_op, float(event.start_ns), float(event.duration_ns)))
-    return kernels
+    return kernels, "device" if device else "host"
 
 
 def jax_breakdown(trace_dir: str, steps: int, hlo_text: Optional[str] = None, module: Optional[str] = None) -> dict:
     """``summarize`` of a jax.profiler trace folder; phases from ``hlo_text``, the compiled step's HLO."""
     path = xplane_file(trace_dir)
-    out = summarize(jax_kernels(path, module), steps, hlo_op_names(hlo_text) if hlo_text else None)
-    out["trace"] = os.path.relpath(path, trace_dir)
+    kernels, source = jax_kernels(path, module)
+    out = summarize(kernels, steps, hlo_op_names(hlo_text) if hlo_text else None)
+    out.update(trace=os.path.relpath(path, trace_dir), source=source)
     return out
 
 

@@ -196,8 +196,12 @@ def run(size_name: str = "tiny", batch: int = 2, dtype: str = "float32", iters: 
                 seconds, times = time_step(step, data, iters, 1 if share else n_warm, device)
                 peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
                 if profile:
-                    PROFILES[impl] = profile_steps(step, data, device, os.path.join(profile, impl.replace(" ", "_")),
-                                                   seconds, log)
+                    try:
+                        PROFILES[impl] = profile_steps(step, data, device,
+                                                       os.path.join(profile, impl.replace(" ", "_")), seconds, log)
+                    except Exception as e:  # noqa: BLE001 - a trace we cannot read must not cost the timed row
+                        PROFILES[impl] = {"error": f"{type(e).__name__}: {e}"}
+                        log(f"  profile failed: {PROFILES[impl]['error']}")
         except (RuntimeError, torch.OutOfMemoryError) as e:  # torch.compile's failures are RuntimeErrors too
             # One variant failing (out of memory, a compiler missing) leaves the other row standing.
             errors.append(f"{impl}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")

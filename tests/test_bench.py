@@ -42,15 +42,16 @@ def test_tiny_dpo_benchmark_end_to_end(tmp_path, capsys):
     info = saved["objectives"]["dpo"]
     assert math.isfinite(info["final_metrics"]["loss"])
     # --profile: the traced steps' kernels, each found in the compiled step's HLO by the op it ran, fall in
-    # the step's phases (the train step's named scopes, the backward pass's transpose) and take no more
-    # time than the steps took.
+    # the step's phases (the train step's named scopes, the backward pass's transpose) and are busy no longer
+    # than the traced steps took.
     profile = info["profile"]
     assert (tmp_path / "profile" / "dpo" / profile["trace"]).is_file()
+    assert profile["source"] == "host"  # XLA:CPU has no device plane: its thunks stand in for kernels
     phases = profile["by_phase_ms"]
     for phase in ("optimizer", "reference", "backward", "forward/other"):
         assert phases.get(phase, 0) > 0, (phase, phases)
     assert phases.get("unknown", 0) < 0.5 * sum(phases.values()), phases
-    assert 0 < profile["busy_ms_per_step"] <= 1.5 * row["seconds"] * 1e3 + 5
+    assert 0 < profile["busy_ms_per_step"] <= 1.02 * profile["traced_ms_per_step"] + 1.0
     assert sum(profile["by_kind_ms"].values()) == pytest.approx(profile["kernel_ms_per_step"])
 
 
