@@ -160,6 +160,19 @@ def _frozen_shapes(run):
     return jax.eval_shape(frozen, pipe.unet_params, pipe.text_encoder_params)
 
 
+def _abstract_arguments(run, mesh, batch_np):
+    """The step's state, frozen params and batch as ShapeDtypeStructs placed as the training loop places them."""
+    state_shapes, state_shardings = trainer.abstract_state(run, mesh)
+    frozen_shapes = _frozen_shapes(run)
+    return (_abstract(state_shapes, state_shardings),
+            _abstract(frozen_shapes, trainer.frozen_shardings(run, mesh, frozen_shapes)),
+            _abstract(jax.eval_shape(lambda b: b, batch_np), sharding.rows_sharding(mesh, batch_np)))
+
+
+def _shardings(abstract):
+    return jax.tree_util.tree_map(lambda s: s.sharding, abstract)
+
+
 def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int] = None, dtype: str = "float32",
                     remat: bool = False, attention: str = "xla", iters: int = 5, seed: int = 0,
                     unet_flops: Optional[tuple[float, float]] = None, log=print,
@@ -199,16 +212,8 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
     info.update(fwd_flops=fwd, fwdbwd_flops=fwdbwd, flops_source=source)
     flops = lambda w: model_flops(w, batch, fwd, fwdbwd, config)  # noqa: E731
 
-    # The state, frozen params and batch as the training loop places them (on the mesh), abstract for now.
     mesh = sharding.make_mesh(data=-1, fsdp=1)
-    state_shapes, state_shardings = trainer.abstract_state(run, mesh)
-    frozen_shapes = _frozen_shapes(run)
-    frozen_sharding = trainer.frozen_shardings(run, mesh, frozen_shapes)
-    abstract_frozen = _abstract(frozen_shapes, frozen_sharding)
-    abstract_state = _abstract(state_shapes, state_shardings)
-    batch_np = make_batch(run, batch, seed)
-    batch_sharding = sharding.rows_sharding(mesh, batch_np)
-    abstract_batch = _abstract(jax.eval_shape(lambda b: b, batch_np), batch_sharding)
+    abstract_state, abstract_frozen, abstract_batch = _abstract_arguments(run, mesh, make_batch(run, batch, seed))
     rngs = [jax.random.PRNGKey(seed + i) for i in range(iters + 3 + PROFILE_STEPS)]
     common = dict(impl="jax", pairs=batch, device=kind)
     rows = []
@@ -229,13 +234,13 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
     with timing_turn(share, log):
         # On the device, and the state born sharded, as the training loop builds them.
         run.pipeline = weights
-        frozen = jax.device_put(trainer.frozen_params(run), frozen_sharding)
+        frozen = jax.device_put(trainer.frozen_params(run), _shardings(abstract_frozen))
         state, _, _ = trainer.init_state(run, mesh)
         # From here the state owns the policy weights (the step donates them): drop the pipeline's handle so
         # the memory high-water mark holds no second copy.
         run.pipeline = shapes
         del weights
-        batch_arr = jax.device_put(batch_np, batch_sharding)
+        batch_arr = jax.device_put(make_batch(run, batch, seed), _shardings(abstract_batch))
         loop = None
         if has_part:
             calls = itertools.count()
