@@ -430,8 +430,8 @@ def main(argv=None):
     parser.add_argument("--memory-compile-limit", type=float, default=300.0,
                         help="seconds: a compile slower than this stops the larger meshes")
     args = parser.parse_args(argv)
-    if args.profile:  # a step loaded from the compile cache then carries this code's op names
-        jax.config.update("jax_compilation_cache_include_metadata_in_key", True)
+    if args.profile and hasattr(jax.config, "jax_compilation_cache_include_metadata_in_key"):
+        jax.config.update("jax_compilation_cache_include_metadata_in_key", True)  # a cached step: current op names
 
     if args.memory_worker:
         result = memory_worker(args)

@@ -440,13 +440,14 @@ def _profiled_names(config):
     cache key then includes the program's metadata (JAX leaves it out by default, so that moving code keeps
     its hits, at the cost of stale names in profiles)."""
     key = "jax_compilation_cache_include_metadata_in_key"
-    before = getattr(jax.config, key)
-    if config.get("profile"):
+    before = getattr(jax.config, key, None)  # None: a JAX without the option (names may then be stale)
+    if config.get("profile") and before is not None:
         jax.config.update(key, True)
     try:
         yield
     finally:
-        jax.config.update(key, before)
+        if before is not None:
+            jax.config.update(key, before)
 
 
 class Profiler:

@@ -207,7 +207,7 @@ def compile_train_step(run: Run, mesh, state, batch, frozen, rng=None):
     lowered = lower_train_step(run, mesh, state, batch, frozen, rng)
     devices = [(d.platform, d.id) for d in mesh.devices.flat]
     # Op names count where the persistent cache counts them (a profiled run: ``train._profiled_names``).
-    names = bool(jax.config.jax_compilation_cache_include_metadata_in_key)
+    names = bool(getattr(jax.config, "jax_compilation_cache_include_metadata_in_key", False))
     key = hashlib.sha256(f"{devices}\n{lowered.as_text(debug_info=names)}".encode()).hexdigest()
     if key not in _COMPILED:
         _COMPILED[key] = lowered.compile()
