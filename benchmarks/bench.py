@@ -213,7 +213,8 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
     flops = lambda w: model_flops(w, batch, fwd, fwdbwd, config)  # noqa: E731
 
     mesh = sharding.make_mesh(data=-1, fsdp=1)
-    abstract_state, abstract_frozen, abstract_batch = _abstract_arguments(run, mesh, make_batch(run, batch, seed))
+    batch_np = make_batch(run, batch, seed)
+    abstract_state, abstract_frozen, abstract_batch = _abstract_arguments(run, mesh, batch_np)
     rngs = [jax.random.PRNGKey(seed + i) for i in range(iters + 3 + PROFILE_STEPS)]
     common = dict(impl="jax", pairs=batch, device=kind)
     rows = []
@@ -240,7 +241,7 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
         # the memory high-water mark holds no second copy.
         run.pipeline = shapes
         del weights
-        batch_arr = jax.device_put(make_batch(run, batch, seed), _shardings(abstract_batch))
+        batch_arr = jax.device_put(batch_np, _shardings(abstract_batch))
         loop = None
         if has_part:
             calls = itertools.count()

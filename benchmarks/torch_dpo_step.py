@@ -21,7 +21,6 @@ warm-up calls are excluded; a row is the median of ``--iters`` steps, each ended
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import statistics
@@ -232,12 +231,9 @@ def profile_steps(step, data, device: str, folder: str, step_seconds: float, log
             step(*data)
         if device == "cuda":
             torch.cuda.synchronize()
-    path = os.path.join(folder, "trace.json")
-    prof.export_chrome_trace(path)
-    with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
-        dst.write(src.read())
-    os.remove(path)
-    summary = profile_breakdown.torch_breakdown(path + ".gz", PROFILE_STEPS)
+    path = os.path.join(folder, "trace.json.gz")
+    prof.export_chrome_trace(path)  # gzipped by torch for a .gz path
+    summary = profile_breakdown.torch_breakdown(path, PROFILE_STEPS)
     log(profile_breakdown.format_breakdown(summary, f"  profile ({folder})", step_seconds * 1e3))
     return summary
 
