@@ -237,15 +237,24 @@ def main(argv=None):
     parser.add_argument("--module", default=None, help="JAX: only kernels of HLO modules whose name contains this")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    if os.path.isdir(args.trace):
-        hlo_path = args.hlo or os.path.join(args.trace, "step.hlo.txt.gz")  # a run's config.profile writes it
-        hlo = None
-        if os.path.exists(hlo_path):
-            with (gzip.open if hlo_path.endswith(".gz") else open)(hlo_path, "rt") as f:
-                hlo = f.read()
-        summary = jax_breakdown(args.trace, args.steps, hlo, args.module)
-    else:
-        summary = torch_breakdown(args.trace, args.steps)
+    if not os.path.exists(args.trace):
+        parser.error(f"{args.trace}: no such trace folder or file")
+    if args.steps < 1:
+        parser.error(f"--steps={args.steps}: the number of steps the trace holds, >= 1")
+    if args.hlo and not os.path.isfile(args.hlo):
+        parser.error(f"--hlo={args.hlo}: no such file")
+    try:
+        if os.path.isdir(args.trace):
+            hlo_path = args.hlo or os.path.join(args.trace, "step.hlo.txt.gz")  # a run's config.profile writes it
+            hlo = None
+            if os.path.exists(hlo_path):
+                with (gzip.open if hlo_path.endswith(".gz") else open)(hlo_path, "rt") as f:
+                    hlo = f.read()
+            summary = jax_breakdown(args.trace, args.steps, hlo, args.module)
+        else:
+            summary = torch_breakdown(args.trace, args.steps)
+    except (OSError, ValueError, KeyError) as e:  # not a trace (json's decode error is a ValueError)
+        parser.error(f"{args.trace}: not a readable jax.profiler folder or Chrome trace ({type(e).__name__}: {e})")
     print(format_breakdown(summary, args.trace))
     if args.json:
         with open(args.json, "w") as f:

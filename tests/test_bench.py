@@ -197,7 +197,7 @@ def test_sweep_stops_a_variant_still_compiling_and_times_the_rest_in_order(tmp_p
     assert json.loads((tmp_path / "sweep.json").read_text()) == json.loads(json.dumps(summary))
 
 
-def test_profile_kinds_and_busy_time():
+def test_profile_kinds_and_busy_time(tmp_path, capsys):
     """Kernel names as cuDNN, cuBLAS, XLA and Inductor give them on Hopper fall in their kind; busy time is
     the union of the kernels' intervals (overlapping streams counted once)."""
     import profile_breakdown as pb
@@ -224,6 +224,15 @@ def test_profile_kinds_and_busy_time():
     assert summary["busy_ms_per_step"] == pytest.approx((15 + 10 + 20) / 2)
     assert summary["by_kind_ms"] == pytest.approx({"matmul": 10.0, "elementwise": 5.0, "reduction": 10.0})
     assert summary["top"][0]["op"] == "gemm_a" and summary["top"][0]["calls_per_step"] == 1.0
+    # Its command line names a path that is not a trace in one line, exit 2.
+    missing = str(tmp_path / "nowhere")
+    not_trace = tmp_path / "notes.json"
+    not_trace.write_text("not json")
+    cases = (([missing], missing), ([str(not_trace)], str(not_trace)), ([str(tmp_path), "--steps=0"], "--steps=0"))
+    for argv, named in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            pb.main(argv)
+        assert exit_info.value.code == 2 and named in capsys.readouterr().err
 
 
 def test_self_generated_benchmark_data_is_what_the_trainer_reads(tmp_path):
