@@ -48,6 +48,14 @@ def isdir(path) -> bool:
     return epath.Path(path).is_dir() if is_remote(path) else os.path.isdir(path)
 
 
+def remove(path) -> None:
+    """Deletes the file ``path`` (local or on a bucket); a missing one is no error."""
+    if is_remote(path):
+        epath.Path(path).unlink(missing_ok=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
 def open_file(path, mode: str = "r"):
     """A file object for ``path`` (``open``'s modes; on a bucket, "a" only through ``append_text``)."""
     if is_remote(path):

@@ -47,6 +47,7 @@ from jaxpref.models.pipeline import save_pipeline
 
 
 _say = console.say
+FINISHED_FILE = "finished.json"   # a finished run's summary, written last: a rerun has nothing to do
 
 
 class TrainingDiverged(errors.JaxprefError):
@@ -161,10 +162,12 @@ class MetricWriter:
                 if k != "step" and v is not None:
                     self._tb.add_scalar(k, v, step)
 
-    def exclude(self, seconds: float):
-        """Time spent off training (evaluations, sample grids): left out of the rate and the ETA."""
+    def exclude(self, seconds: float) -> float:
+        """Time spent off training (checkpoint copies, evaluations, sample grids): left out of the rate and the
+        ETA. Returns ``seconds``."""
         if self._start is not None:
             self._excluded += seconds
+        return seconds
 
     def progress(self, step: int, metrics: dict, perf: dict | None = None):
         """The console line of a logged step; rate and ETA from the second logged step on (measured from the
@@ -290,7 +293,8 @@ def train(config, workdir: str, *, pipeline=None, max_steps: int | None = None,
     """Trains until ``config.total_steps`` (or ``max_steps`` more updates, for tests). Returns a summary.
 
     A workdir that holds a run continues it if ``config`` changes none of the keys that move its training
-    (``run_config``; ``config_change`` names those accepted anyway). Raises ``errors.JaxprefError``
+    (``run_config``; ``config_change`` names those accepted anyway); one that holds a finished run returns
+    that run's summary (``already_finished``). Raises ``errors.JaxprefError``
     subclasses when the run has to stop (the command prints one line and exits with their code).
     """
     config_lib.validate(config)
@@ -300,7 +304,34 @@ def train(config, workdir: str, *, pipeline=None, max_steps: int | None = None,
     checkpoint_lib.check_workdir(workdir)     # before the model and the data load: a bad --workdir fails in seconds
     with _workdir_lock(workdir):
         changes = run_config.check(workdir, config, tuple(config_change))   # before anything loads
+        done = _finished_run(workdir, config) if not _changes_finish(changes) else None
+        if done is not None:
+            _say(f"{workdir} holds a finished run (step {done['step']} of {config.total_steps}; its export, metrics "
+                 "and figures are there): nothing to do. Raise --config.total_steps to train on")
+            return done
         return _train(config, workdir, mesh, pipeline, max_steps, (changes, tuple(config_change)))
+
+
+def _changes_finish(changes: dict) -> bool:
+    """Whether accepted config changes alter what a finished run's end does (its evaluation or export)."""
+    return any(k.startswith(("eval.", "checkpoint.export")) for k in changes)
+
+
+def _finished_run(workdir: str, config) -> dict | None:
+    """The summary a finished run left (``finished.json``, written last by ``_finish`` and removed when training
+    resumes) if it reached ``config.total_steps``: a rerun of the same command then loads and compiles nothing
+    (one with changed ``eval.*`` or export settings exports and evaluates again, without training)."""
+    path = os.path.join(workdir, FINISHED_FILE)
+    if not _everywhere(fileio.isfile(path)):
+        return None
+    try:
+        with fileio.open_file(path) as f:
+            done = json.load(f)
+        if done["step"] < config.total_steps:
+            return None
+    except (ValueError, KeyError, TypeError):   # damaged: the run's end is done again, and the file rewritten
+        return None
+    return {**done, "preempted": False, "history": [], "workdir": workdir, "already_finished": True}
 
 
 def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_changes=({}, ())) -> dict:
@@ -324,6 +355,16 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_c
             feed.set_state(_own_loader_state(meta, f"{manager.directory}/{start}"))
             _say(f"resumed from {manager.directory}/{start} (step {start} of {config.total_steps})")
         start = int(start)
+        if start >= config.total_steps:    # trained to the end, but its export or evaluation did not finish
+            _say(f"the checkpoint is at step {start} of {config.total_steps}: nothing to train; exporting and "
+                 "evaluating")
+            if console.is_main_process():
+                run_config.record(workdir, config, *config_changes)
+            writer = MetricWriter(workdir, config.total_steps, resume_step=start, shown=run.method.describe_metrics())
+            return {"step": start, "preempted": False, "history": [], "workdir": workdir,
+                    **_finish(run, state, workdir, writer, mesh)}
+        if console.is_main_process() and fileio.isfile(os.path.join(workdir, FINISHED_FILE)):
+            fileio.remove(os.path.join(workdir, FINISHED_FILE))   # an extended run is not finished
 
         batch = feed.next()
         base_rng = jax.random.PRNGKey(config.seed)
@@ -343,7 +384,7 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_c
         streak = SkipStreak(config)
         speed = StepSpeed(run, mesh)
         profiler = Profiler(config, workdir, train_step)
-        loop_start, side_seconds = time.perf_counter(), 0.0   # side: evaluations and sample grids
+        loop_start, side_seconds = time.perf_counter(), 0.0   # side: saves, evaluations and sample grids
         with checkpoint_lib.PreemptionGuard() as guard:
             while step < last:
                 profiler.before(step + 1, state)
@@ -363,8 +404,10 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_c
                     writer.progress(step, metrics, perf)
                 preempted = _agreed(guard.requested)
                 if manager.should_save(step) or preempted or step == last:
+                    save_start = time.perf_counter()     # the state's copy to host blocks; the writing does not
                     manager.save(step, state, {"loaders": _all_loader_states(loader_state), "seed": config.seed},
                                  force=True)
+                    side_seconds += writer.exclude(time.perf_counter() - save_start)
                 if preempted:
                     break
                 sample = config.log.sample_every and step % config.log.sample_every == 0 and jax.process_count() == 1
@@ -379,8 +422,7 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_c
                         writer.write(step, evaluate_lib.evaluate_run(run, _policy(run, state), None, mesh=mesh,
                                                                      label=f"the policy at step {step}"),
                                      prefix="eval/")
-                    side_seconds += time.perf_counter() - side_start
-                    writer.exclude(time.perf_counter() - side_start)
+                    side_seconds += writer.exclude(time.perf_counter() - side_start)
         streak.flush()
         profiler.close()
         manager.wait()
@@ -398,8 +440,8 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_c
 class StepSpeed:
     """perf/step_ms, perf/pairs_per_s and, where a device's peak is known (``flops.peak_flops``, or
     ``config.peak_tflops``), perf/mfu with the method's own FLOPs per update (``Method.flops``): measured
-    between two logged updates (their metrics fetched: the device has finished), evaluations and sample
-    grids taken out, so compile and evaluation never count."""
+    between two logged updates (their metrics fetched: the device has finished), evaluations, sample grids
+    and checkpoints' blocking copies taken out, so compile, evaluation and saving never count."""
 
     def __init__(self, run, mesh):
         self.run, self.mesh = run, mesh
@@ -540,6 +582,13 @@ def _remember_compile(config, mesh, seconds: float) -> float:
     return seconds
 
 
+def _everywhere(flag: bool) -> bool:
+    """True when every process says so."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
 def _agreed(flag: bool) -> bool:
     """All processes stop together: a SIGTERM on any host stops every host."""
     if jax.process_count() == 1:
@@ -594,6 +643,9 @@ def _finish(run, state, workdir, writer, mesh) -> dict:
         curve = evaluate_lib.reward_curve(workdir, base)
         if curve:
             print(f"reward curve: {curve}", flush=True)
+    if console.is_main_process():
+        done = json.dumps({"step": int(state.step), **out}, indent=1, default=float)
+        fileio.write_text(os.path.join(workdir, FINISHED_FILE), done)
     return out
 
 

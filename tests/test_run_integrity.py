@@ -89,6 +89,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(world, refer
     from 3 and ends with the uninterrupted run's losses."""
     _, ref = reference
     workdir = _copy_of_reference(reference, tmp_path)
+    os.remove(os.path.join(workdir, train_lib.FINISHED_FILE))   # killed while checkpoint 6 was written
     state_dir = os.path.join(workdir, "checkpoints", "6", "state")
     files = [os.path.join(root, f) for root, _, names in os.walk(state_dir) for f in names]
     largest = max(files, key=os.path.getsize)
@@ -104,12 +105,12 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(world, refer
 
 
 def test_the_final_evaluation_run_twice_writes_its_row_once(world, reference, tmp_path):
-    """A run that stopped after its final evaluation (here: run to the end twice) has one row per step and
-    kind in metrics.jsonl."""
+    """A finished run rerun with the final evaluation turned on evaluates without training, once: the second
+    rerun has nothing to do, and metrics.jsonl has one row per step and kind."""
     workdir = _copy_of_reference(reference, tmp_path)
     config = th.tiny_dpo_config(*world, **{"eval.final": True})
-    for _ in range(2):
-        train_lib.train(config, workdir)
+    first, second = train_lib.train(config, workdir), train_lib.train(config, workdir)
+    assert "trained" in first and not first.get("already_finished") and second["already_finished"]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     kinds = [(r["step"], "eval" if any(k.startswith("eval/") for k in r) else "train") for r in rows]

@@ -60,6 +60,28 @@ def test_resume_in_process_repeats_the_uninterrupted_losses_exactly(world, refer
     assert th.tree_max_abs_diff(checkpoint_lib.load_policy_params(workdir),
                                 checkpoint_lib.load_policy_params(ref_dir)) == 0.0
     assert gc.isenabled()  # paused while the step was traced, back on after
+    _rerun_of_a_finished_run(config, workdir, compiles, monkeypatch)
+
+
+def _rerun_of_a_finished_run(config, workdir, compiles, monkeypatch):
+    """The same command again loads nothing and changes nothing; after a kill between the last checkpoint and
+    the end of the export (finished.json missing), it exports again without compiling or training."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = f.read()
+    exported = os.path.join(workdir, "export", "unet", "diffusion_pytorch_model.safetensors")
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "build_run", lambda *a, **k: pytest.fail("a finished run loaded its model again"))
+        again = train_lib.train(config, workdir)
+    assert again["already_finished"] and again["step"] == 6 and again["exported_unet"].endswith("unet")
+    os.remove(os.path.join(workdir, train_lib.FINISHED_FILE))
+    os.remove(exported)
+    compiled_before = len(compiles)
+    after_kill = train_lib.train(config, workdir)
+    assert len(compiles) == compiled_before and after_kill["history"] == [] and os.path.isfile(exported)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert f.read() == rows
+    with open(os.path.join(workdir, train_lib.FINISHED_FILE)) as f:
+        assert json.load(f)["step"] == 6
 
 
 def test_the_cycle_collector_pause_restores_its_state_on_errors_too():
