@@ -66,6 +66,10 @@ def test_write_append_replace_read(where, bucket, tmp_path):
     assert fileio.read_text(metrics) == '{"step": 1}\n' and not fileio.exists(metrics + ".tmp")
     with fileio.open_file(os.path.join(root, "grid.png"), "wb") as f:
         f.write(b"\x89PNG")
+    fileio.write_text(os.path.join(root, "finished.json"), "{}")
+    fileio.remove(os.path.join(root, "finished.json"))
+    fileio.remove(os.path.join(root, "finished.json"))   # a missing file is no error
+    assert not fileio.exists(os.path.join(root, "finished.json"))
     if where == "bucket":
         assert _stored(metrics) == '{"step": 1}\n' and _stored(os.path.join(root, "config.json")) == "{}"
         assert FakeGCS.store["/bucket/run1/grid.png"].getvalue() == b"\x89PNG"
@@ -104,6 +108,7 @@ def test_a_training_run_writes_its_files_in_the_bucket(bucket, world, tmp_path, 
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     assert json.loads(_stored(bucket + "/config.json"))["total_steps"] == 2
     assert "/bucket/run1/export/unet/diffusion_pytorch_model.safetensors" in FakeGCS.store
+    assert json.loads(_stored(bucket + "/finished.json"))["step"] == 2
     assert (local_checkpoints / "checkpoints" / "2").is_dir()
     assert sum("no lock" in w for w in warnings) == 1
     assert not os.path.exists(tmp_path / "gs:") and not os.path.exists("gs:")
