@@ -1,4 +1,5 @@
-"""Does a config fit a TPU pod? ``python -m jaxpref.aot --config=configs/drosd15.py --topology=v5e:2x4``.
+"""Does a config fit a TPU pod, or a GPU? ``python -m jaxpref.aot --config=configs/drosd15.py --topology=v5e:2x4``
+(or ``--topology=h100``, ``h200x8``, ``a100``: NVIDIA GPUs of one host, ``jaxpref.gpu_targets``).
 
 Compiles, on this host (a CPU machine is enough, with the ``[tpu]`` extra: ``pip install -e '.[tpu]'``),
 exactly the train step ``jaxpref.train`` would run on that pod slice: the config's mesh over the
@@ -11,7 +12,9 @@ optimizer, other state, reference + text encoder, batch), the compiler's tempora
 the chip's HBM, FITS or DOES NOT FIT (exit 1), the compiler's FLOPs, and the largest buffers when it does
 not fit (when the compiler refuses the program outright it assigns no buffers: then the largest values of
 the program before partitioning, e.g. dense attention's [B, heads, T, S] logits). Multi-host topologies
-(v5e:4x4, v4:2x2x4) compile the same way: all hosts' devices in one program.
+(v5e:4x4, v4:2x2x4) compile the same way: all hosts' devices in one program. A GPU target needs JAX's CUDA
+plugin (``pip install -U 'jax[cuda12]'``, no GPU or driver) and is measured against the memory a JAX process
+may take there (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 75% by default).
 
   python -m jaxpref.aot --config=configs/drosd15.py --topology=v5e:2x4 --pairs_per_chip=4 --json fit.json
 """
@@ -36,7 +39,7 @@ from absl import app, flags
 from jax.experimental import topologies
 from ml_collections import config_flags
 
-from jaxpref import config_lib, sharding, trainer
+from jaxpref import config_lib, gpu_targets, sharding, trainer
 from jaxpref.methods import get_method
 from jaxpref.models import clip, conditioning, pipeline as pipeline_lib, unet as unet_lib, vae as vae_lib
 from jaxpref.models.presets import (SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD_VAE_CHANNELS, SDXL_TEXT, SDXL_TEXT_2,
@@ -60,10 +63,14 @@ ARCHITECTURES = ("auto", "sd15", "sdxl")
 # The pod and the model, from names and shapes only.
 
 def topology_devices(name: str):
-    """The abstract devices of a TPU topology name ("v5e:2x4", "v4:2x2x4"); ValueError listing valid ones."""
+    """The abstract devices of a TPU topology name ("v5e:2x4", "v4:2x2x4") or of GPUs ("h100x8"); ValueError
+    listing valid ones."""
+    if gpu_targets.parse(name):
+        return gpu_targets.devices(name)
     m = _TOPOLOGY.match(name.strip())
     if not m:
-        raise ValueError(f"--topology={name!r}: expected generation:chips, e.g. {', '.join(KNOWN_TOPOLOGIES)}")
+        raise ValueError(f"--topology={name!r}: expected generation:chips, e.g. {', '.join(KNOWN_TOPOLOGIES)}, "
+                         f"or GPUs of one host: {', '.join(gpu_targets.GPUS)} (x2 ... x8)")
     # v4 and v5p chips are two TensorCores that JAX on the pod drives as one device (megacore).
     kwargs = {"chip_config_name": "megacore"} if m.group(1) in MEGACORE else {}
     dims = [int(d) for d in m.group(2).split("x")]
@@ -209,7 +216,18 @@ def build_program(config, devices, architecture: str = "auto") -> Program:
 
 
 def hbm_bytes(device) -> int | None:
+    """The memory a step may use on ``device``: a TPU chip's HBM; on a GPU, what a JAX process allocates."""
+    if device.platform == "gpu":
+        usable = gpu_targets.usable_bytes(device)
+        return usable[0] if usable else None
     return HBM_BYTES.get(device.device_kind)
+
+
+def attention_kernel(lowered_text: str) -> str:
+    """The attention kernel a lowered step calls: Pallas on TPU, cuDNN flash attention on GPU, or XLA's ops."""
+    if "tpu_custom_call" in lowered_text:
+        return "Pallas TPU kernel"
+    return "cuDNN flash attention" if "__cudnn$fmha" in lowered_text else "XLA (no attention kernel)"
 
 
 def check(config, topology: str, top: int = 10, architecture: str = "auto") -> dict:
@@ -217,6 +235,7 @@ def check(config, topology: str, top: int = 10, architecture: str = "auto") -> d
     devices = topology_devices(topology)
     program = build_program(config, devices, architecture)
     chips, hbm = len(devices), hbm_bytes(devices[0])
+    platform = devices[0].platform
     c = program.run.config
     report = {"topology": topology, "device_kind": devices[0].device_kind, "chips": chips,
               "hosts": len({d.process_index for d in devices}), "hbm_per_chip": hbm,
@@ -224,25 +243,34 @@ def check(config, topology: str, top: int = 10, architecture: str = "auto") -> d
               "mesh": dict(program.mesh.shape), "batch_size": c.batch_size, "grad_accum": c.grad_accum,
               "pairs_per_chip": c.batch_size // c.grad_accum // chips, "dtype": c.dtype, "remat": c.remat,
               "remat_policy": c.remat_policy,
-              "attention": c.attention, "arguments": program.argument_bytes(), "jax": jax.__version__}
+              "attention": c.attention, "arguments": program.argument_bytes(), "jax": jax.__version__,
+              "platform": platform}
+    if platform == "gpu":
+        report["memory_fraction"] = gpu_targets.usable_bytes(devices[0])[1]
     if hbm is not None and sum(report["arguments"].values()) > hbm:  # no compile can make it fit: say so now
         report.update(compile_seconds=None, fits=False, compiler_refused=False, arguments_exceed_hbm=True,
-                      uses_pallas_attention=None)
+                      uses_pallas_attention=None, attention_kernel=None)
         return report
     start = time.perf_counter()
-    lowered = program.lower()
-    report["uses_pallas_attention"] = "tpu_custom_call" in lowered.as_text()
     try:
-        compiled = lowered.compile()
-    except Exception as e:  # the TPU compiler refuses a program whose buffers exceed HBM
-        if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds available" not in str(e):
-            raise
+        with gpu_targets.target_capability(devices[0]):
+            lowered = program.lower()
+            compiled = _compile(lowered)
+    except NotImplementedError as e:   # a kernel the target does not have (cuDNN attention's head dim on an A100)
+        raise ValueError(f"--topology={topology}: {str(e).splitlines()[0]} (config.attention={c.attention!r}; "
+                         "'auto' picks what the device takes)") from e
+    text = lowered.as_text()
+    report["uses_pallas_attention"] = "tpu_custom_call" in text
+    report["attention_kernel"] = attention_kernel(text)
+    if isinstance(compiled, Exception):
         report.update(compile_seconds=time.perf_counter() - start, fits=False, compiler_refused=True,
-                      compiler_message=str(e)[:6000],
+                      compiler_message=str(compiled)[:6000],
                       largest_before_partitioning=largest_buffers(  # op names need the debug info
                           lowered.as_text(dialect="hlo", debug_info=True), top))
         return report
     report["compile_seconds"] = time.perf_counter() - start
+    if platform == "gpu":   # on a mesh of several GPUs cuDNN's call appears only once the program is partitioned
+        report["attention_kernel"] = attention_kernel(compiled.as_text())
     m = compiled.memory_analysis()
     memory = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
               "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes),
@@ -257,6 +285,16 @@ def check(config, topology: str, top: int = 10, architecture: str = "auto") -> d
     if not report["fits"]:
         report["largest_buffers"] = largest_buffers(compiled.as_text(), top)
     return report
+
+
+def _compile(lowered):
+    """The compiled step, or the compiler's error when it refuses a program whose buffers exceed HBM (TPU)."""
+    try:
+        return lowered.compile()
+    except Exception as e:  # noqa: BLE001 - only the over-memory refusal is a report; anything else is raised
+        if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds available" not in str(e):
+            raise
+        return e
 
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -281,22 +319,21 @@ def largest_buffers(hlo_text: str, top: int = 10) -> list[dict]:
     return sorted(rows.values(), key=lambda r: -r["bytes"])[:top]
 
 
-_KERNEL_NOTE = {True: "Pallas TPU kernel", False: "no Pallas kernel", None: "not lowered"}
-
-
 def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GIB:8.3f} GiB"  # noqa: E731
+    gpu = r.get("platform") == "gpu"
     lines = [f"{r['objective']} on {r['topology']} ({r['chips']} x {r['device_kind']}, {r['hosts']} host(s)), "
              f"mesh {r['mesh']}, {r['pairs_per_chip']} pairs/chip per micro-batch (batch_size {r['batch_size']}, "
              f"grad_accum {r['grad_accum']}), {r['dtype']}, remat={r['remat']} ({r['remat_policy']}), "
-             f"attention={r['attention']} "
-             f"({_KERNEL_NOTE[r['uses_pallas_attention']]}), model: {r['model']}",
+             f"attention={r['attention']} ({r.get('attention_kernel') or 'not lowered'}), model: {r['model']}",
              "per chip:"]
     lines += [f"  {name:<22}{gib(b)}" for name, b in r["arguments"].items()]
     lines.append(f"  {'arguments (all)':<22}{gib(sum(r['arguments'].values()))}")
     hbm = r["hbm_per_chip"]
+    memory_name = (f"usable GPU memory ({r['memory_fraction']:.0%}: XLA_PYTHON_CLIENT_MEM_FRACTION)" if gpu
+                   else "HBM")
     if r.get("arguments_exceed_hbm"):
-        lines.append(f"  the arguments alone exceed the chip's {gib(hbm)} HBM (not compiled)")
+        lines.append(f"  the arguments alone exceed the chip's {gib(hbm)} {memory_name} (not compiled)")
     elif r.get("compiler_refused"):
         lines += ["  the TPU compiler refused the program (over HBM):",
                   *("    " + line for line in r["compiler_message"].splitlines()[:40])]
@@ -306,12 +343,15 @@ def format_report(r: dict) -> str:
             lines += [f"    {gib(b['bytes'])}  {b['shape']:<28} {b['op']}" for b in r["largest_before_partitioning"]]
     else:
         m = r["memory"]
-        lines += [f"  {'arguments (compiler)':<22}{gib(m['argument'])}   (TPU layout: small arrays padded to tiles)",
+        layout = "" if gpu else "   (TPU layout: small arrays padded to tiles)"
+        flops_note = "cuBLAS and cuDNN calls not counted" if gpu else "loop bodies counted once"
+        lines += [f"  {'arguments (compiler)':<22}{gib(m['argument'])}{layout}",
                   f"  {'temporaries':<22}{gib(m['temp'])}",
                   f"  {'outputs - donated':<22}{gib(m['output'] - m['alias'])}",
                   f"  {'generated code':<22}{gib(m['generated_code'])}",
-                  f"  {'total':<22}{gib(m['total'])}   of {gib(hbm) if hbm else 'unknown'} HBM",
-                  f"  compiler FLOPs per chip per step: {r['flops_per_chip']:.4g} (loop bodies counted once)"]
+                  f"  {'total':<22}{gib(m['total'])}   of {gib(hbm) if hbm else 'unknown'} {memory_name}"]
+        if r["flops_per_chip"]:
+            lines.append(f"  compiler FLOPs per chip per step: {r['flops_per_chip']:.4g} ({flops_note})")
         for b in r.get("largest_buffers", []):
             lines.append(f"    largest: {gib(b['bytes'])}  {b['shape']:<28} {b['op']}")
     how = "not compiled" if r["compile_seconds"] is None else f"lowered and compiled in {r['compile_seconds']:.0f} s"
@@ -330,7 +370,8 @@ def _define_flags() -> None:
     import both modules."""
     config_flags.DEFINE_config_file("config", config_lib.config_path("tiny"), "the experiment file")
     flags.DEFINE_string("topology", "v5e:2x4", "a TPU topology, generation:chips, e.g. v5e:2x4, v5e:4x4, "
-                        "v4:2x2x4, v5p:2x2x1")
+                        "v4:2x2x4, v5p:2x2x1; or NVIDIA GPUs of one host: h100, h200, a100, h100x8 (needs "
+                        "jax[cuda12], no GPU)")
     flags.DEFINE_integer("pairs_per_chip", None, "set batch_size to this many pairs per chip per micro-batch "
                          "(x chips x grad_accum); default: the config's batch_size")
     flags.DEFINE_string("json", None, "also write the report to this JSON file")
@@ -342,6 +383,8 @@ def _define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if gpu_targets.parse(FLAGS.topology):
+        gpu_targets.prepare_host()   # before the first backend starts
     config = FLAGS.config
     try:
         if FLAGS.pairs_per_chip:

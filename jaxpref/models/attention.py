@@ -123,8 +123,12 @@ def cudnn_token_counts(q, k) -> bool:
 
 
 def _gpu_capability() -> float:
+    """The compute capability of the GPU traced for: ``use_mesh``'s (a step compiled for a GPU target on
+    another host), else the local one's."""
+    mesh = _MESH.get()
     try:
-        return float(getattr(jax.devices()[0], "compute_capability", 0.0))
+        device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+        return float(getattr(device, "compute_capability", 0.0))
     except (ValueError, RuntimeError):
         return 0.0
 
