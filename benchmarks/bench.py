@@ -189,9 +189,9 @@ def bench_objective(objective: str, size_name: str = "tiny", batch: Optional[int
     batch = batch or size.batch
     dev = jax.devices()[0]
     kind = dev.device_kind
-    if attention == "cudnn" and (dev.platform != "gpu" or dtype != "bfloat16"):
-        raise ValueError(f"--attention cudnn needs a GPU and --dtype bfloat16 (cuDNN flash attention); got {kind}, "
-                         f"{dtype}: use --attention xla")
+    if attention.startswith("cudnn") and (dev.platform != "gpu" or dtype != "bfloat16"):
+        raise ValueError(f"--attention {attention} needs a GPU and --dtype bfloat16 (cuDNN flash attention); got "
+                         f"{kind}, {dtype}: use --attention xla")
     jdtype = config_lib.DTYPES[dtype]
     shapes = random_pipeline(size, jdtype, None if attention == "xla" else attention, seed, with_params=False)
     config = bench_config(size, objective, batch, dtype, remat, overrides, attention)
@@ -402,7 +402,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(config_lib.DTYPES), default=None,
                         help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     parser.add_argument("--remat", action="store_true")
-    parser.add_argument("--attention", choices=["xla", "cudnn", "chunked"], default="xla")
+    parser.add_argument("--attention", choices=["xla", "cudnn", "cudnn_padded", "chunked"], default="xla")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 10; CPU 3)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, repeatable: --set dro.steps_per_trajectory=4 --set smpo.inversion=paper")

@@ -51,6 +51,8 @@ VARIANTS = (
             why="SmPO inverting only the rows each level needs, in 8 chunks"),
     Variant("jax-dro-spt4", "jax", ("--objectives", "dro", "--set", "dro.steps_per_trajectory=4"),
             why="DRO training 4 steps of each sampled trajectory"),
+    Variant("jax-dpo-cudnn-cross", "jax", ("--objectives", "dpo", "--attention", "cudnn_padded"),
+            why="the 77-key cross-attention on cuDNN too (keys padded to 128, masked) instead of XLA's fp32 dense"),
     Variant("jax-dpo-cublas-gemms", "jax", ("--objectives", "dpo"), xla_flags="--xla_gpu_enable_triton_gemm=false",
             why="every matmul by cuBLAS instead of XLA's Triton GEMM fusions"),
     Variant("jax-dpo-no-command-buffers", "jax", ("--objectives", "dpo"), xla_flags="--xla_gpu_enable_command_buffer=",

@@ -184,7 +184,8 @@ KEY_HELP = {
                     "nothing (least memory), the weight matmuls' outputs, those and the convolutions' outputs, or "
                     "every matmul's and convolution's (attention's logits included)",
     "attention": f"the UNet's attention backend, one of {attention.BACKENDS}: 'auto' = cuDNN flash on GPU where it "
-                 "applies, else 'chunked' (O(block x tokens) memory) for long sequences and 'xla' (dense) for short",
+                 "applies, else 'chunked' (O(block x tokens) memory) for long sequences and 'xla' (dense) for short; "
+                 "'cudnn_padded' also runs the 77-key text cross-attention on cuDNN (keys padded to 128, masked)",
     "sample_posterior": "x0 = a sample of the VAE posterior (False: its mean)",
     "prompt_dropout": "probability that a pair's caption becomes '' (negatives too)",
     "batch_size": "pairs per optimizer update, all devices and micro-batches together",
@@ -356,9 +357,9 @@ def _check_attention(config):
         attention.check_backend(config.attention)
     except ValueError as e:
         _fail("attention", config.attention, str(e))
-    if config.attention == "cudnn" and config.dtype != "bfloat16":
-        _fail("attention", "cudnn", f"cuDNN flash attention runs in bf16; set config.dtype='bfloat16' (is "
-                                    f"{config.dtype!r}) or use 'auto'")
+    if config.attention in ("cudnn", "cudnn_padded") and config.dtype != "bfloat16":
+        _fail("attention", config.attention, f"cuDNN flash attention runs in bf16; set config.dtype='bfloat16' (is "
+                                             f"{config.dtype!r}) or use 'auto'")
 
 
 def _check_lora(config):

@@ -9,7 +9,8 @@ size, the learning rate and the objective's settings stay the file's, so every l
   the process finds (``mesh.data=-1``, ``mesh.fsdp=1``: the mesh is sized from the device count), 8 pairs
   per GPU per micro-batch, remat off. Measured on one H200 (docs/performance.md: bf16, fp32 AdamW,
   bf16 reference, cuDNN attention, no remat): 8 pairs peak at 28.9 GiB (DPO), 28.9 (DRO), 29.4 (SmPO),
-  replicated state included; gradient accumulation adds one fp32 gradient (3.2 GiB). Half of an 80 GB GPU.
+  replicated state included. Compiled for 8 H100s (``python -m jaxpref.aot --topology=h100x8``), with the
+  gradient accumulation and the all-reduce: 36.4, 39.4 and 38.0 GiB per GPU of the 59.7 JAX takes.
 - ``lora_on_one_chip``: configs/dposd15_lora.py on the one accelerator of a notebook runtime, pairs per
   micro-batch from the memory JAX may use on it.
 """

@@ -74,6 +74,27 @@ def test_cudnn_equals_dense_in_bfloat16():
     assert _rel(attention.dot_product_attention(q, k, v, "cudnn").astype(jnp.float32), exact) < 2e-2
 
 
+@pytest.mark.parametrize("t,s", [(96, 77), (130, 77), (64, 64)])
+def test_padding_to_cudnns_multiple_keeps_the_function_and_its_gradient(t, s):
+    """cudnn_padded's padding (text keys 77 -> 128, masked by their true count; queries to a multiple of 64,
+    their rows dropped), run through XLA's implementation here: the unpadded attention, forward and gradient."""
+    q, k, v = _qkv(t, s, 2, 40)
+    padded = lambda *a: attention.padded_attention(*a, "xla")  # noqa: E731
+    assert _rel(padded(q, k, v), _dense(q, k, v)) < 1e-5
+    for got, want in zip(_grads(padded, q, k, v), _grads(_dense, q, k, v)):
+        assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_padded_cross_attention_equals_dense_in_bfloat16():
+    q, k, v = _qkv(256, 77, 2, 40, jnp.bfloat16)  # SD's 77 text keys, which cuDNN takes only padded
+    exact = _dense(*(x.astype(jnp.float32) for x in (q, k, v)))
+    assert _rel(attention.dot_product_attention(q, k, v, "cudnn_padded").astype(jnp.float32), exact) < 2e-2
+    for got, want in zip(_grads(lambda *a: attention.dot_product_attention(*a, "cudnn_padded"), q, k, v),
+                         _grads(_dense, *(x.astype(jnp.float32) for x in (q, k, v)))):
+        assert _rel(got.astype(jnp.float32), want) < 5e-2
+
+
 def test_auto_picks_by_platform_dtype_and_length():
     short = jnp.zeros((1, 64, 2, 40), jnp.bfloat16)
     long = jnp.zeros((1, 1024, 2, 40), jnp.bfloat16)
@@ -99,8 +120,9 @@ def test_unknown_or_misplaced_backends_are_refused():
     if jax.default_backend() == "cpu":
         with pytest.raises(ValueError, match="needs a TPU"):
             attention.dot_product_attention(q, q, q, "pallas_tpu")
-        with pytest.raises(ValueError, match="needs a GPU"):
-            attention.dot_product_attention(q, q, q, "cudnn")
+        for backend in ("cudnn", "cudnn_padded"):
+            with pytest.raises(ValueError, match="needs a GPU"):
+                attention.dot_product_attention(q, q, q, backend)
 
 
 def _config():

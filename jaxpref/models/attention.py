@@ -6,6 +6,9 @@ sample and head, kept again for the backward pass. The backends here compute the
 - ``xla``: ``jax.nn.dot_product_attention``'s XLA path (logits and softmax in fp32);
 - ``cudnn``: its cuDNN flash attention (GPU, bf16/fp16, head dim a multiple of 8, token counts multiples of
   64); a call it does not take (SD's cross-attention on 77 text keys) runs ``xla``: its logits are small;
+- ``cudnn_padded``: cuDNN flash attention for every call, token counts it does not take zero-padded to
+  the next multiple of 64 and masked by their true lengths (SD's 77 text keys -> 128, 51 masked): the
+  cross-attention's fp32 logits and probabilities are never materialised (GPU only);
 - ``chunked``: pure JAX, query blocks in ``lax.map``, key blocks in ``lax.scan`` with an online softmax and
   fp32 accumulation; each query block is rematerialised in the backward pass, so memory is
   O(block × tokens) forward and backward, on any platform;
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-BACKENDS = ("auto", "xla", "cudnn", "chunked", "pallas_tpu")
+BACKENDS = ("auto", "xla", "cudnn", "cudnn_padded", "chunked", "pallas_tpu")
 BATCH_AXES = ("data", "fsdp")  # jaxpref.sharding's mesh axes (not imported: sharding imports the models)
 TPU_LANES = 128  # the kernel's tile of the head dim and the token axes
 _MESH = contextvars.ContextVar("attention_mesh", default=None)
@@ -143,13 +146,30 @@ def dot_product_attention(q, k, v, backend: str = "xla"):
             raise ValueError(f"attention backend 'pallas_tpu' needs a TPU, this step is traced for "
                              f"{target_platform()!r}; use 'auto', 'chunked' or 'xla'")
         return pallas_tpu_attention(q, k, v)
-    if backend == "cudnn":
+    if backend in ("cudnn", "cudnn_padded"):
         if target_platform() not in ("gpu", "cuda"):
-            raise ValueError(f"attention backend 'cudnn' needs a GPU, this process runs on {target_platform()!r}; "
-                             "use 'auto', 'chunked' or 'xla'")
+            raise ValueError(f"attention backend {backend!r} needs a GPU, this process runs on "
+                             f"{target_platform()!r}; use 'auto', 'chunked' or 'xla'")
+        if backend == "cudnn_padded":
+            return padded_attention(q, k, v, "cudnn")
         if not cudnn_token_counts(q, k):  # cross-attention on 77 text tokens: small logits, dense is cheap
             backend = "xla"
     return jax.nn.dot_product_attention(q, k, v, implementation=backend)
+
+
+def padded_attention(q, k, v, implementation: str, multiple: int = CUDNN_TOKENS):
+    """``jax.nn.dot_product_attention`` with query and key counts zero-padded to ``multiple``: padded keys
+    are masked by the true key count (``key_value_seq_lengths``), padded queries' rows dropped."""
+    t, s = q.shape[1], k.shape[1]
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x  # noqa: E731
+    q_pad, kv_pad = -t % multiple, -s % multiple
+    if not q_pad and not kv_pad:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    lengths = dict(query_seq_lengths=jnp.full((q.shape[0],), t, jnp.int32) if q_pad else None,
+                   key_value_seq_lengths=jnp.full((q.shape[0],), s, jnp.int32) if kv_pad else None)
+    out = jax.nn.dot_product_attention(pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad), implementation=implementation,
+                                       **lengths)
+    return out[:, :t]
 
 
 def chunked_attention(q, k, v, q_block: int = Q_BLOCK, kv_block: int = KV_BLOCK):
