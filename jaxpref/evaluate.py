@@ -46,7 +46,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from jaxpref import (console, diffusion, export, fileio, figures, hub, prompts as prompts_lib, protocols, rewards,
-                     sharding)
+                     run_config, sharding)
 from jaxpref.data.tokenizer import tokenize
 from jaxpref.models import attention, conditioning, pipeline as pipeline_lib
 from jaxpref.prompts import PromptSet
@@ -595,20 +595,34 @@ def _interval_text(metrics: Mapping[str, float], key: str, fmt: str, value: bool
 _SETTINGS = ("sampler", "num_steps", "guidance_scale", "num_images_per_prompt", "seed", "batch_size")
 
 
+# The flags a training config (or a training workdir's config.json) supplies, and their keys there.
+_RUN_KEYS = {"model_path": "model_path", "sampler": "eval.sampler", "num_steps": "eval.num_steps",
+             "guidance_scale": "eval.guidance_scale", "num_images_per_prompt": "eval.images_per_prompt",
+             "seed": "seed", "num_prompts": "eval.num_prompts", "prompts": "eval.prompts"}
+
+
+def _defaults_from_settings(settings: Mapping) -> dict:
+    return {flag: settings[key] for flag, key in _RUN_KEYS.items() if key in settings}
+
+
 def _defaults_from_config(config) -> dict:
     """Flag defaults a training config supplies (its model and its eval section)."""
-    if config is None:
+    return {} if config is None else _defaults_from_settings(run_config.flat(config))
+
+
+def _defaults_from_run(checkpoint: str | None) -> dict:
+    """The same from a --checkpoint training workdir's own settings (config.json with its accepted changes):
+    a run is evaluated as it evaluated itself, from the model it trained from."""
+    if not checkpoint or not fileio.isfile(os.path.join(checkpoint, run_config.CONFIG_FILE)):
         return {}
-    ev = config.eval
-    return {"model_path": config.model_path, "sampler": ev.sampler, "num_steps": ev.num_steps,
-            "guidance_scale": ev.guidance_scale, "num_images_per_prompt": ev.images_per_prompt,
-            "seed": config.seed, "num_prompts": ev.num_prompts}
+    return _defaults_from_settings(run_config.stored(checkpoint))
 
 
 def _resolve_flags(f) -> dict:
-    """Explicit flags win; then the --config's values; then the flags' defaults (the paper protocol)."""
-    from_config = _defaults_from_config(f.config)
-    names = _SETTINGS + ("model_path", "num_prompts")
+    """Explicit flags win; then the --config's values, or a --checkpoint workdir's own; then the flags'
+    defaults (the paper protocol)."""
+    from_config = _defaults_from_config(f.config) or _defaults_from_run(f.checkpoint)
+    names = _SETTINGS + ("model_path", "num_prompts", "prompts")
     return {name: getattr(f, name) if f[name].present or name not in from_config else from_config[name]
             for name in names}
 
@@ -626,7 +640,7 @@ def main(argv) -> None:
     s = _resolve_flags(f)
     model_path = s["model_path"] and hub.resolve(s["model_path"], key="--model_path")   # a hub id: fetched first
     # Everything that can fail on a path fails before any generation.
-    prompt_set = prompts_lib.load_prompts(f.prompts, s["num_prompts"] or None)
+    prompt_set = prompts_lib.load_prompts(s["prompts"], s["num_prompts"] or None)
     scorers = rewards.load_scorers(f.reward, batch_size=f.score_batch_size) if f.reward else {}
     baseline = load_scores(f.baseline) if f.baseline else None
     mismatched = {k: v.shape[0] for k, v in (baseline or {}).items() if v.shape[0] != len(prompt_set)}
@@ -635,7 +649,8 @@ def main(argv) -> None:
                          f"{len(prompt_set)}; a win rate needs the same prompt set (and --num_prompts)")
     pipe, unet_params = export.load_trained(f.checkpoint, model_path, use_ema=f.use_ema)
     settings = {k: s[k] for k in _SETTINGS}
-    source = "" if f.config else " (the SD1.5 protocol's defaults; --config=<a run's config> takes its own)"
+    source = ("" if f.config else f" (the settings of {f.checkpoint}/config.json)" if _defaults_from_run(f.checkpoint)
+              else " (the SD1.5 protocol's defaults; --config=<a run's config> takes its own)")
     print(f"evaluating {len(prompt_set)} prompts x {settings['num_images_per_prompt']} images on "
           f"{jax.device_count()} device(s): {settings['sampler']}, {settings['num_steps']} steps, guidance "
           f"{settings['guidance_scale']}{source}", flush=True)

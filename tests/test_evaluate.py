@@ -181,3 +181,33 @@ def test_cli_on_two_devices_matches_one(tiny, shapes_prompts, tmp_path):
     assert np.abs(cli.astype(int) - ref.images).max() <= 1
     expected = ev.score(ref.images, shapes_prompts, {"shapes": shapes_scorer()})["shapes"]
     np.testing.assert_allclose(ev.load_scores(out)["shapes"], expected, atol=0.02)
+
+
+class _Flags:
+    """The parts of absl's FlagValues that ``_resolve_flags`` reads: values, and which were given."""
+
+    def __init__(self, given: dict, **values):
+        defaults = dict(model_path=None, sampler="ddpm", num_steps=50, guidance_scale=7.5, num_images_per_prompt=5,
+                        seed=0, batch_size=8, num_prompts=0, prompts="shapes", config=None, checkpoint=None)
+        self.__dict__.update({**defaults, **values, **given})
+        self._given = set(given)
+
+    def __getitem__(self, name):
+        return type("Flag", (), {"present": name in self._given})()
+
+
+def test_a_training_workdir_is_evaluated_with_its_own_settings(tmp_path):
+    """--checkpoint=<workdir> without --config: the run's config.json, with its accepted changes, supplies the
+    base model and the evaluation settings; a flag given still wins."""
+    from jaxpref import config_lib, run_config
+
+    workdir = str(tmp_path / "run")
+    config = config_lib.load_config("tiny")       # DDIM 25, CFG 3, 4 images per prompt on embedded:tiny
+    run_config.record(workdir, config, {})
+    run_config.record(workdir, config, {"eval.num_steps": (25, 10)})   # a later start changed it
+    s = ev._resolve_flags(_Flags({"guidance_scale": 2.0}, checkpoint=workdir))
+    assert s["model_path"] == "embedded:tiny" and s["sampler"] == config.eval.sampler
+    assert s["num_steps"] == 10 and s["guidance_scale"] == 2.0
+    assert s["num_images_per_prompt"] == config.eval.images_per_prompt and s["num_prompts"] == config.eval.num_prompts
+    plain = ev._resolve_flags(_Flags({}, checkpoint=str(tmp_path / "elsewhere")))  # not a workdir: the flags'
+    assert plain["num_steps"] == 50 and plain["model_path"] is None
