@@ -613,9 +613,11 @@ def _defaults_from_config(config) -> dict:
 def _defaults_from_run(checkpoint: str | None) -> dict:
     """The same from a --checkpoint training workdir's own settings (config.json with its accepted changes):
     a run is evaluated as it evaluated itself, from the model it trained from."""
-    if not checkpoint or not fileio.isfile(os.path.join(checkpoint, run_config.CONFIG_FILE)):
-        return {}
-    return _defaults_from_settings(run_config.stored(checkpoint))
+    return _defaults_from_settings(run_config.stored(checkpoint)) if _is_workdir(checkpoint) else {}
+
+
+def _is_workdir(checkpoint: str | None) -> bool:
+    return bool(checkpoint) and fileio.isfile(os.path.join(checkpoint, run_config.CONFIG_FILE))
 
 
 def _resolve_flags(f) -> dict:
@@ -649,7 +651,7 @@ def main(argv) -> None:
                          f"{len(prompt_set)}; a win rate needs the same prompt set (and --num_prompts)")
     pipe, unet_params = export.load_trained(f.checkpoint, model_path, use_ema=f.use_ema)
     settings = {k: s[k] for k in _SETTINGS}
-    source = ("" if f.config else f" (the settings of {f.checkpoint}/config.json)" if _defaults_from_run(f.checkpoint)
+    source = ("" if f.config else f" (the settings of {f.checkpoint}/config.json)" if _is_workdir(f.checkpoint)
               else " (the SD1.5 protocol's defaults; --config=<a run's config> takes its own)")
     print(f"evaluating {len(prompt_set)} prompts x {settings['num_images_per_prompt']} images on "
           f"{jax.device_count()} device(s): {settings['sampler']}, {settings['num_steps']} steps, guidance "

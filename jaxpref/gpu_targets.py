@@ -5,8 +5,8 @@ shared memory, compute capability, memory size, the CUDA and cuDNN versions), gi
 through ``jax.experimental.topologies``. The plugin (``pip install -U 'jax[cuda12]'``) brings the compiler;
 no driver or device is needed. Without a device there is no autotuning: XLA would pick Triton GEMM tiles by
 heuristics and refuses some of SD's shapes, so matmuls compile as cuBLAS calls (``--xla_gpu_enable_triton_gemm
-=false``, set before the compiler starts). The buffers are assigned as on the device: the SD1.5 DPO step's
-peak predicted this way was within 0.1% of the peak measured on an H200 (docs/performance.md).
+=false``, set before the compiler starts). The buffers are assigned as on the device: the SD1.5 DPO, SmPO and
+DRO steps' peaks predicted this way were within 0.3% of the peaks measured on an H200 (docs/performance.md).
 
 JAX and jaxpref read a GPU's compute capability from a local device when they pick an attention kernel (cuDNN
 flash attention takes head dims up to 256 from Hopper on, SD1.5's 160 included); ``target_capability``
@@ -32,7 +32,7 @@ GPUS = {
                  memory=81920 * 2 ** 20, bandwidth=2.039e12, l2=40 * 2 ** 20, clock_ghz=1.41,
                  smem_per_core=167936, smem_per_block_optin=166912, fpus_per_core=64),
 }
-_NAME = re.compile(r"^(h100|h200|a100)(?:x(\d+))?$")
+_NAME = re.compile(rf"^({'|'.join(GPUS)})(?:x(\d+))?$")
 PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")
 # What a JAX process may allocate by default: XLA_PYTHON_CLIENT_MEM_FRACTION, else 75% of the GPU's memory.
 DEFAULT_MEM_FRACTION = 0.75
