@@ -186,9 +186,13 @@ def _generate_fn(unet, vae, schedule, sampler: str, num_steps: int, guidance_sca
 
 def decode_latents(pipe: pipeline_lib.SDPipeline, latents) -> np.ndarray:
     """latents [B, h, w, c] -> float32 images [B, H, W, 3] in [0, 1] (diffusers' output_type="np")."""
-    decoded = pipe.vae.apply({"params": pipe.vae_params}, jnp.asarray(latents) / pipe.vae.scaling_factor,
-                             method="decode")
-    return np.asarray(jnp.clip(decoded / 2 + 0.5, 0.0, 1.0), np.float32)
+    return np.asarray(_decode_to_unit(pipe.vae, pipe.vae_params, jnp.asarray(latents)), np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_to_unit(vae, vae_params, latents):
+    decoded = vae.apply({"params": vae_params}, latents / vae.scaling_factor, method="decode")
+    return jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,17 +26,21 @@ def _qkv(t, s, n, h, dtype=jnp.float32, seed=0):
                  for key, length in zip(keys, (t, s, s)))
 
 
+# The oracles and the gradients run compiled, each as one program: op by op, every op of every shape below
+# would compile on its own.
+@jax.jit
 def _dense(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 def _grads(fn, q, k, v):
     """d/d(q, k, v) of a loss that weighs every output element differently."""
-    return jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), (0, 1, 2))(q, k, v)
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), (0, 1, 2)))(q, k, v)
 
 
 def _rel(a, b):
-    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 @pytest.mark.parametrize("t,s,n,h,qb,kb", CASES)
@@ -61,7 +65,7 @@ def test_chunked_in_bfloat16_keeps_fp32_softmax():
 @pytest.mark.parametrize("backend", ["xla", "chunked", "auto"])
 def test_every_backend_equals_dense(backend):
     q, k, v = _qkv(40, 77, 2, 40)
-    assert _rel(attention.dot_product_attention(q, k, v, backend), _dense(q, k, v)) < 1e-5
+    assert _rel(jax.jit(attention.dot_product_attention, static_argnums=3)(q, k, v, backend), _dense(q, k, v)) < 1e-5
     for got, want in zip(_grads(lambda *a: attention.dot_product_attention(*a, backend), q, k, v),
                          _grads(_dense, q, k, v)):
         assert _rel(got, want) < 1e-5
@@ -79,7 +83,7 @@ def test_padding_to_cudnns_multiple_keeps_the_function_and_its_gradient(t, s):
     """cudnn_padded's padding (text keys 77 -> 128, masked by their true count; queries to a multiple of 64,
     their rows dropped), run through XLA's implementation here: the unpadded attention, forward and gradient."""
     q, k, v = _qkv(t, s, 2, 40)
-    padded = lambda *a: attention.padded_attention(*a, "xla")  # noqa: E731
+    padded = jax.jit(lambda *a: attention.padded_attention(*a, "xla"))
     assert _rel(padded(q, k, v), _dense(q, k, v)) < 1e-5
     for got, want in zip(_grads(padded, q, k, v), _grads(_dense, q, k, v)):
         assert _rel(got, want) < 1e-5

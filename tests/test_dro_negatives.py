@@ -103,7 +103,7 @@ def test_sample_step_keeps_the_generated_x0_and_trains_on_it(pipeline):
     noise = np.asarray(draw(keys, NOISE, lambda k: jax.random.normal(k, neg.x0.shape[1:], jnp.float32)))
     a_n = run.schedule.alphas_cumprod_np[np.asarray(neg.timesteps)][:, None, None, None]
     x_n = np.sqrt(a_n) * np.asarray(neg.final) + np.sqrt(1 - a_n) * noise
-    pred = run.pipeline.unet.apply({"params": params}, jnp.asarray(x_n, jnp.float32), neg.timesteps, neg.text)
+    pred = jax.jit(run.pipeline.unet.apply)({"params": params}, jnp.asarray(x_n, jnp.float32), neg.timesteps, neg.text)
     negative_err = float(jnp.mean(objectives.denoising_error(pred, noise)))
     assert float(metrics["negative_err"]) == pytest.approx(negative_err, rel=1e-4)
     assert negative_err > 1e-3  # not ~0, unlike the trajectory target at θ = φ

@@ -217,8 +217,10 @@ def test_kto_step_at_policy_equal_reference_favours_the_chosen_images(tiny_pipel
     # calls whose per-image errors differ by ~1e-8, which β (250 here) turns into a few 1e-6 on the loss.
     assert float(loss) == pytest.approx(0.5, abs=1e-4)
     assert float(metrics["reference_point"]) < 1e-6
-    lr = 1e-3 / float(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grad))))
-    stepped = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grad)
+    # The step on the host (op by op on the device, every leaf's shape would compile its own ops).
+    lr = np.float32(1e-3 / np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64)))
+                                       for g in jax.tree_util.tree_leaves(grad))))
+    stepped = jax.tree_util.tree_map(lambda p, g: np.asarray(p) - lr * np.asarray(g), params, grad)
     (new_loss, (new, _)), _ = loss_fn(stepped)
     assert float(new_loss) < float(loss)
     before = float(metrics["desirable_gap"]) - float(metrics["undesirable_gap"])

@@ -55,7 +55,7 @@ def torch_pipe(folder):
 
 
 def our_cond(pipe, prompts, size=(64, 64), crop=(0, 0), target=(64, 64)):
-    emb = pipe.text_encoder.apply({"params": pipe.text_encoder_params}, tokenize(pipe.tokenizer, prompts))
+    emb = jax.jit(pipe.text_encoder.apply)({"params": pipe.text_encoder_params}, tokenize(pipe.tokenizer, prompts))
     return conditioning.with_time_ids(emb, conditioning.time_ids(size, crop, target))
 
 
@@ -113,7 +113,7 @@ def test_export_then_diffusers_from_pretrained_gives_identical_outputs(folder, p
 
     from jaxpref.models.unet import save_unet
 
-    tuned = jax.tree_util.tree_map(lambda p: p + 0.01, pipe.unet_params)
+    tuned = jax.tree_util.tree_map(lambda p: np.asarray(p) + np.float32(0.01), pipe.unet_params)  # on the host
     save_unet(str(tmp_path / "tuned_unet"), pipe.unet, tuned)
     out = export.export(str(tmp_path / "tuned_unet"), str(tmp_path / "out"), base=folder)
     again = StableDiffusionXLPipeline.from_pretrained(out)
@@ -128,7 +128,8 @@ def test_export_then_diffusers_from_pretrained_gives_identical_outputs(folder, p
     for ours, loaded in ((a[0], b[0]), (a[2], b[2]), (v1, v2)):
         assert torch.equal(ours, loaded)
     cond = {"context": b[0][:2].numpy(), "text_embeds": b[2][:2].numpy(), "time_ids": added["time_ids"].numpy()}
-    ours = conditioning.apply_unet(pipe.unet, tuned, x.permute(0, 2, 3, 1).numpy(), jnp.array([10, 900]), cond)
+    ours = jax.jit(conditioning.apply_unet, static_argnums=0)(pipe.unet, tuned, x.permute(0, 2, 3, 1).numpy(),
+                                                              jnp.array([10, 900]), cond)
     assert rel(ours, theirs.permute(0, 2, 3, 1)) <= 1e-5
     assert load_pipeline(out).is_sdxl
 
@@ -157,8 +158,9 @@ def test_lora_on_sdxl_exports_what_diffusers_loads(folder, pipe, tmp_path):
                                   torch.from_numpy(cond["context"]), added_cond_kwargs=added).sample
     args, kwargs = conditioning.unet_inputs(cond)
     policy = lora.policy(adapters, pipe.unet_params, cfg)
-    ours = lora.apply(pipe.unet, policy, jnp.asarray(x), jnp.asarray(t), *args, **kwargs)
-    base = conditioning.apply_unet(pipe.unet, pipe.unet_params, x, t, cond)
+    # Compiled forwards (op by op, each of the UNet's ops would compile on its own).
+    ours = jax.jit(lora.apply, static_argnums=0)(pipe.unet, policy, jnp.asarray(x), jnp.asarray(t), *args, **kwargs)
+    base = jax.jit(conditioning.apply_unet, static_argnums=0)(pipe.unet, pipe.unet_params, x, t, cond)
     assert rel(base, theirs.permute(0, 2, 3, 1)) > 1e-2  # the adapters change the output
     assert rel(ours, theirs.permute(0, 2, 3, 1)) <= 1e-4
 

@@ -27,11 +27,12 @@ def alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=1000):
     return np.cumprod(1.0 - betas)
 
 
-def denoising_mse(unet, params, emb, x0, t, eps) -> np.ndarray:
-    """Per-sample mean of (ε_θ(√ᾱ x0 + √(1−ᾱ) ε, t, c) − ε)², noising and error in float64 on the host."""
+def denoising_mse(unet_apply, params, emb, x0, t, eps) -> np.ndarray:
+    """Per-sample mean of (ε_θ(√ᾱ x0 + √(1−ᾱ) ε, t, c) − ε)², noising and error in float64 on the host;
+    unet_apply: the UNet's (jitted) ``apply``."""
     a = alphas_cumprod()[t][:, None, None, None]
     x_t = np.sqrt(a) * x0 + np.sqrt(1.0 - a) * eps
-    pred = np.asarray(unet.apply({"params": params}, jnp.asarray(x_t, jnp.float32), jnp.asarray(t),
+    pred = np.asarray(unet_apply({"params": params}, jnp.asarray(x_t, jnp.float32), jnp.asarray(t),
                                  jnp.asarray(emb)), np.float64)
     return np.mean((pred - eps) ** 2, axis=(1, 2, 3))
 
@@ -62,13 +63,15 @@ def test_one_sft_step_lowers_the_preferred_images_denoising_error_and_ignores_th
     assert float(metrics["update_skipped"]) == 0.0 and float(metrics["loss"]) > 0
 
     # The same t and ε before and after: every preferred image at GRID_T, one fixed ε per (image, t).
-    emb = np.asarray(pipeline.text_encoder.apply({"params": pipeline.text_encoder_params}, ids))
+    # One compiled forward each (op by op, the UNet's ops would each compile on their own).
+    emb = np.asarray(jax.jit(pipeline.text_encoder.apply)({"params": pipeline.text_encoder_params}, ids))
+    unet_apply = jax.jit(pipeline.unet.apply)
     x0 = np.repeat(pipeline.vae.scaling_factor * winners.astype(np.float64), len(GRID_T), axis=0)
     t = np.tile(GRID_T, 4)
     eps = np.random.default_rng(1).standard_normal(x0.shape)
     emb = np.repeat(emb, len(GRID_T), axis=0)
-    before = denoising_mse(pipeline.unet, state.params, emb, x0, t, eps).mean()
-    trained = denoising_mse(pipeline.unet, after.params, emb, x0, t, eps).mean()
+    before = denoising_mse(unet_apply, state.params, emb, x0, t, eps).mean()
+    trained = denoising_mse(unet_apply, after.params, emb, x0, t, eps).mean()
     assert trained < 0.98 * before, (before, trained)
 
     # The loss reads the preferred image only: other losers, the same update to the last bit.

@@ -214,8 +214,8 @@ def test_dro_step_fills_buffer_and_negatives_are_the_samplers_own_predictions(bu
     assert int(buf.filled) == 4
     # Every stored ε is θ's (= the initial params') prediction at the stored (x_k, t_k, c).
     k = 2
-    pred = run.pipeline.unet.apply({"params": run.pipeline.unet_params}, buf.latents[:, k], buf.timesteps[:, k],
-                                   buf.text)
+    pred = jax.jit(run.pipeline.unet.apply)({"params": run.pipeline.unet_params}, buf.latents[:, k],
+                                            buf.timesteps[:, k], buf.text)
     np.testing.assert_allclose(np.asarray(pred), np.asarray(buf.eps[:, k]), rtol=1e-4, atol=1e-5)
     # Perturbed grid: descending steps 50 apart... here 4 steps of 250 with one offset in [0, 250).
     ts = np.asarray(buf.timesteps)

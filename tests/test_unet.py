@@ -250,7 +250,7 @@ def test_remat_same_output_and_gradient():
     rng = np.random.default_rng(0)
     args = (jnp.asarray(rng.standard_normal((2, 4, 4, 4), np.float32)), jnp.array([3, 700]),
             jnp.asarray(rng.standard_normal((2, 3, 8), np.float32)))
-    params = module.init(jax.random.PRNGKey(0), *args)["params"]
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), *args)["params"]
 
     def loss(m):
         return jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, *args) ** 2)))(params)
