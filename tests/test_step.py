@@ -117,7 +117,7 @@ def test_dpo_step_gradient_equals_plain_recomputation_and_the_clip_bounds_the_up
     x0w, x0l = scale * batch["latent_mean"][:, 0], scale * batch["latent_mean"][:, 1]
     a = alphas[t][:, None, None, None]
     xw, xl = np.sqrt(a) * x0w + np.sqrt(1 - a) * eps, np.sqrt(a) * x0l + np.sqrt(1 - a) * eps
-    text = run.pipeline.text_encoder.apply({"params": run.pipeline.text_encoder_params}, batch["input_ids"])
+    text = jax.jit(run.pipeline.text_encoder.apply)({"params": run.pipeline.text_encoder_params}, batch["input_ids"])
     unet = run.pipeline.unet
 
     def mse(p, x):
