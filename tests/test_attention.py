@@ -9,6 +9,7 @@ from jaxpref.models import attention, presets
 from jaxpref.models import unet as unet_lib
 from jaxpref.models import pipeline as pipeline_lib
 from jaxpref.models.unet import BasicTransformerBlock
+import attention_oracle as oracle
 
 # (queries, keys, heads, head dim, query block, key block): SD1.5's head dims 40/80/160, SDXL's 64,
 # cross-attention on 77 text tokens, token counts that no block divides.
@@ -26,56 +27,39 @@ def _qkv(t, s, n, h, dtype=jnp.float32, seed=0):
                  for key, length in zip(keys, (t, s, s)))
 
 
-# The oracles and the gradients run compiled, each as one program: op by op, every op of every shape below
-# would compile on its own.
-@jax.jit
-def _dense(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-
-
-def _grads(fn, q, k, v):
-    """d/d(q, k, v) of a loss that weighs every output element differently."""
-    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), (0, 1, 2)))(q, k, v)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
 @pytest.mark.parametrize("t,s,n,h,qb,kb", CASES)
 def test_chunked_equals_dense_forward_and_gradient(t, s, n, h, qb, kb):
     q, k, v = _qkv(t, s, n, h)
     chunked = jax.jit(lambda q, k, v: attention.chunked_attention(q, k, v, qb, kb))
     out = chunked(q, k, v)
     assert out.shape == (2, t, n, h) and out.dtype == jnp.float32
-    assert _rel(out, _dense(q, k, v)) < 1e-5
-    for got, want in zip(_grads(chunked, q, k, v), _grads(_dense, q, k, v)):
-        assert _rel(got, want) < 1e-5
+    assert oracle.rel(out, oracle.dense(q, k, v)) < 1e-5
+    for got, want in zip(oracle.grads(chunked, q, k, v), oracle.grads(oracle.dense, q, k, v)):
+        assert oracle.rel(got, want) < 1e-5
 
 
 def test_chunked_in_bfloat16_keeps_fp32_softmax():
     q, k, v = _qkv(200, 77, 2, 40, jnp.bfloat16)
     out = attention.chunked_attention(q, k, v, 64, 32)
     assert out.dtype == jnp.bfloat16
-    exact = _dense(*(x.astype(jnp.float32) for x in (q, k, v)))
-    assert _rel(out.astype(jnp.float32), exact) < 2e-2
+    exact = oracle.dense(*(x.astype(jnp.float32) for x in (q, k, v)))
+    assert oracle.rel(out.astype(jnp.float32), exact) < 2e-2
 
 
 @pytest.mark.parametrize("backend", ["xla", "chunked", "auto"])
 def test_every_backend_equals_dense(backend):
     q, k, v = _qkv(40, 77, 2, 40)
-    assert _rel(jax.jit(attention.dot_product_attention, static_argnums=3)(q, k, v, backend), _dense(q, k, v)) < 1e-5
-    for got, want in zip(_grads(lambda *a: attention.dot_product_attention(*a, backend), q, k, v),
-                         _grads(_dense, q, k, v)):
-        assert _rel(got, want) < 1e-5
+    assert oracle.rel(jax.jit(attention.dot_product_attention, static_argnums=3)(q, k, v, backend), oracle.dense(q, k, v)) < 1e-5
+    for got, want in zip(oracle.grads(lambda *a: attention.dot_product_attention(*a, backend), q, k, v),
+                         oracle.grads(oracle.dense, q, k, v)):
+        assert oracle.rel(got, want) < 1e-5
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
 def test_cudnn_equals_dense_in_bfloat16():
     q, k, v = _qkv(256, 128, 2, 40, jnp.bfloat16)  # token counts cuDNN takes (multiples of 64)
-    exact = _dense(*(x.astype(jnp.float32) for x in (q, k, v)))
-    assert _rel(attention.dot_product_attention(q, k, v, "cudnn").astype(jnp.float32), exact) < 2e-2
+    exact = oracle.dense(*(x.astype(jnp.float32) for x in (q, k, v)))
+    assert oracle.rel(attention.dot_product_attention(q, k, v, "cudnn").astype(jnp.float32), exact) < 2e-2
 
 
 @pytest.mark.parametrize("t,s", [(96, 77), (130, 77), (64, 64)])
@@ -84,19 +68,19 @@ def test_padding_to_cudnns_multiple_keeps_the_function_and_its_gradient(t, s):
     their rows dropped), run through XLA's implementation here: the unpadded attention, forward and gradient."""
     q, k, v = _qkv(t, s, 2, 40)
     padded = jax.jit(lambda *a: attention.padded_attention(*a, "xla"))
-    assert _rel(padded(q, k, v), _dense(q, k, v)) < 1e-5
-    for got, want in zip(_grads(padded, q, k, v), _grads(_dense, q, k, v)):
-        assert _rel(got, want) < 1e-5
+    assert oracle.rel(padded(q, k, v), oracle.dense(q, k, v)) < 1e-5
+    for got, want in zip(oracle.grads(padded, q, k, v), oracle.grads(oracle.dense, q, k, v)):
+        assert oracle.rel(got, want) < 1e-5
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
 def test_cudnn_padded_cross_attention_equals_dense_in_bfloat16():
     q, k, v = _qkv(256, 77, 2, 40, jnp.bfloat16)  # SD's 77 text keys, which cuDNN takes only padded
-    exact = _dense(*(x.astype(jnp.float32) for x in (q, k, v)))
-    assert _rel(attention.dot_product_attention(q, k, v, "cudnn_padded").astype(jnp.float32), exact) < 2e-2
-    for got, want in zip(_grads(lambda *a: attention.dot_product_attention(*a, "cudnn_padded"), q, k, v),
-                         _grads(_dense, *(x.astype(jnp.float32) for x in (q, k, v)))):
-        assert _rel(got.astype(jnp.float32), want) < 5e-2
+    exact = oracle.dense(*(x.astype(jnp.float32) for x in (q, k, v)))
+    assert oracle.rel(attention.dot_product_attention(q, k, v, "cudnn_padded").astype(jnp.float32), exact) < 2e-2
+    for got, want in zip(oracle.grads(lambda *a: attention.dot_product_attention(*a, "cudnn_padded"), q, k, v),
+                         oracle.grads(oracle.dense, *(x.astype(jnp.float32) for x in (q, k, v)))):
+        assert oracle.rel(got.astype(jnp.float32), want) < 5e-2
 
 
 def test_auto_picks_by_platform_dtype_and_length():
@@ -169,7 +153,7 @@ def test_transformer_block_with_chunked_attention_matches_the_default(monkeypatc
     params = jax.jit(block.init)(jax.random.PRNGKey(0), x, text)
     want = jax.jit(block.apply)(params, x, text)
     got = jax.jit(block.clone(attention_impl="chunked").apply)(params, x, text)
-    assert _rel(got, want) < 1e-5
+    assert oracle.rel(got, want) < 1e-5
 
 
 @pytest.mark.compiled_for_few_runs
@@ -186,9 +170,9 @@ def test_chunked_lowers_compiled_temporaries():
         return jax.jit(fn).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
 
     chunked = lambda q, k, v: attention.dot_product_attention(q, k, v, "chunked")  # noqa: E731
-    assert temporaries(_dense, False) >= 2 * 4096 * 4096 * 2 * 4  # fp32 logits and probabilities, 2 heads
-    assert temporaries(_dense, False) / temporaries(chunked, False) >= 10
-    assert temporaries(_dense, True) / temporaries(chunked, True) >= 5
+    assert temporaries(oracle.dense, False) >= 2 * 4096 * 4096 * 2 * 4  # fp32 logits and probabilities, 2 heads
+    assert temporaries(oracle.dense, False) / temporaries(chunked, False) >= 10
+    assert temporaries(oracle.dense, True) / temporaries(chunked, True) >= 5
 
 
 @pytest.mark.compiled_for_few_runs

@@ -12,6 +12,7 @@ import pytest
 from jaxpref import aot, sharding
 from jaxpref.models import attention
 from jaxpref.models.unet import BasicTransformerBlock
+import attention_oracle as oracle
 
 # (queries, keys, heads, head dim): SD1.5's head dims 40/80/160, SDXL's 64, 77 text keys, counts no 128 divides.
 CASES = [(300, 300, 2, 40), (96, 77, 2, 160), (130, 77, 3, 80), (128, 128, 2, 64)]
@@ -20,12 +21,6 @@ CASES = [(300, 300, 2, 40), (96, 77, 2, 160), (130, 77, 3, 80), (128, 128, 2, 64
 def _qkv(t, s, n, h, batch=2, seed=0):
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
     return tuple(jax.random.normal(key, (batch, length, n, h), jnp.float32) for key, length in zip(keys, (t, s, s)))
-
-
-# The oracle and the gradients run compiled, each as one program (op by op, each op would compile on its own).
-@jax.jit
-def _dense(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 def _masked_dense_kernel(q, k, v, segment_ids, scale, seen=None):
@@ -40,15 +35,6 @@ def _masked_dense_kernel(q, k, v, segment_ids, scale, seen=None):
     return jnp.einsum("bnqk,bnkh->bnqh", jax.nn.softmax(logits, axis=-1), v)
 
 
-def _grads(fn, q, k, v):
-    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), (0, 1, 2)))(q, k, v)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
 @pytest.mark.parametrize("t,s,n,h", CASES)
 def test_wrapper_layout_and_padding_equal_dense(t, s, n, h):
     """Head dim padded to 128 lanes, tokens to 128 (padded keys masked, padded queries dropped): exact."""
@@ -61,9 +47,9 @@ def test_wrapper_layout_and_padding_equal_dense(t, s, n, h):
     assert seen[0][:2] == ((2, n, padded(t), padded(h)), (2, n, padded(s), padded(h)))
     assert (seen[0][2] is None) == (s % 128 == 0)
     assert out.shape == (2, t, n, h)
-    assert _rel(out, _dense(q, k, v)) < 1e-5
-    for got, want in zip(_grads(fn, q, k, v), _grads(_dense, q, k, v)):
-        assert _rel(got, want) < 1e-5
+    assert oracle.rel(out, oracle.dense(q, k, v)) < 1e-5
+    for got, want in zip(oracle.grads(fn, q, k, v), oracle.grads(oracle.dense, q, k, v)):
+        assert oracle.rel(got, want) < 1e-5
 
 
 def test_the_pallas_kernel_in_interpret_mode_equals_dense():
@@ -72,10 +58,10 @@ def test_the_pallas_kernel_in_interpret_mode_equals_dense():
     fn = jax.jit(attention.pallas_tpu_attention)
     with pltpu.force_tpu_interpret_mode():
         out = fn(q, k, v)
-        grads = _grads(attention.pallas_tpu_attention, q, k, v)
-    assert _rel(out, _dense(q, k, v)) < 1e-5
-    for got, want in zip(grads, _grads(_dense, q, k, v)):
-        assert _rel(got, want) < 1e-4
+        grads = oracle.grads(attention.pallas_tpu_attention, q, k, v)
+    assert oracle.rel(out, oracle.dense(q, k, v)) < 1e-5
+    for got, want in zip(grads, oracle.grads(oracle.dense, q, k, v)):
+        assert oracle.rel(got, want) < 1e-4
 
 
 @pytest.fixture(scope="module")
