@@ -16,8 +16,14 @@ Where ours differs: 8 pairs (16 images) per update against the release's 8 image
 splits over a v5e-8's chips (``--config.batch_size=4`` on 4 chips or fewer reproduces it); images come as
 Pick-a-Pic pairs, so a batch is half desirable, while the release samples desirable images with probability
 0.8 (``--positive_ratio 0.8``) and labels an image that won any of its pairs desirable (``--policy
-gt_label_wi_l``; 237,530 desirable and 690,538 undesirable images in the paper). The release's 4:1 weighting
-at the same loss scale is ``--config.kto.lambda_desirable=1.6 --config.kto.lambda_undesirable=0.4``.
+gt_label_wi_l``; 237,530 desirable and 690,538 undesirable images in the paper).
+``--config.kto.lambda_desirable=1.6 --config.kto.lambda_undesirable=0.4`` gives the release's 4:1 weighting
+in expectation, while the reference point z still averages a 1:1 batch. The optimizer keeps fp32 AdamW
+moments (the release: 8-bit AdamW), and one horizontal flip serves both images of a pair (the release flips
+each image on its own). Precision: params and updates are fp32, the forwards run in bf16 (the release: fp16).
+At lr 1e-7 most weights' bf16 values change only after many updates (bf16 keeps 3 fewer mantissa bits than
+fp16), so g is a coarser signal early in the run; ``--config.dtype=float32 --config.reference_dtype=float32``
+removes that rounding, with fp32 forwards.
 
 Data: SD1.5 (hub id or local folder) and Pick-a-Pic v2 as for configs/dposd15.py (docs/training.md). Cost: per
 pair two policy forward+backward and two reference forwards, as DPO. Expected result: the paper's

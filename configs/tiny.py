@@ -5,10 +5,9 @@ Purpose: the quickstart; trains the tiny SD-shaped UNet (jaxpref/assets/tiny_sd,
 the ablation's best DRO form: docs/results.md).
 Data: the shapes world's top-500 renders (by its exact reward) as experts; held-out captions for evaluation.
 Cost: 50 updates of 16 pairs, one evaluation after 25, base and trained at the end (32 prompts x 4 images,
-DDIM 25, CFG 3); a few minutes on 2 CPU cores, most of it the first compile.
-Expected (seeds 0 / 1 / 2): held-out mean reward 0.572 -> 0.628 (seed 0), gain +0.057 / +0.029 / +0.037
-(mean +0.041), per-prompt win rate 0.81 / 0.72 / 0.66. The held-out reward is made in the first ~50 updates:
-150 updates (cosine from 3e-4) gave +0.059 / +0.038 / +0.047 (docs/results.md).
+DDIM 25, CFG 3); about 2 minutes on 2 CPU cores with empty caches, most of it the first compile.
+Expected (seeds 0 / 1 / 2, benchmarks/results/demo_tiny.json): held-out mean reward 0.572 -> 0.628 (seed 0),
+gain +0.056 / +0.029 / +0.036 (mean +0.040), per-prompt win rate 0.81 / 0.72 / 0.66.
 
 The argument picks another objective on the same world: ``:dpo`` and ``:smpo`` train on the shapes
 preference pairs (SmPO's reward is the world's exact reward), ``:kto`` (each pair's images as desirable /

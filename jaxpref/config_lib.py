@@ -128,11 +128,24 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# What a real model's run evaluates on (the SD1.5 and SDXL experiment files): the held-out Pick-a-Pic v2 captions
+# built beside its training split (test_unique, in data.data_dir), scored by PickScore (fetched from the hub on
+# first use). The papers' full protocols are ``python -m jaxpref.evaluate --protocol=...`` (docs/evaluation.md).
+REAL_EVAL = dict(prompts="tfds:pickapic_v2:test_unique", rewards="pickscore=yuvalkirstain/PickScore_v1")
+
+
+def evaluates(config, *, samples: bool = False) -> bool:
+    """Whether a run generates held-out images: an evaluation (eval.final, eval.every) or, with ``samples``,
+    a sample grid (log.sample_every) too."""
+    return bool(config.eval.final or config.eval.every or (samples and config.log.sample_every))
+
+
 def sd15_base_config(objective: str) -> ml_collections.ConfigDict:
     """What the SD1.5 experiment files (configs/*sd15.py) share: SD1.5 by hub id, bf16, sized for a TPU v5e-8
     (16 GiB per chip; docs/performance.md, python -m jaxpref.aot): params, AdamW state and reference split
     over every device (fsdp), each UNet block rematerialised, attention 'auto' (Pallas flash attention on
-    TPU, cuDNN on GPU); Pick-a-Pic v2 at 512 px center-cropped; 64 evaluation prompts, 50 steps, CFG 7.5."""
+    TPU, cuDNN on GPU); Pick-a-Pic v2 at 512 px center-cropped; evaluated on 64 of its held-out captions (``REAL_EVAL``), 50 steps,
+    CFG 7.5."""
     c = base_config()
     c.objective = objective
     c.model_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"   # a hub id, or a local diffusers folder
@@ -140,7 +153,7 @@ def sd15_base_config(objective: str) -> ml_collections.ConfigDict:
     c.remat = True
     c.mesh.update(data=1, fsdp=-1)
     c.data.update(name="pickapic_v2", resolution=512, crop="center")
-    c.eval.update(num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=7.5)
+    c.eval.update(num_prompts=64, sampler="ddim", num_steps=50, guidance_scale=7.5, **REAL_EVAL)
     return c
 
 
@@ -148,7 +161,7 @@ def sdxl_base_config(objective: str) -> ml_collections.ConfigDict:
     """What the SDXL experiment files (configs/*sdxl.py) share, as all three releases train SDXL: the local
     SDXL base folder and fp16-fix VAE (fp32), bf16 with remat, params and optimizer sharded over every chip
     (fsdp: 2.57 B fp32 params are 9.6 GiB per chip replicated), prompt dropout 0.2, Pick-a-Pic v2 at 1024 px
-    center-cropped, 64 evaluation prompts at batch 8."""
+    center-cropped, evaluated on 64 of its held-out captions (``REAL_EVAL``) at batch 8."""
     c = base_config()
     c.objective = objective
     c.model_path = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -159,7 +172,7 @@ def sdxl_base_config(objective: str) -> ml_collections.ConfigDict:
     c.mesh.update(data=1, fsdp=-1)
     c.prompt_dropout = 0.2
     c.data.update(name="pickapic_v2", resolution=1024, crop="center")
-    c.eval.update(num_prompts=64, num_steps=50, batch_size=8)
+    c.eval.update(num_prompts=64, num_steps=50, batch_size=8, **REAL_EVAL)
     return c
 
 
@@ -187,7 +200,7 @@ KEY_HELP = {
                  "applies, else 'chunked' (O(block x tokens) memory) for long sequences and 'xla' (dense) for short; "
                  "'cudnn_padded' also runs the 77-key text cross-attention on cuDNN (keys padded to 128, masked)",
     "sample_posterior": "x0 = a sample of the VAE posterior (False: its mean)",
-    "prompt_dropout": "probability that a pair's caption becomes '' (negatives too)",
+    "prompt_dropout": "probability that a caption becomes '': a pair's for the whole pair (negatives too); KTO's per image",
     "batch_size": "pairs per optimizer update, all devices and micro-batches together",
     "grad_accum": "micro-batches per update (a lax.scan inside the step)",
     "total_steps": "optimizer updates of the whole run (a resumed run continues to it)",
@@ -249,7 +262,8 @@ KEY_HELP = {
     "log.sample_every": "updates between sample grids in <workdir>/samples (0: none)",
     "log.sample_prompts": "held-out prompts in a sample grid",
     "eval.every": "updates between evaluations (0: only the final base-vs-trained one)",
-    "eval.prompts": "a prompt-set spec (jaxpref.prompts.load_prompts): shapes, parti:/x.tsv, hpdv2:/dir, ...",
+    "eval.prompts": "a prompt-set spec (jaxpref.prompts.load_prompts): shapes, parti:/x.tsv, hpdv2:/dir, "
+                    "tfds:pickapic_v2:test_unique (in data.data_dir unless the spec names a dir), ...",
     "eval.rewards": "reward specs (jaxpref.rewards.load_scorers): shapes, pickscore=/dir, hpsv2=/file, ...; a path "
                     "may be a hub id (pickscore=yuvalkirstain/PickScore_v1)",
     "eval.num_prompts": "prompts per evaluation",

@@ -1,7 +1,8 @@
 """What a jaxpref command prints: its own progress lines, each failure the operator can fix as one line with a
 documented exit code (``jaxpref.errors``), and no third-party log lines unless ``--verbosity`` asks for them.
 
-Every command (``train``, ``evaluate``, ``export``, ``aot``, the data builders) starts through ``run``:
+Every command starts through ``run`` (``train``, ``evaluate``, ``export``, ``aot``, ``fetch``) or, parsing its own
+arguments, ``run_argparse`` (the data builders, ``jaxpref.world.train_base``):
 
   --verbosity unset     our lines only; libraries at ERROR; XLA's C++ log at FATAL (its "Very slow compile?"
                         alarm is an ERROR-level log of a compile that is merely long)
@@ -189,6 +190,47 @@ def run(main, command: str, *, explain_flag_error=None):
         except Exception as e:  # noqa: BLE001 - every parse failure becomes one line
             exit_on_flag_error(command, argv, e, explain_flag_error)
 
+    app.run(_guarded(main, command), flags_parser=parse)
+
+
+def run_argparse(main, command: str):
+    """``run`` for a command whose ``main(argv)`` parses its own arguments with argparse (the data builders):
+    ``--verbosity`` is taken out of the command line first and means what it means for every command."""
+    from absl import app, flags
+
+    def parse(argv):
+        ours, rest = _split_verbosity(argv[1:])
+        flags.FLAGS(_normalise_verbosity([argv[0], *ours]))
+        return [argv[0], *rest]
+
+    def exit_status(argv):   # what main returns (train_base: its summary) is no exit status
+        status = guarded(argv[1:])
+        return status if isinstance(status, int) else None
+
+    quiet_native_logs()
+    guarded = _guarded(main, command)
+    app.run(exit_status, flags_parser=parse)
+
+
+def _split_verbosity(args) -> tuple[list, list]:
+    """(the --verbosity / -v arguments, the others) of a command line."""
+    ours, rest, i = [], [], 0
+    while i < len(args):
+        name = args[i].split("=", 1)[0]
+        if name in ("--verbosity", "-v"):
+            take = 1 if "=" in args[i] or i + 1 >= len(args) else 2
+            ours.append("=".join(args[i:i + take]) if take == 2 else args[i])
+            i += take
+        else:
+            rest.append(args[i])
+            i += 1
+    return ours, rest
+
+
+def _guarded(main, command: str):
+    """``main`` with library logs quiet and every failure reported as one line with its exit code."""
+    from absl import app
+
     def guarded(argv):
         quiet_python_logs()
         try:
@@ -201,4 +243,4 @@ def run(main, command: str, *, explain_flag_error=None):
         except Exception as e:  # noqa: BLE001 - every failure is reported as one line with its exit code
             return report_failure(command, e)
 
-    app.run(guarded, flags_parser=parse)
+    return guarded

@@ -606,7 +606,12 @@ _RUN_KEYS = {"model_path": "model_path", "sampler": "eval.sampler", "num_steps":
 
 
 def _defaults_from_settings(settings: Mapping) -> dict:
-    return {flag: settings[key] for flag, key in _RUN_KEYS.items() if key in settings}
+    """The flags' values in a run's flat settings; its held-out split of a built dataset is read from the run's
+    data_dir, as the run read it."""
+    out = {flag: settings[key] for flag, key in _RUN_KEYS.items() if key in settings}
+    if "prompts" in out:
+        out["prompts"] = prompts_lib.with_data_dir(out["prompts"], settings.get("data.data_dir"))
+    return out
 
 
 def _defaults_from_config(config) -> dict:

@@ -16,7 +16,7 @@ not × its trip count, and a ``lax.cond`` once; ``loop_corrected`` scales such a
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 SD15_FWD_FLOPS = 0.80e12     # SD1.5 UNet forward, one image, 64x64 latents, 77 tokens
 SD15_FWDBWD_FLOPS = 2.36e12  # forward + backward
@@ -107,18 +107,23 @@ def loop_corrected(raw: float, body: float, trips: int, model: Optional[float]) 
 SD_VAE_DECODE_FLOPS = 2.50e12   # SD's VAE decoder, one 512 px image (64x64 latents)
 # One (image, caption) pair through a reward model at 224 px, image and text towers (the aesthetic head
 # reads the image tower only). XLA's count of our modules, batch 1: CLIP ViT-H/14 (PickScore, HPSv2),
-# CLIP ViT-L/14 (CLIP score, aesthetic), BLIP ViT-L/16 + BERT-base with cross-attention (ImageReward).
-SCORER_FLOPS = {"pickscore": 0.385e12, "hpsv2": 0.385e12, "clipscore": 0.176e12, "aesthetic": 0.162e12,
-                "imagereward": 0.139e12, "shapes": 0.0}
+# CLIP ViT-L/14 (CLIP score on openai/clip-vit-large-patch14, aesthetic), BLIP ViT-L/16 + BERT-base with
+# cross-attention (ImageReward).
+CLIP_VIT_H_FLOPS = 0.385e12
+SCORER_FLOPS = {"pickscore": CLIP_VIT_H_FLOPS, "hpsv2": CLIP_VIT_H_FLOPS, "clipscore": 0.176e12,
+                "aesthetic": 0.162e12, "imagereward": 0.139e12, "shapes": 0.0}
 
 
 def evaluation_flops(num_images: int, num_steps: int, guidance_scale: float, scorers, *,
-                     fwd: float = SD15_FWD_FLOPS, decode: float = SD_VAE_DECODE_FLOPS) -> float:
+                     fwd: float = SD15_FWD_FLOPS, decode: float = SD_VAE_DECODE_FLOPS,
+                     scorer_flops: Mapping[str, float] | None = None) -> float:
     """FLOPs of generating ``num_images`` images (``num_steps`` UNet evaluations each, two with CFG, and one
-    VAE decode) and scoring each with every reward in ``scorers``. Not counted: the text encoder, once per
-    prompt (0.013 TFLOP), and the samplers' elementwise updates."""
-    unknown = [s for s in scorers if s not in SCORER_FLOPS]
+    VAE decode) and scoring each with every reward in ``scorers`` (``scorer_flops`` replaces a scorer's count
+    where its model differs, e.g. a CLIP score on ViT-H/14). Not counted: the text encoder, once per prompt
+    (0.013 TFLOP), and the samplers' elementwise updates."""
+    counts = {**SCORER_FLOPS, **(scorer_flops or {})}
+    unknown = [s for s in scorers if s not in counts]
     if unknown:
-        raise ValueError(f"scorers {unknown}: no FLOP count; known {sorted(SCORER_FLOPS)}")
-    per_image = num_steps * fwd * (2 if guidance_scale != 1.0 else 1) + decode + sum(SCORER_FLOPS[s] for s in scorers)
+        raise ValueError(f"scorers {unknown}: no FLOP count; known {sorted(counts)}")
+    per_image = num_steps * fwd * (2 if guidance_scale != 1.0 else 1) + decode + sum(counts[s] for s in scorers)
     return float(num_images * per_image)

@@ -331,11 +331,13 @@ def resolve(value: str, *, key: str = "model", subfolder: str = "", components: 
     return os.path.join(folder, sub) if sub else folder
 
 
-def resolve_run_paths(config, *, announce: Announce = print, model: bool = True):
+def resolve_run_paths(config, *, announce: Announce = print, model: bool = True, rewards: bool = True):
     """A copy of a training config whose model references (model_path, reference_path, vae_path,
-    lora.init_from, eval.rewards' paths) are local paths, fetching what the hub must supply first: the run
-    reads no model from the network after this. ``model`` False leaves model_path (a pipeline was given)."""
-    from jaxpref import rewards
+    lora.init_from, and eval.rewards' paths when the run evaluates) are local paths, fetching what the hub must
+    supply first: the run reads no model from the network after this. ``model`` False leaves model_path (a
+    pipeline was given); ``rewards`` False leaves eval.rewards (a run that will not evaluate)."""
+    from jaxpref import config_lib
+    from jaxpref import rewards as rewards_lib
 
     config = config.copy_and_resolve_references()
     components = tuple(c for c in SD_COMPONENTS if not (config.vae_path and c == "vae"))
@@ -350,7 +352,7 @@ def resolve_run_paths(config, *, announce: Announce = print, model: bool = True)
     if config.lora.enabled and config.lora.init_from:
         config.lora.init_from = resolve(config.lora.init_from, key="config.lora.init_from", components=None,
                                         announce=announce)
-    if config.eval.rewards:
-        config.eval.rewards = rewards.resolve_reward_specs(config.eval.rewards, key="config.eval.rewards",
+    if rewards and config.eval.rewards and config_lib.evaluates(config):
+        config.eval.rewards = rewards_lib.resolve_reward_specs(config.eval.rewards, key="config.eval.rewards",
                                                            announce=announce)
     return config

@@ -195,6 +195,17 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return _infer_kind(os.path.expanduser(spec)), spec
 
 
+def with_data_dir(spec: str, data_dir: Optional[str]) -> str:
+    """A ``tfds:NAME:SPLIT`` spec without a data dir gets ``data_dir`` (a run's ``data.data_dir``: its held-out
+    split was built beside the training split); any other spec is returned as is."""
+    kind, sep, arg = spec.partition(":")
+    if kind != "tfds" or not sep or not data_dir:
+        return spec
+    name, _, rest = arg.partition(":")
+    split, _, given = rest.partition(":")
+    return spec if given else f"tfds:{name}:{split or 'test_unique'}:{data_dir}"
+
+
 def load_prompts(spec: str, limit: Optional[int] = None) -> PromptSet:
     """The prompt set of a spec (module docstring); ``limit`` keeps the first n prompts."""
     kind, arg = parse_spec(spec)

@@ -64,7 +64,7 @@ def split_micro_batches(batch, num_micro: int):
     return jax.tree_util.tree_map(split, batch)
 
 
-LORA_DROPOUT = 7  # fold_in tag of the micro-batch rng for LoRA dropout (the methods use 0..4)
+LORA_DROPOUT = 7  # fold_in tag of the micro-batch rng for LoRA dropout (the methods' per-pair draws use 0..6)
 
 
 def policy_params(config, params, frozen, rng):

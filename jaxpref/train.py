@@ -40,6 +40,7 @@ from ml_collections import config_flags
 from jaxpref import checkpoint as checkpoint_lib
 from jaxpref import config_lib, console, errors, fileio, hub, lora, paths, run_config, sharding, trainer
 from jaxpref import evaluate as evaluate_lib
+from jaxpref import prompts as prompts_lib
 from jaxpref import flops as flops_lib
 from jaxpref.data import feed as feed_lib
 from jaxpref.models import save_unet
@@ -312,6 +313,21 @@ def train(config, workdir: str, *, pipeline=None, max_steps: int | None = None,
         return _train(config, workdir, mesh, pipeline, max_steps, (changes, tuple(config_change)))
 
 
+def _check_eval_prompts(config, given: str, data_open: bool):
+    """The held-out prompts a run will generate from load before anything slow: before the model loads, or,
+    for a split of the training dataset itself (which the run may build on first use), as soon as it is open.
+    ``given``: config.eval.prompts as the run was given it (the error names it)."""
+    spec = config.eval.prompts
+    kind, _, arg = spec.partition(":")
+    own_data = kind == "tfds" and arg.partition(":")[0] == config.data.name
+    if own_data != data_open or not config_lib.evaluates(config, samples=True) or jax.process_count() > 1:
+        return
+    try:
+        prompts_lib.load_prompts(spec, limit=1)
+    except ValueError as e:
+        raise errors.ConfigError("eval.prompts", given, str(e)) from e
+
+
 def _changes_finish(changes: dict) -> bool:
     """Whether accepted config changes alter what a finished run's end does (its evaluation or export)."""
     return any(k.startswith(("eval.", "checkpoint.export")) for k in changes)
@@ -337,11 +353,18 @@ def _finished_run(workdir: str, config) -> dict | None:
 def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_changes=({}, ())) -> dict:
     # Hub ids (model, reference, VAE, LoRA, reward models) -> the Hugging Face cache, fetched once before the
     # data opens; the workdir records ``config`` as given.
-    local = hub.resolve_run_paths(config, announce=_say, model=pipeline is None)
+    # Several processes skip the evaluations (evaluate_run): no reward model is fetched for them.
+    local = hub.resolve_run_paths(config, announce=_say, model=pipeline is None, rewards=jax.process_count() == 1)
+    local.eval.prompts = prompts_lib.with_data_dir(local.eval.prompts, local.data.data_dir)
+    _check_eval_prompts(local, config.eval.prompts, data_open=False)
     _say(("" if pipeline is not None else f"loading the model ({config.model_path}); ")
          + f"opening the data ({config.data.name}; built on first use)")
     run = trainer.build_run(local, pipeline)
     feed = feed_lib.TrainFeed(local, run, mesh)             # opens (and if needed builds) the data first
+    _check_eval_prompts(local, config.eval.prompts, data_open=True)
+    if jax.process_count() > 1 and config_lib.evaluates(config, samples=True):
+        _say("evaluations and sample grids run in single-process runs only: this run skips them; evaluate its "
+             "export afterwards with python -m jaxpref.evaluate --checkpoint=<workdir>")
 
     state, state_shapes, state_shardings = trainer.init_state(run, mesh)
     frozen = trainer.frozen_params(run)

@@ -6,7 +6,8 @@
 # jax.distributed.initialize() reads SLURM's environment (coordinator = the first node, process id =
 # SLURM_PROCID), so every node runs the same command. Variables (in the environment sbatch passes on):
 #   CONFIG    config file, optionally with its argument                   (default: configs/drosd15.py)
-#             configs/dposd15.py:gpu8 (also drosd15, smposd15) lays the config out for 8 x 80 GB GPUs per node
+#             configs/dposd15.py:gpu8 (any SD1.5 file) lays the config out for 80 GB GPUs: 64 pairs per
+#             micro-batch over all of them (8 per GPU on one node of 8, 2 on four nodes)
 #   WORKDIR   checkpoints and logs on a filesystem every node sees                            (required)
 #   EXTRA     more flags for jaxpref.train, e.g.
 #             "--config.model_path=stable-diffusion-v1-5/stable-diffusion-v1-5 --config.data.data_dir=/shared/tfds"

@@ -56,6 +56,19 @@ def test_a_bad_value_names_key_value_and_what_is_accepted(tmp_path):
     assert lines[-1] == "jaxpref.train: config.optimizer.lr=-0.001: a number > 0"
 
 
+def test_a_data_builder_fails_in_one_line_and_takes_verbosity():
+    """The data builders parse their own arguments and share the commands' contract: a bad source is one line
+    naming it, exit 2; --verbosity=debug adds the traceback."""
+    cmd = [sys.executable, "-m", "jaxpref.data.pickapic", "--source=/nonexistent/pickapic_parquet"]
+    out = subprocess.run(cmd, cwd=th.REPO, env=th.subprocess_env(), capture_output=True, text=True, timeout=300)
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert out.returncode == errors.EXIT_CONFIG and len(lines) == 1, lines
+    assert lines[0].startswith("jaxpref.data.pickapic: ") and "/nonexistent/pickapic_parquet" in lines[0]
+    debug = subprocess.run(cmd + ["--verbosity", "debug"], cwd=th.REPO, env=th.subprocess_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert debug.returncode == errors.EXIT_CONFIG and "Traceback" in debug.stderr, debug.stderr
+
+
 def test_a_library_error_is_one_line_of_at_most_300_characters():
     """A library's long, many-line message (e.g. orbax listing a checkpoint's files) is cut to one line of the
     stated width, its type named; ours keep their text."""

@@ -97,6 +97,9 @@ def test_keep_ties_and_original_order(parquet_dir, tmp_path):
     from jaxpref.data import build_pickapic, open_source
 
     b = build_pickapic(parquet_dir, tmp_path, resolution=None, drop_ties=False, winner_first=False, splits=["train"])
+    # A build with other settings is its own dataset; reading the default names what the data_dir holds.
+    with pytest.raises(ValueError, match=f"this data_dir holds pickapic_v2/{b.builder_config.name} "):
+        open_source("pickapic_v2", "train", tmp_path)
     src = open_source(f"pickapic_v2/{b.builder_config.name}", "train", tmp_path)
     by_cap = {src[i]["caption"]: src[i] for i in range(len(src))}
     assert set(by_cap) == {b"a cat", b"a dog", b"a tie", b"a bird"}

@@ -52,12 +52,18 @@ def test_the_usable_memory_is_what_jax_allocates(monkeypatch):
 
 def test_attention_reads_the_target_gpus_capability():
     """SD1.5's head dim 160 takes cuDNN flash attention from Hopper on: traced for an H100 mesh on a host
-    without a GPU, auto picks cuDNN; for an A100 it keeps it off cuDNN."""
+    without a GPU, auto picks cuDNN; for an A100 it keeps it off cuDNN. Before Ampere (a T4) cuDNN's flash
+    attention is not there at all."""
     q = jnp.zeros((1, 4096, 8, 160), jnp.bfloat16)
+    t4_head = jnp.zeros((1, 4096, 8, 64), jnp.bfloat16)   # a head dim cuDNN takes on Ampere
     for capability, want in (("9.0", "cudnn"), ("8.0", "chunked")):
         mesh = types.SimpleNamespace(devices=np.array([_device(capability=capability)]))
         with attention.use_mesh(mesh):
             assert attention.resolve("auto", q, q) == want, capability
+    for capability, want in (("8.0", "cudnn"), ("7.5", "chunked")):   # cuDNN flash attention needs Ampere: not a T4
+        mesh = types.SimpleNamespace(devices=np.array([_device("Tesla T4", capability)]))
+        with attention.use_mesh(mesh):
+            assert attention.resolve("auto", t4_head, t4_head) == want, capability
 
 
 def test_a_gpu_report_names_the_memory_it_is_measured_against():

@@ -192,6 +192,19 @@ def test_a_missing_id_stops_train_before_any_model_loads(hf_home, tmp_path, monk
     assert time.perf_counter() - start < 30
 
 
+def test_reward_models_are_fetched_for_a_run_that_evaluates_only(hf_home):
+    """A run's reward model ids are fetched when it starts if it evaluates (the fetch fails here, offline with
+    an empty cache), and left alone when it generates nothing held out."""
+    from jaxpref import config_lib
+
+    c = config_lib.load_config("dposd15")
+    c.model_path = TINY_SD_DIR
+    with pytest.raises(hub.HubError, match="config.eval.rewards pickscore='yuvalkirstain/PickScore_v1'"):
+        hub.resolve_run_paths(c, announce=lambda _: None)
+    c.eval.update(final=False, every=0)
+    assert hub.resolve_run_paths(c, announce=lambda _: None).eval.rewards == "pickscore=yuvalkirstain/PickScore_v1"
+
+
 @pytest.mark.slow
 def test_train_command_trains_the_embedded_model_from_the_hub_cache(world, tmp_path):
     """python -m jaxpref.train --config.model_path=<org/name>, offline, with the shipped tiny model in a hub cache:

@@ -230,6 +230,89 @@ def test_kto_step_at_policy_equal_reference_favours_the_chosen_images(tiny_pipel
     assert float(new["desirable_gap"]) > 1e-5 and float(new["undesirable_gap"]) < -1e-5
 
 
+def _by_hand(run, keys, latents, input_ids, params_list):
+    """Each image's denoising error recomputed outside the method, for each params in ``params_list``: image i
+    draws t and ε from keys[i] (fold_in tags 2 and 3, as every method's per-pair draws), x_t from the
+    scheduler's own ᾱ (diffusers), x0 = scale · the latent mean (no posterior sample), captions not dropped."""
+    from diffusers import DDPMScheduler
+
+    alphas = DDPMScheduler.from_pretrained(run.config.model_path, subfolder="scheduler").alphas_cumprod.numpy()
+    t = np.asarray([int(jax.random.randint(jax.random.fold_in(k, 2), (), 0, T)) for k in keys])
+    eps = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, 3), run.latent_shape)) for k in keys])
+    a = alphas[t][:, None, None, None]
+    x_t = np.sqrt(a) * run.pipeline.vae.scaling_factor * latents + np.sqrt(1 - a) * eps
+    text = jax.jit(run.pipeline.text_encoder.apply)({"params": run.pipeline.text_encoder_params}, input_ids)
+    unet = jax.jit(run.pipeline.unet.apply)
+    errors = [np.mean((np.asarray(unet({"params": p}, jnp.asarray(x_t, jnp.float32), jnp.asarray(t), text),
+                                  np.float64) - eps) ** 2, axis=(1, 2, 3)) for p in params_list]
+    return t, errors
+
+
+def _wiring_case(objective, world, tiny_pipeline):
+    """A run of configs/tiny.py:<objective> in fp32 on 4 distinct pairs (winner first), with no prompt dropout or
+    posterior sample (so the by-hand errors need neither), and its method's loss as one compiled call."""
+    from jaxpref.data.tokenizer import tokenize
+
+    config = _tiny_config(objective, prompt_dropout=0.0, sample_posterior=False, model_path=world[0])
+    run = trainer.build_run(config_lib.validate(config, check_paths=False), tiny_pipeline)
+    h, w, ch = run.latent_shape
+    rng = np.random.default_rng(5)
+    micro = {"input_ids": tokenize(run.pipeline.tokenizer, ["a red circle", "blue", "the square", "a cat"]),
+             "latent_mean": (rng.standard_normal((4, 2, h, w, ch)) * 4.0).astype(np.float32),
+             "latent_std": np.full((4, 2, h, w, ch), 0.1, np.float32),
+             "keys": pair_keys(jax.random.PRNGKey(1), 4)}
+    frozen = trainer.frozen_params(run)
+    return run, micro, jax.jit(lambda p, f: run.method.loss(p, f, micro, jax.random.PRNGKey(2), None)[0]), frozen
+
+
+@pytest.mark.compiled_for_few_runs
+def test_mapo_loss_wires_winner_and_loser_with_one_t_and_noise_per_pair(world, tiny_pipeline):
+    """MaPO's loss through the method equals the released loss on errors recomputed by hand, the winner's image
+    first and both images of a pair noised with the pair's one t and ε (the released script repeats them over
+    the pair). Swapping winner and loser, or a t or ε per image, gives another loss (asserted)."""
+    run, micro, loss_fn, frozen = _wiring_case("mapo", world, tiny_pipeline)
+    keys = list(micro["keys"])
+    params = run.pipeline.unet_params
+    latents = np.concatenate([micro["latent_mean"][:, 0], micro["latent_mean"][:, 1]])
+    ids = np.concatenate([micro["input_ids"]] * 2)
+    _, (err,) = _by_hand(run, keys + keys, latents, ids, [params])
+    beta, snr = run.config.mapo.beta, run.config.mapo.snr_value
+    expected = _reference_mapo(err, beta, snr, T)
+    got = float(loss_fn(params, frozen))
+    assert got == pytest.approx(expected, rel=1e-5), (got, expected)
+    swapped = _reference_mapo(np.concatenate([err[4:], err[:4]]), beta, snr, T)
+    second = [jax.random.fold_in(k, 6) for k in keys]   # another key for each loser
+    _, (per_image,) = _by_hand(run, keys + second, latents, ids, [params])
+    for wrong in (swapped, _reference_mapo(per_image, beta, snr, T)):
+        assert _rel(wrong, expected) > 1e-3, (wrong, expected)
+
+
+@pytest.mark.compiled_for_few_runs
+def test_kto_loss_gives_each_image_its_own_t_and_noise(world, tiny_pipeline):
+    """KTO's loss through the method, policy ≠ reference, equals the released loss on errors recomputed by hand
+    with each image drawing its own t and ε (chosen: its pair's key; rejected: a key of its own), as the
+    released script trains single images. The pair's one t and ε for both images gives another loss (asserted),
+    and the recomputed rejected images' t differ from their chosen's."""
+    run, micro, loss_fn, frozen = _wiring_case("kto", world, tiny_pipeline)
+    keys = list(micro["keys"])
+    rng = np.random.default_rng(6)
+    policy = jax.tree_util.tree_map(  # a policy 1% away from the reference, weight by weight
+        lambda p: np.asarray(p) * (1 + 0.01 * rng.standard_normal(p.shape)).astype(np.float32), frozen["ref"])
+    latents = np.concatenate([micro["latent_mean"][:, 0], micro["latent_mean"][:, 1]])
+    ids = np.concatenate([micro["input_ids"]] * 2)
+    labels = np.repeat([1.0, 0.0], 4)
+    k = run.config.kto
+    second = [jax.random.fold_in(key, 6) for key in keys]
+    t, (err, ref_err) = _by_hand(run, keys + second, latents, ids, [policy, frozen["ref"]])
+    assert (t[:4] != t[4:]).any(), t
+    expected = _reference_kto(err, ref_err, labels, k.beta, k.lambda_desirable, k.lambda_undesirable)
+    got = float(loss_fn(policy, frozen))
+    assert got == pytest.approx(expected, abs=1e-4), (got, expected)
+    _, (shared, shared_ref) = _by_hand(run, keys + keys, latents, ids, [policy, frozen["ref"]])
+    wrong = _reference_kto(shared, shared_ref, labels, k.beta, k.lambda_desirable, k.lambda_undesirable)
+    assert abs(wrong - expected) > 1e-2, (wrong, expected)
+
+
 @pytest.mark.parametrize("key, value, match", [
     ("kto.beta", 0.0, "config.kto.beta=0.0"),
     ("kto.lambda_undesirable", -1.0, "config.kto.lambda_undesirable=-1.0"),

@@ -165,13 +165,16 @@ def test_evaluation_flop_model():
         vae_lib.param_shapes(vae), jax.ShapeDtypeStruct((1, 64, 64, 4), jnp.float32))
     assert flops.SD_VAE_DECODE_FLOPS == pytest.approx(lowered.cost_analysis()["flops"], rel=0.01)
     # The full DRO protocol on Pick-a-Pic (500 prompts x 5 images), by hand: 50 DDPM steps x 2 (CFG) UNet
-    # forwards + one decode + five scorers per image; docs/evaluation.md quotes it.
+    # forwards + one decode + five scorers per image, its CLIP score on ViT-H/14 as PickScore and HPSv2;
+    # docs/evaluation.md quotes it.
     dro = protocols.get("dro")
-    per_image = 50 * 2 * 0.80e12 + 2.50e12 + (0.385 + 0.385 + 0.162 + 0.176 + 0.139) * 1e12
-    total = flops.evaluation_flops(2500, dro.num_steps, dro.guidance_scale, dro.scorers)
-    assert total == pytest.approx(2500 * per_image) and per_image == pytest.approx(83.747e12)
+    assert "ViT-H-14" in dro.scorer_versions["clipscore"]
+    per_image = 50 * 2 * 0.80e12 + 2.50e12 + (0.385 + 0.385 + 0.162 + 0.385 + 0.139) * 1e12
+    total = flops.evaluation_flops(2500, dro.num_steps, dro.guidance_scale, dro.scorers,
+                                   scorer_flops={"clipscore": flops.CLIP_VIT_H_FLOPS})
+    assert total == pytest.approx(2500 * per_image) and per_image == pytest.approx(83.956e12)
     minutes = total / (0.30 * flops.peak_flops("NVIDIA H100 80GB HBM3")) / 60
     doc = open(os.path.join(REPO, "docs", "evaluation.md")).read()
-    assert "83.7 TFLOP" in doc and f"{minutes:.1f} min" in doc and math.isclose(minutes, 11.76, rel_tol=0.01)
+    assert "84.0 TFLOP" in doc and f"{minutes:.1f} min" in doc and math.isclose(minutes, 11.79, rel_tol=0.01)
     with pytest.raises(ValueError, match="no FLOP count"):
         flops.evaluation_flops(1, 1, 1.0, ["unknown"])

@@ -312,6 +312,53 @@ def test_cli_rejects_bad_keys_and_missing_model_before_compiling(tmp_path):
     assert not os.path.exists(workdir)
 
 
+def test_a_bad_eval_prompt_set_fails_before_the_model_loads_or_the_step_compiles(world, tmp_path, monkeypatch):
+    """A prompt file that is not there fails before the model loads; a missing split of the training dataset
+    itself (which the run may build on first use) as soon as the data is open, before the step compiles; a
+    run that generates nothing held out is not held up by its prompt spec."""
+    model_path, data_dir = world
+    loaded, compiled = [], []
+    build_run = trainer.build_run
+    monkeypatch.setattr(trainer, "build_run", lambda *a, **k: loaded.append(1) or build_run(*a, **k))
+
+    def no_compile(*args):
+        compiled.append(1)
+        raise RuntimeError("compiling")
+
+    monkeypatch.setattr(train_lib, "_compile_note", no_compile)
+    cases = [({"eval.every": 3, "eval.prompts": "parti:/nonexistent/PartiPrompts.tsv"}, "ConfigError", 0),
+             ({"eval.final": True, "eval.prompts": "tfds:shapes:nosuchsplit"}, "ConfigError", 1),
+             ({"eval.every": 0, "eval.prompts": "parti:/nonexistent/PartiPrompts.tsv"}, "RuntimeError", 1)]  # none
+    for overrides, raised, loads in cases:
+        loaded.clear()
+        config = th.tiny_dpo_config(model_path, data_dir, **overrides)
+        with pytest.raises((errors.ConfigError, RuntimeError)) as failure:
+            train_lib.train(config, str(tmp_path / f"run{len(compiled)}_{raised}"))
+        assert type(failure.value).__name__ == raised, (overrides, failure.value)
+        assert len(loaded) == loads, overrides
+        if raised == "ConfigError":
+            assert str(failure.value).startswith(f"config.eval.prompts={overrides['eval.prompts']!r}: ")
+    assert len(compiled) == 1
+
+
+def test_a_run_reads_its_held_out_split_from_its_own_data_dir():
+    """A real model's run evaluates on the test_unique captions built beside its training split: a tfds spec
+    without a data dir takes the run's, in training and in ``jaxpref.evaluate`` reading a run's settings."""
+    from jaxpref import prompts
+
+    for name in ("dposd15", "drosd15", "smposdxl"):
+        c = config_lib.load_config(name)
+        assert c.eval.prompts == "tfds:pickapic_v2:test_unique" and c.eval.rewards.startswith("pickscore=")
+    assert prompts.with_data_dir("tfds:pickapic_v2:test_unique", "/data/tfds") == "tfds:pickapic_v2:test_unique:/data/tfds"
+    assert prompts.with_data_dir("tfds:pickapic_v2:test_unique:/mine", "/data/tfds") == "tfds:pickapic_v2:test_unique:/mine"
+    assert prompts.with_data_dir("tfds:pickapic_v2", "/d") == "tfds:pickapic_v2:test_unique:/d"
+    for spec in ("shapes", "parti:/x.tsv", "tfds:pickapic_v2:test_unique"):
+        assert prompts.with_data_dir(spec, "") == spec
+    assert prompts.with_data_dir("parti:/x.tsv", "/d") == "parti:/x.tsv"
+    settings = {"eval.prompts": "tfds:pickapic_v2:test_unique", "data.data_dir": "gs://bucket/tfds", "seed": 0}
+    assert evaluate._defaults_from_settings(settings)["prompts"] == "tfds:pickapic_v2:test_unique:gs://bucket/tfds"
+
+
 def test_base_evaluation_is_reused_only_for_the_same_pipeline_settings_and_seed(tmp_path, monkeypatch):
     """A sweep in one process evaluates the base model once per (pipeline, eval settings, seed)."""
     import types

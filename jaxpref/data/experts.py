@@ -140,4 +140,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from jaxpref import console
+    console.run_argparse(main, "jaxpref.data.experts")

@@ -1,8 +1,8 @@
 """TFDS builder `pickapic_v2`: Pick-a-Pic v2 preference pairs from its parquet shards, fetched from the
 Hugging Face hub or read from a local folder.
 
-    python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 --split=validation_unique,test_unique
-    python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 --split=train --max_shards=4   # a slice
+    python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 --data_dir=/data/tfds
+    python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 --max_shards=4   # a slice
     python -m jaxpref.data.pickapic --source=/data/pickapic_v2_parquet --data_dir=/data/tfds
 
 `--source` is a hub dataset id (`org/name[@revision]`): the shards of the asked splits are fetched into the
@@ -12,6 +12,11 @@ shards, ~335 GB), or a local folder of the shards. `--max_shards=N` builds from 
 split; a data_dir keeps one build per config, so a full build after a slice needs another `--data_dir`.
 `--data_dir` defaults to the training config's default (`$JAXPREF_DATA_DIR`, else
 `$XDG_CACHE_HOME/jaxpref/tfds`).
+
+The default build, dataset ``pickapic_v2``, holds train, validation_unique and test_unique: what training
+reads and what a real model's run evaluates on (test_unique's captions). A build with other settings
+(``--split``, ``--resolution``, ...) is its own dataset, named after them (``pickapic_v2/splitstrain``):
+a run reads it with ``--config.data.name=pickapic_v2/splitstrain``.
 
 Split names come from file names (`train-00000-of-00645-*.parquet`, `validation_unique-*`, `test_unique-*`),
 searched recursively. Each row becomes one example with the layout of `common.pair_features()`; images are
@@ -327,4 +332,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from jaxpref import console
+    console.run_argparse(main, "jaxpref.data.pickapic")

@@ -2,7 +2,7 @@
 
 ``METHODS`` maps ``config.objective`` to a method class; the generic train step (``jaxpref.step``) calls
 only that interface (``init_state``, ``begin_micro_step``, ``loss``) and the data feed reads what the class
-declares (``data``, ``pair_order``, ``needs_rewards``). Adding a fourth objective (e.g. Diffusion-KTO)
+declares (``data``, ``pair_order``, ``needs_rewards``). Adding an objective
 means one new file here plus one line in ``METHODS``.
 """
 from __future__ import annotations

@@ -111,13 +111,15 @@ def resolve(backend: str, q, k, platform: str | None = None) -> str:
 
 
 def cudnn_supports(q, k) -> bool:
-    """Whether cuDNN flash attention takes the call: bf16/fp16, head dim a multiple of 8 up to 128 (256 on
-    Hopper+), token counts multiples of 64. The last is jax 0.11's rule for a differentiated call: it refused
-    SD's cross-attention (4096 queries, 77 text keys) in the train step on an H200; jax 0.10 took it."""
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
+    """Whether cuDNN flash attention takes the call: an Ampere or newer GPU (compute capability 8.0; where the
+    capability is unknown, assumed), bf16/fp16, head dim a multiple of 8 up to 128 (256 on Hopper+), token
+    counts multiples of 64. The last is jax 0.11's rule for a differentiated call: it refused SD's
+    cross-attention (4096 queries, 77 text keys) in the train step on an H200; jax 0.10 took it."""
+    capability = _gpu_capability()
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or 0.0 < capability < 8.0:
         return False
     head_dim = q.shape[-1]
-    return cudnn_token_counts(q, k) and head_dim % 8 == 0 and head_dim <= (256 if _gpu_capability() >= 9.0 else 128)
+    return cudnn_token_counts(q, k) and head_dim % 8 == 0 and head_dim <= (256 if capability >= 9.0 else 128)
 
 
 def cudnn_token_counts(q, k) -> bool:

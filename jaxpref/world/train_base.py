@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from typing import Optional, Sequence
@@ -524,4 +523,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from jaxpref import console
+    console.run_argparse(main, "jaxpref.world.train_base")
