@@ -7,7 +7,7 @@ with β = 5000 (the paper's SD1.5 headline used 2000: ``--config.dpo.beta=2000``
 (16 per micro-batch x 128 micro-batches), 512 px resize + center crop + flip, prompt dropout 0.2.
 
 Data: SD1.5 (``model_path``: a hub id or a local diffusers folder) and Pick-a-Pic v2 built with
-``python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 --split=train --data_dir=...``, plus
+``python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 --data_dir=...``, plus
 (recommended) its latent cache ``python -m jaxpref.data.cache ...`` so the step runs no VAE (docs/training.md).
 Memory: compiled for a TPU v5e-8 at 4 pairs per chip the step needs 10.3 of 16 GiB per chip, on a v4-8 at 8
 pairs per chip 11.6 of 32 GiB (docs/performance.md).

@@ -17,7 +17,7 @@ before the loss, with the inverse scheduler's steps set for the SmPO mode only; 
 forward-noise denoising loss (Diffusion-DPO's ``--sft``, which SmPO's train.py adapts).
 
 Data: SD1.5 by hub id (resolved into the Hugging Face cache) and Pick-a-Pic v2 built with
-``python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 --split=train --data_dir=...``
+``python -m jaxpref.data.pickapic --source=yuvalkirstain/pickapic_v2 --data_dir=...``
 (docs/training.md); no reward scores needed. Cost: 200 x 1024 images, each one UNet forward and backward
 (half a DPO pair's policy work, no reference forward). Unmeasured on SD1.5.
 

@@ -129,15 +129,17 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # What a real model's run evaluates on (the SD1.5 and SDXL experiment files): the held-out Pick-a-Pic v2 captions
-# built beside its training split (test_unique, in data.data_dir), scored by PickScore (fetched from the hub on
+# built beside its training split (``data:test_unique``: test_unique of data.name in data.data_dir), scored by PickScore (fetched from the hub on
 # first use). The papers' full protocols are ``python -m jaxpref.evaluate --protocol=...`` (docs/evaluation.md).
-REAL_EVAL = dict(prompts="tfds:pickapic_v2:test_unique", rewards="pickscore=yuvalkirstain/PickScore_v1")
+REAL_EVAL = dict(prompts="data:test_unique", rewards="pickscore=yuvalkirstain/PickScore_v1")
 
 
 def evaluates(config, *, samples: bool = False) -> bool:
-    """Whether a run generates held-out images: an evaluation (eval.final, eval.every) or, with ``samples``,
-    a sample grid (log.sample_every) too."""
-    return bool(config.eval.final or config.eval.every or (samples and config.log.sample_every))
+    """Whether a run generates held-out images: an evaluation (eval.final, or eval.every before the last
+    update) or, with ``samples``, a sample grid (log.sample_every) too."""
+    def within(every):
+        return 0 < every < config.total_steps
+    return bool(config.eval.final or within(config.eval.every) or (samples and config.log.sample_every))
 
 
 def sd15_base_config(objective: str) -> ml_collections.ConfigDict:
@@ -234,7 +236,7 @@ KEY_HELP = {
                                    "halves: docs/performance.md has the measured cost",
     "lora.init_from": "start from a diffusers/PEFT LoRA file (pytorch_lora_weights.safetensors, its folder or a hub "
                       "id) instead of fresh adapters (A random, B = 0); '' = fresh",
-    "data.name": f"one of {DATASETS}",
+    "data.name": f"one of {DATASETS}, or a build of one with other settings (pickapic_v2/resolution256)",
     "data.data_dir": "where the built datasets live ('' = $JAXPREF_DATA_DIR, else $XDG_CACHE_HOME/jaxpref/tfds, "
                      "i.e. ~/.cache/jaxpref/tfds when XDG_CACHE_HOME is unset)",
     "data.source_dir": "pickapic_v2: the folder of downloaded parquet shards",
@@ -263,7 +265,7 @@ KEY_HELP = {
     "log.sample_prompts": "held-out prompts in a sample grid",
     "eval.every": "updates between evaluations (0: only the final base-vs-trained one)",
     "eval.prompts": "a prompt-set spec (jaxpref.prompts.load_prompts): shapes, parti:/x.tsv, hpdv2:/dir, "
-                    "tfds:pickapic_v2:test_unique (in data.data_dir unless the spec names a dir), ...",
+                    "data:test_unique (the run's dataset's split), tfds:NAME:SPLIT[:DIR], ...",
     "eval.rewards": "reward specs (jaxpref.rewards.load_scorers): shapes, pickscore=/dir, hpsv2=/file, ...; a path "
                     "may be a hub id (pickscore=yuvalkirstain/PickScore_v1)",
     "eval.num_prompts": "prompts per evaluation",
@@ -352,8 +354,8 @@ def validate(config, num_devices: int | None = None, check_paths: bool = True):
         _check_lora(config)
     elif config.lora.fuse_reference_forward:
         _fail("lora.fuse_reference_forward", True, "applies with lora.enabled (the policy's base is the reference)")
-    if config.data.name not in DATASETS:
-        _fail("data.name", config.data.name, f"supported {DATASETS}")
+    if config.data.name.partition("/")[0] not in DATASETS:
+        _fail("data.name", config.data.name, f"one of {DATASETS}, or a build of one (pickapic_v2/<its name>)")
     for pattern, rule in config.sharding_rules:
         try:
             sharding.parse_rule(rule)

@@ -602,15 +602,15 @@ _SETTINGS = ("sampler", "num_steps", "guidance_scale", "num_images_per_prompt", 
 # The flags a training config (or a training workdir's config.json) supplies, and their keys there.
 _RUN_KEYS = {"model_path": "model_path", "sampler": "eval.sampler", "num_steps": "eval.num_steps",
              "guidance_scale": "eval.guidance_scale", "num_images_per_prompt": "eval.images_per_prompt",
-             "seed": "seed", "num_prompts": "eval.num_prompts", "prompts": "eval.prompts"}
+             "seed": "seed", "num_prompts": "eval.num_prompts", "prompts": "eval.prompts", "reward": "eval.rewards"}
 
 
 def _defaults_from_settings(settings: Mapping) -> dict:
-    """The flags' values in a run's flat settings; its held-out split of a built dataset is read from the run's
-    data_dir, as the run read it."""
+    """The flags' values in a run's flat settings, and its dataset (``data``: name, data_dir), from which a
+    ``data:SPLIT`` or dir-less ``tfds:`` prompt spec is read as the run read it."""
     out = {flag: settings[key] for flag, key in _RUN_KEYS.items() if key in settings}
-    if "prompts" in out:
-        out["prompts"] = prompts_lib.with_data_dir(out["prompts"], settings.get("data.data_dir"))
+    if "data.name" in settings:
+        out["data"] = (settings["data.name"], settings.get("data.data_dir"))
     return out
 
 
@@ -633,9 +633,18 @@ def _resolve_flags(f) -> dict:
     """Explicit flags win; then the --config's values, or a --checkpoint workdir's own; then the flags'
     defaults (the paper protocol)."""
     from_config = _defaults_from_config(f.config) or _defaults_from_run(f.checkpoint)
-    names = _SETTINGS + ("model_path", "num_prompts", "prompts")
-    return {name: getattr(f, name) if f[name].present or name not in from_config else from_config[name]
-            for name in names}
+    names = _SETTINGS + ("model_path", "num_prompts", "prompts", "reward")
+    s = {name: getattr(f, name) if f[name].present or name not in from_config else from_config[name]
+         for name in names}
+    s["data"] = from_config.get("data")   # (name, data_dir) of the run: its data:SPLIT and dir-less tfds specs
+    if s["prompts"] and s["data"]:
+        s["prompts"] = for_run(s["prompts"], s["data"])
+    return s
+
+
+def for_run(specs: str, data) -> str:
+    """Each spec of a comma-separated prompt-set list as the run with dataset ``data`` (name, data_dir) reads it."""
+    return ",".join(prompts_lib.for_run(spec.strip(), *data) for spec in specs.split(",")) if data else specs
 
 
 def main(argv) -> None:
@@ -652,7 +661,7 @@ def main(argv) -> None:
     model_path = s["model_path"] and hub.resolve(s["model_path"], key="--model_path")   # a hub id: fetched first
     # Everything that can fail on a path fails before any generation.
     prompt_set = prompts_lib.load_prompts(s["prompts"], s["num_prompts"] or None)
-    scorers = rewards.load_scorers(f.reward, batch_size=f.score_batch_size) if f.reward else {}
+    scorers = rewards.load_scorers(s["reward"], batch_size=f.score_batch_size) if s["reward"] else {}
     baseline = load_scores(f.baseline) if f.baseline else None
     mismatched = {k: v.shape[0] for k, v in (baseline or {}).items() if v.shape[0] != len(prompt_set)}
     if mismatched:
@@ -683,7 +692,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("prompts", "shapes", "prompt set spec (see jaxpref.prompts); with --protocol a comma list")
     flags.DEFINE_integer("num_prompts", 0, "keep the first n prompts (0: all)")
     flags.DEFINE_string("reward", "", "comma list of name or name=PATH, PATH a folder or a hub id (see "
-                                      "jaxpref.rewards)")
+                                      "jaxpref.rewards); default: a --config's or training workdir's eval.rewards")
     flags.DEFINE_string("out", None, "output folder", required=True)
     flags.DEFINE_string("baseline", None, "an earlier --out folder: per-prompt win rates against it")
     flags.DEFINE_integer("num_images_per_prompt", 5, "K images per prompt")

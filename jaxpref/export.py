@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from jaxpref import checkpoint as checkpoint_lib, hub, lora
+from jaxpref import checkpoint as checkpoint_lib, fileio, hub, lora, run_config
 from jaxpref.models import pipeline as pipeline_lib, unet as unet_lib, weights
 
 KINDS = ("pipeline", "unet", "workdir", "lora")
@@ -176,6 +176,13 @@ def load_trained(checkpoint: Optional[str], base: Optional[str], *, dtype=jnp.fl
     return dataclasses.replace(pipe, unet=module), params
 
 
+def run_base(checkpoint: Optional[str]) -> Optional[str]:
+    """The model a training workdir trained from (its config.json's model_path), else None."""
+    if checkpoint and fileio.isfile(os.path.join(checkpoint, run_config.CONFIG_FILE)):
+        return (run_config.stored(checkpoint) or {}).get("model_path")
+    return None
+
+
 def export(checkpoint: Optional[str], out: str, base: Optional[str] = None, *, use_ema: bool = True,
            overwrite: bool = False, merge: bool = False) -> str:
     """Writes the diffusers pipeline folder ``out`` (fp32 safetensors) and returns it; for a LoRA run without
@@ -184,7 +191,7 @@ def export(checkpoint: Optional[str], out: str, base: Optional[str] = None, *, u
         raise ValueError(f"--out={out} is a file; pass a folder to write the model into")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty; choose a new --out or pass --overwrite")
-    checkpoint, base = local_model_args(checkpoint, base)
+    checkpoint, base = local_model_args(checkpoint, base or run_base(checkpoint))
     kind = checkpoint_kind(checkpoint) if checkpoint else None
     if kind == "lora" and not merge:
         raise ValueError(f"{checkpoint}: already a diffusers LoRA; pass --merge to write the merged pipeline")
@@ -218,7 +225,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("out", None, "output folder (a diffusers pipeline, or a LoRA run's adapters file)",
                         required=True)
     flags.DEFINE_string("base", None, "base diffusers SD folder (VAE, text encoder, tokenizer, scheduler), a "
-                                      "Hugging Face hub id org/name[@revision] or embedded:tiny")
+                                      "Hugging Face hub id org/name[@revision] or embedded:tiny (default for a "
+                                      "training workdir: the model it trained from, its config.json's model_path)")
     flags.DEFINE_bool("use_ema", True, "training workdirs: export the EMA params (False: the raw params)")
     flags.DEFINE_bool("overwrite", False, "write into a non-empty --out")
     flags.DEFINE_bool("merge", False, "LoRA checkpoints: write the merged pipeline (W + α/r·BA) instead of the "

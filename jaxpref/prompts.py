@@ -11,6 +11,8 @@ A prompt set is named by a spec string, ``KIND:ARG`` or a bare path (kind from t
   hpdv2:/data/benchmark/photo.json                    one HPDv2 style
   txt:/data/prompts.txt                               one prompt per line (blank lines skipped)
   shapes[:test|:validation]                           the shapes world's held-out captions (never trained on)
+  data:test_unique                                    a training run's own dataset's split (data.name in
+                                                    data.data_dir), resolved by ``for_run``
 
 Every set keeps one category per prompt (Parti's Category, the HPDv2 style, ...) so results can be
 broken down the way the papers report them (HPDv2 per style).
@@ -30,7 +32,7 @@ from jaxpref.data.sources import load_prompts as load_source_prompts
 
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 PARTI_COLUMNS = ("Prompt", "Category", "Challenge", "Note")
-KINDS = ("pickapic", "tfds", "parti", "hpdv2", "txt", "shapes")
+KINDS = ("pickapic", "tfds", "parti", "hpdv2", "txt", "shapes", "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,10 +197,13 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return _infer_kind(os.path.expanduser(spec)), spec
 
 
-def with_data_dir(spec: str, data_dir: Optional[str]) -> str:
-    """A ``tfds:NAME:SPLIT`` spec without a data dir gets ``data_dir`` (a run's ``data.data_dir``: its held-out
-    split was built beside the training split); any other spec is returned as is."""
+def for_run(spec: str, data_name: str, data_dir: Optional[str]) -> str:
+    """``spec`` as a run with dataset ``data_name`` in ``data_dir`` reads it: ``data:SPLIT`` is that dataset's
+    split (its held-out captions, built beside the training split), and a ``tfds:NAME:SPLIT`` spec without a
+    data dir takes ``data_dir``; any other spec is returned as is."""
     kind, sep, arg = spec.partition(":")
+    if kind == "data" and sep:
+        spec, kind, arg = f"tfds:{data_name}:{arg or 'test_unique'}", "tfds", f"{data_name}:{arg or 'test_unique'}"
     if kind != "tfds" or not sep or not data_dir:
         return spec
     name, _, rest = arg.partition(":")
@@ -213,6 +218,10 @@ def load_prompts(spec: str, limit: Optional[int] = None) -> PromptSet:
         return read_shapes(arg or "test").take(limit)
     if kind == "tfds":
         return read_tfds(arg).take(limit)
+    if kind == "data":
+        raise ValueError(f"prompt set {spec!r} is a training run's own dataset split: a run (config.eval.prompts) or "
+                         "python -m jaxpref.evaluate with that run's --checkpoint or --config reads it; elsewhere "
+                         "write tfds:NAME:SPLIT:DATA_DIR")
     path = os.path.expanduser(arg)
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such prompt file or folder (prompt set spec {spec!r})")

@@ -355,10 +355,10 @@ def _train(config, workdir: str, mesh, pipeline, max_steps: int | None, config_c
     # data opens; the workdir records ``config`` as given.
     # Several processes skip the evaluations (evaluate_run): no reward model is fetched for them.
     local = hub.resolve_run_paths(config, announce=_say, model=pipeline is None, rewards=jax.process_count() == 1)
-    local.eval.prompts = prompts_lib.with_data_dir(local.eval.prompts, local.data.data_dir)
+    local.eval.prompts = prompts_lib.for_run(local.eval.prompts, local.data.name, local.data.data_dir)
     _check_eval_prompts(local, config.eval.prompts, data_open=False)
     _say(("" if pipeline is not None else f"loading the model ({config.model_path}); ")
-         + f"opening the data ({config.data.name}; built on first use)")
+         + f"opening the data ({config.data.name}{'; built on first use' if config.data.name == 'shapes' else ''})")
     run = trainer.build_run(local, pipeline)
     feed = feed_lib.TrainFeed(local, run, mesh)             # opens (and if needed builds) the data first
     _check_eval_prompts(local, config.eval.prompts, data_open=True)

@@ -1,4 +1,5 @@
-"""pickscore_fn on a tiny random CLIPModel folder (the real PickScore checkpoint is a user download)."""
+"""The data builders' pickscore_fn (our Flax CLIP) on a tiny random CLIPModel folder against transformers on the
+same folder (the real PickScore checkpoint is a user download)."""
 import numpy as np
 import pytest
 
@@ -33,10 +34,26 @@ def test_pickscore_fn_scores_a_batch(clip_folder):
     rng = np.random.default_rng(0)
     images = np.stack([shapes.render(c, rng) for c in caps])
     cos = pickscore_fn(clip_folder, batch_size=2)(images, caps)
-    assert cos.shape == (5,) and np.isfinite(cos).all() and np.abs(cos).max() <= 1 + 1e-5
-    scaled = get_scorer(f"pickscore_scaled:{clip_folder}")(images, caps)
-    np.testing.assert_allclose(scaled / cos, scaled[0] / cos[0], rtol=1e-4)  # one logit_scale factor
-    np.testing.assert_allclose(pickscore_fn(clip_folder)(images[:1], caps[:1]), cos[:1], rtol=1e-5)
+    assert cos.shape == (5,) and cos.dtype == np.float32
+    want, scale = _transformers_cosine(clip_folder, images, caps)
+    np.testing.assert_allclose(cos, want, atol=1e-5)
+    np.testing.assert_allclose(get_scorer(f"pickscore_scaled:{clip_folder}")(images, caps), scale * want, atol=1e-3)
+
+
+def _transformers_cosine(folder, images, captions):
+    """The oracle: transformers' CLIPModel and CLIPProcessor on the folder, in torch (cos [B], exp(logit_scale))."""
+    import torch
+    from transformers import AutoProcessor, CLIPModel
+
+    model, processor = CLIPModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        pix = processor(images=list(images), return_tensors="pt")["pixel_values"]
+        txt = processor(text=list(captions), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        ie = model.get_image_features(pixel_values=pix)
+        te = model.get_text_features(input_ids=txt["input_ids"], attention_mask=txt["attention_mask"])
+        ie, te = getattr(ie, "pooler_output", ie), getattr(te, "pooler_output", te)
+        cos = torch.nn.functional.cosine_similarity(ie, te, dim=-1)
+    return cos.numpy(), model.logit_scale.exp().item()
 
 
 def test_scorer_from_a_hub_id_scores_as_the_folder(clip_folder, tmp_path, monkeypatch):

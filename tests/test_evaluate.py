@@ -188,7 +188,7 @@ class _Flags:
 
     def __init__(self, given: dict, **values):
         defaults = dict(model_path=None, sampler="ddpm", num_steps=50, guidance_scale=7.5, num_images_per_prompt=5,
-                        seed=0, batch_size=8, num_prompts=0, prompts="shapes", config=None, checkpoint=None)
+                        seed=0, batch_size=8, num_prompts=0, prompts="shapes", reward="", config=None, checkpoint=None)
         self.__dict__.update({**defaults, **values, **given})
         self._given = set(given)
 
@@ -209,5 +209,19 @@ def test_a_training_workdir_is_evaluated_with_its_own_settings(tmp_path):
     assert s["model_path"] == "embedded:tiny" and s["sampler"] == config.eval.sampler
     assert s["num_steps"] == 10 and s["guidance_scale"] == 2.0
     assert s["num_images_per_prompt"] == config.eval.images_per_prompt and s["num_prompts"] == config.eval.num_prompts
+    assert s["reward"] == config.eval.rewards == "shapes"
     plain = ev._resolve_flags(_Flags({}, checkpoint=str(tmp_path / "elsewhere")))  # not a workdir: the flags'
-    assert plain["num_steps"] == 50 and plain["model_path"] is None
+    assert plain["num_steps"] == 50 and plain["model_path"] is None and plain["reward"] == ""
+
+
+def test_a_runs_own_data_split_is_read_from_its_data_dir():
+    """A real model's run evaluates on ``data:test_unique``: jaxpref.evaluate with that run's --config (or
+    workdir) reads it, or a given ``data:``/dir-less ``tfds:`` spec, from the run's dataset and data_dir."""
+    from jaxpref import config_lib
+
+    c = config_lib.load_config("dposd15")
+    c.data.data_dir = "gs://bucket/tfds"
+    assert ev._resolve_flags(_Flags({}, config=c))["prompts"] == "tfds:pickapic_v2:test_unique:gs://bucket/tfds"
+    given = ev._resolve_flags(_Flags({"prompts": "data:validation_unique, parti:/x.tsv"}, config=c))
+    assert given["prompts"] == "tfds:pickapic_v2:validation_unique:gs://bucket/tfds,parti:/x.tsv"
+    assert ev._resolve_flags(_Flags({}, config=c))["reward"] == "pickscore=yuvalkirstain/PickScore_v1"

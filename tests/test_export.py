@@ -1,4 +1,5 @@
 """Export: the written folder loads in PyTorch diffusers and generates what jaxpref generates."""
+import json
 import os
 import subprocess
 import sys
@@ -96,6 +97,12 @@ def test_workdir_uses_load_policy_params(world, monkeypatch):
     assert calls == [(str(workdir), True)]
     _, params = load_unet(os.path.join(out, "unet"))
     _assert_tree_equal(params, trained)
+    # Without --base, the model the run trained from (its config.json), as jaxpref.evaluate reads it.
+    with pytest.raises(ValueError, match="pass the base model folder"):
+        export_lib.export(str(workdir), str(root / "no_base"))
+    (workdir / "config.json").write_text(json.dumps({"model_path": str(base), "objective": "dpo"}))
+    out = export_lib.export(str(workdir), str(root / "from_workdir_config"))
+    _assert_tree_equal(load_unet(os.path.join(out, "unet"))[1], trained)
     monkeypatch.delattr(checkpoint_lib, "load_policy_params", raising=False)
     with pytest.raises(ValueError, match="load_policy_params"):
         export_lib.load_trained(str(workdir), base)

@@ -194,15 +194,20 @@ def test_a_missing_id_stops_train_before_any_model_loads(hf_home, tmp_path, monk
 
 def test_reward_models_are_fetched_for_a_run_that_evaluates_only(hf_home):
     """A run's reward model ids are fetched when it starts if it evaluates (the fetch fails here, offline with
-    an empty cache), and left alone when it generates nothing held out."""
+    an empty cache), and left alone when it generates nothing held out (no final evaluation, and none along
+    the way: eval.every 0 or not below total_steps)."""
     from jaxpref import config_lib
 
     c = config_lib.load_config("dposd15")
     c.model_path = TINY_SD_DIR
     with pytest.raises(hub.HubError, match="config.eval.rewards pickscore='yuvalkirstain/PickScore_v1'"):
         hub.resolve_run_paths(c, announce=lambda _: None)
-    c.eval.update(final=False, every=0)
-    assert hub.resolve_run_paths(c, announce=lambda _: None).eval.rewards == "pickscore=yuvalkirstain/PickScore_v1"
+    c.eval.update(final=False)
+    with pytest.raises(hub.HubError):   # an evaluation every eval.every updates
+        hub.resolve_run_paths(c, announce=lambda _: None)
+    for every in (0, c.total_steps):
+        c.eval.every = every
+        assert hub.resolve_run_paths(c, announce=lambda _: None).eval.rewards == "pickscore=yuvalkirstain/PickScore_v1"
 
 
 @pytest.mark.slow

@@ -65,3 +65,22 @@ def test_caption_dropout_is_per_pair_and_keyed():
     assert (rows | (dropped == np.asarray(ids)).all(axis=1)).all()   # whole captions, nothing in between
     assert abs(rows.mean() - 0.3) < 0.04, rows.mean()
     np.testing.assert_array_equal(dropped, np.asarray(drop_captions(ids, keys, 0.3, null)))
+
+
+def test_smpo_refuses_scores_outside_its_reward_range():
+    """SmPO maps rewards to preferences by [reward_min, reward_max] (PickScore's cosine range by default): scores
+    built with PickScore scaled by exp(logit_scale) (~100x) would make every preference 0 or 1, and are refused
+    when the data opens; scores in the range pass, and data without scores is not its concern."""
+    import types
+
+    from jaxpref.errors import ConfigError
+
+    config = config_lib.load_config("smposd15")
+    smpo = METHODS["smpo"]
+    scores = lambda lo, hi: types.SimpleNamespace(name="pickapic_v2/default", reward_range=(lo, hi))  # noqa: E731
+    smpo.check_data(config, scores(0.10, 0.30))
+    smpo.check_data(config, types.SimpleNamespace(name="shapes", reward_range=None))
+    with pytest.raises(ConfigError, match=r"config.smpo.reward_min=.*span \[10, 30\]"):
+        smpo.check_data(config, scores(10.0, 30.0))
+    config.smpo.update(reward_min=10.0, reward_max=30.0)
+    smpo.check_data(config, scores(10.0, 30.0))

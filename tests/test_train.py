@@ -342,21 +342,30 @@ def test_a_bad_eval_prompt_set_fails_before_the_model_loads_or_the_step_compiles
 
 
 def test_a_run_reads_its_held_out_split_from_its_own_data_dir():
-    """A real model's run evaluates on the test_unique captions built beside its training split: a tfds spec
-    without a data dir takes the run's, in training and in ``jaxpref.evaluate`` reading a run's settings."""
+    """A real model's run evaluates on the test_unique captions built beside its training split
+    (``data:test_unique``), read from the run's dataset and data_dir; a build with other settings is trained
+    and evaluated by its name."""
     from jaxpref import prompts
 
     for name in ("dposd15", "drosd15", "smposdxl"):
         c = config_lib.load_config(name)
-        assert c.eval.prompts == "tfds:pickapic_v2:test_unique" and c.eval.rewards.startswith("pickscore=")
-    assert prompts.with_data_dir("tfds:pickapic_v2:test_unique", "/data/tfds") == "tfds:pickapic_v2:test_unique:/data/tfds"
-    assert prompts.with_data_dir("tfds:pickapic_v2:test_unique:/mine", "/data/tfds") == "tfds:pickapic_v2:test_unique:/mine"
-    assert prompts.with_data_dir("tfds:pickapic_v2", "/d") == "tfds:pickapic_v2:test_unique:/d"
+        assert c.eval.prompts == "data:test_unique" and c.eval.rewards.startswith("pickscore=")
+    c.data.name = "pickapic_v2/resolution256"      # a build with other settings is trained on by its name
+    config_lib.validate(c, check_paths=False)
+    c.data.name = "pickapic"
+    with pytest.raises(ValueError, match="config.data.name='pickapic'"):
+        config_lib.validate(c, check_paths=False)
+    for_run = prompts.for_run
+    assert for_run("data:test_unique", "pickapic_v2", "/data/tfds") == "tfds:pickapic_v2:test_unique:/data/tfds"
+    assert for_run("data:test_unique", "pickapic_v2/resolution256", "") == "tfds:pickapic_v2/resolution256:test_unique"
+    assert for_run("tfds:pickapic_v2:test_unique", "shapes", "/data/tfds") == "tfds:pickapic_v2:test_unique:/data/tfds"
+    assert for_run("tfds:pickapic_v2:test_unique:/mine", "shapes", "/d") == "tfds:pickapic_v2:test_unique:/mine"
     for spec in ("shapes", "parti:/x.tsv", "tfds:pickapic_v2:test_unique"):
-        assert prompts.with_data_dir(spec, "") == spec
-    assert prompts.with_data_dir("parti:/x.tsv", "/d") == "parti:/x.tsv"
-    settings = {"eval.prompts": "tfds:pickapic_v2:test_unique", "data.data_dir": "gs://bucket/tfds", "seed": 0}
-    assert evaluate._defaults_from_settings(settings)["prompts"] == "tfds:pickapic_v2:test_unique:gs://bucket/tfds"
+        assert for_run(spec, "pickapic_v2", "") == spec
+    assert for_run("parti:/x.tsv", "pickapic_v2", "/d") == "parti:/x.tsv"
+    with pytest.raises(ValueError, match="a training run's own dataset split"):
+        prompts.load_prompts("data:test_unique")
+    # jaxpref.evaluate reads a run's data:SPLIT the same way: tests/test_evaluate.py.
 
 
 def test_base_evaluation_is_reused_only_for_the_same_pipeline_settings_and_seed(tmp_path, monkeypatch):

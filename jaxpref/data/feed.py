@@ -54,6 +54,7 @@ class TrainFeed:
         self.config, self.run, self.mesh = config, run, mesh
         method = run.method
         source = open_train_source(config, method)
+        method.check_data(config, source)
         tokenizer_dir = os.path.join(run.pipeline.folder, "tokenizer")
         self.needs_rewards = method.needs_rewards
         self.loader = loader.make_loader(

@@ -29,39 +29,23 @@ from jaxpref.data.sources import open_source
 ScoreFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
 
-def pickscore_fn(clip_folder: str | os.PathLike, logit_scale: bool = False, device: str = "cpu",
-                 batch_size: int = 32) -> ScoreFn:
-    """PickScore from a local HF CLIPModel folder (with its processor files), computed with transformers/torch.
+def pickscore_fn(clip_folder: str | os.PathLike, logit_scale: bool = False, batch_size: int = 32) -> ScoreFn:
+    """PickScore from an HF CLIPModel folder (PickScore_v1, with its processor files), by our Flax CLIP (no torch;
+    ``jaxpref.rewards``' PickScore, checked against transformers).
 
     logit_scale=False gives the cosine of the normalised embeddings (SmPO's soft labels, docs/methods.md §3);
     True multiplies by exp(logit_scale) as PickScore's reported numbers do.
     """
-    import torch
-    from transformers import AutoProcessor, CLIPModel
+    from jaxpref.rewards import clip_rewards
 
-    folder = os.fspath(clip_folder)
-    model = CLIPModel.from_pretrained(folder).to(device).eval()
-    processor = AutoProcessor.from_pretrained(folder)
+    backbone = clip_rewards.load_hf_clip(os.fspath(clip_folder), "PickScore")
+    cosine = clip_rewards.cosine_fn(backbone)
+    scale = float(np.exp(np.asarray(backbone.params["logit_scale"], np.float64))) if logit_scale else 1.0
 
     def score(images: np.ndarray, captions: Sequence[str]) -> np.ndarray:
-        out = []
-        for s in range(0, len(images), batch_size):
-            imgs = [im for im in np.asarray(images[s:s + batch_size], np.uint8)]
-            caps = [common.as_str(c) for c in captions[s:s + batch_size]]
-            with torch.no_grad():
-                pix = processor(images=imgs, return_tensors="pt")["pixel_values"].to(device)
-                txt = processor(text=caps, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
-                ie = model.get_image_features(pixel_values=pix)
-                te = model.get_text_features(input_ids=txt["input_ids"], attention_mask=txt["attention_mask"])
-                ie = getattr(ie, "pooler_output", ie)  # transformers 5 may return an output object
-                te = getattr(te, "pooler_output", te)
-                ie = ie / ie.norm(dim=-1, keepdim=True)
-                te = te / te.norm(dim=-1, keepdim=True)
-                s_ = (ie * te).sum(-1)
-                if logit_scale:
-                    s_ = s_ * model.logit_scale.exp()
-            out.append(s_.float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        out = [cosine(np.asarray(images[s:s + batch_size], np.uint8),
+                      [common.as_str(c) for c in captions[s:s + batch_size]]) for s in range(0, len(images), batch_size)]
+        return (scale * np.concatenate(out)).astype(np.float32) if out else np.zeros((0,), np.float32)
 
     return score
 

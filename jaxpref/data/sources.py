@@ -89,10 +89,13 @@ def _tfds_builder(name: str, data_dir: pathlib.Path):
                       key=lambda p: tuple(int(x) if x.isdigit() else 0 for x in p.name.split(".")))
     if not versions:
         built = sorted({f"{base}/{p.parent.parent.name}" for p in (data_dir / base).glob("*/*/dataset_info.json")})
-        others = f"; this data_dir holds {', '.join(built)} (name it as the dataset to read it)" if built else ""
+        if built:   # a build with other settings: named first, so that the one line shows it
+            raise ValueError(f"data_dir {data_dir} holds {', '.join(built)}, not {base}/{config or 'default'}: name "
+                             f"the build to read (config.data.name={built[0]}), or build the default there with: "
+                             f"{_BUILD_HINT[base].format(os.fspath(data_dir))}")
         raise ValueError(f"data_dir {data_dir}: expected a prepared {base}/{config or 'default'} dataset in "
                          f"{folder}/<version>/ (dataset_info.json and *.array_record-* files); "
-                         f"build it with: {_BUILD_HINT[base].format(os.fspath(data_dir))}{others}")
+                         f"build it with: {_BUILD_HINT[base].format(os.fspath(data_dir))}")
     return tfds.builder_from_directory(os.fspath(versions[-1]))
 
 

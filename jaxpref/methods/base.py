@@ -4,6 +4,7 @@ reference, captions with prompt dropout, latents drawn from the VAE posterior, D
 A method subclasses ``Method`` and fills in the small interface the generic train step
 (``jaxpref.step``) calls:
 
+  check_data(config, source) -> None, or ConfigError when its settings do not suit the opened data
   init_state(params, text_shape, latent_shape) -> its own state (a pytree) or None
   begin_micro_step(method_state, params, micro_count, log_step) -> method_state  (e.g. refresh a sampler)
   loss(params, frozen, micro, rng, method_state) -> (loss, (metrics, method_state))
@@ -100,6 +101,11 @@ class Method:
     def validate_config(cls, config, micro_batch: int) -> None:
         """Raises ``errors.ConfigError`` for a value of its section the run cannot use (before anything loads).
         ``micro_batch``: pairs per micro-batch, all devices together."""
+
+    @classmethod
+    def check_data(cls, config, source) -> None:
+        """Raises ``errors.ConfigError`` when its settings do not suit the opened training ``source``
+        (``jaxpref.data.sources.Source``: its name, kind, reward range), before anything compiles."""
 
     @classmethod
     def fit_config_to_batch(cls, config, micro_batch: int) -> None:

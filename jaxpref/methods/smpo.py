@@ -129,6 +129,21 @@ class SmPO(Method):
         _check_inversion(s)
         _check_chunks(s, micro_batch)
 
+    @classmethod
+    def check_data(cls, config, source):
+        """The rewards are mapped to preferences by [reward_min, reward_max]: refused when most of the data's
+        range (its scores' min and max) lies outside, e.g. PickScore scaled by exp(logit_scale) (~100x) against
+        the default cosine range, which would push every pair's preference to 0 or 1."""
+        if source.reward_range is None:
+            return
+        lo, hi = source.reward_range
+        s = config.smpo
+        inside = max(0.0, min(hi, s.reward_max) - max(lo, s.reward_min))
+        if hi > lo and inside < 0.5 * (hi - lo):
+            raise ConfigError("smpo.reward_min", s.reward_min,
+                              f"with smpo.reward_max={s.reward_max:g}, a range that holds most of the data's rewards; "
+                              f"{source.name}'s span [{lo:.4g}, {hi:.4g}] (set both to its scorer's range)")
+
     def init_state(self, params, *, text_shape, latent_shape):
         """Whether the loop logs this update (1) or not (0): the inversion diagnostics run on logged updates."""
         return jnp.zeros((), jnp.int32)
