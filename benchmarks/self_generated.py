@@ -128,8 +128,8 @@ def main():
     args = p.parse_args()
     names = ablation.chosen_variants(p, args, VARIANTS)
     root = args.workdir or tempfile.mkdtemp(prefix="self_generated_")
-    meta = {"device": ablation.device_name(), "base_config": "configs/tiny.py:<objective> with BUDGET", "budget": BUDGET,
-            "seeds": args.seeds, "metric": ablation.METRIC,
+    meta = {"device": ablation.device_name(), "base_config": "configs/tiny.py:<objective> with BUDGET",
+            "budget": BUDGET, "seeds": args.seeds, "metric": ablation.METRIC,
             "settings": {"images_per_caption": IMAGES_PER_CAPTION, "image_seed": IMAGE_SEED,
                          "tie_margin": TIE_MARGIN, "experts_per_caption": EXPERTS_PER_CAPTION, "experts_k": EXPERTS_K}}
     if args.merge:  # other settings are refused here, before the generation; the generated data after it

@@ -129,8 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # What a real model's run evaluates on (the SD1.5 and SDXL experiment files): the held-out Pick-a-Pic v2 captions
-# built beside its training split (``data:test_unique``: test_unique of data.name in data.data_dir), scored by PickScore (fetched from the hub on
-# first use). The papers' full protocols are ``python -m jaxpref.evaluate --protocol=...`` (docs/evaluation.md).
+# built beside its training split (``data:test_unique``: test_unique of data.name in data.data_dir), scored by
+# PickScore (fetched from the hub on first use). The papers' full protocols are ``python -m jaxpref.evaluate
+# --protocol=...`` (docs/evaluation.md).
 REAL_EVAL = dict(prompts="data:test_unique", rewards="pickscore=yuvalkirstain/PickScore_v1")
 
 
@@ -146,8 +147,8 @@ def sd15_base_config(objective: str) -> ml_collections.ConfigDict:
     """What the SD1.5 experiment files (configs/*sd15.py) share: SD1.5 by hub id, bf16, sized for a TPU v5e-8
     (16 GiB per chip; docs/performance.md, python -m jaxpref.aot): params, AdamW state and reference split
     over every device (fsdp), each UNet block rematerialised, attention 'auto' (Pallas flash attention on
-    TPU, cuDNN on GPU); Pick-a-Pic v2 at 512 px center-cropped; evaluated on 64 of its held-out captions (``REAL_EVAL``), 50 steps,
-    CFG 7.5."""
+    TPU, cuDNN on GPU); Pick-a-Pic v2 at 512 px center-cropped; evaluated on 64 of its held-out captions
+    (``REAL_EVAL``), 50 steps, CFG 7.5."""
     c = base_config()
     c.objective = objective
     c.model_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"   # a hub id, or a local diffusers folder
@@ -202,7 +203,8 @@ KEY_HELP = {
                  "applies, else 'chunked' (O(block x tokens) memory) for long sequences and 'xla' (dense) for short; "
                  "'cudnn_padded' also runs the 77-key text cross-attention on cuDNN (keys padded to 128, masked)",
     "sample_posterior": "x0 = a sample of the VAE posterior (False: its mean)",
-    "prompt_dropout": "probability that a caption becomes '': a pair's for the whole pair (negatives too); KTO's per image",
+    "prompt_dropout": "probability that a caption becomes '': a pair's for the whole pair (negatives too); KTO's "
+                      "per image",
     "batch_size": "pairs per optimizer update, all devices and micro-batches together",
     "grad_accum": "micro-batches per update (a lax.scan inside the step)",
     "total_steps": "optimizer updates of the whole run (a resumed run continues to it)",

@@ -164,3 +164,13 @@ def test_from_a_hub_dataset_cache_builds_what_the_local_folder_builds(tmp_path, 
         build_pickapic("someorg/pickapic_v2", tmp_path / "slice", resolution=16, splits=["train"])
     with pytest.raises(ValueError, match=r"^--source='someorg/not-cached': .*HF_HUB_OFFLINE=0"):
         build_pickapic("someorg/not-cached", tmp_path / "none", resolution=16, splits=["train"])
+
+
+def test_the_command_names_a_split_the_source_lacks(parquet_dir, tmp_path, capsys):
+    """The source holds train and test_unique shards only: the build says validation_unique is missing."""
+    from jaxpref.data import pickapic
+
+    pickapic.main([f"--source={parquet_dir}", f"--data_dir={tmp_path}", "--resolution=16"])
+    out = capsys.readouterr().out
+    assert "pickapic_v2/resolution16: {'train': 3, 'test_unique': 2}" in out, out
+    assert "no shards of ['validation_unique']" in out, out

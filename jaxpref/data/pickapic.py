@@ -320,7 +320,8 @@ def main(argv=None) -> None:
     p.add_argument("--keep_ties", action="store_true")
     p.add_argument("--no_winner_first", action="store_true")
     p.add_argument("--splits", "--split", dest="splits", default="train,validation_unique,test_unique",
-                   help=f"comma list of splits to build, from {KNOWN_SPLITS}")
+                   help=f"comma list of splits to build, from {KNOWN_SPLITS} (other than the default: a dataset of "
+                   "its own, named after them)")
     a = p.parse_args(argv)
     if a.max_shards is not None and a.max_shards < 1:
         p.error(f"--max_shards={a.max_shards}: a number of shards >= 1 (leave it out for every shard)")
@@ -329,6 +330,9 @@ def main(argv=None) -> None:
                        splits=tuple(s.strip() for s in a.splits.split(",") if s.strip()))
     print(f"pickapic_v2/{b.builder_config.name}: {dict((k, v.num_examples) for k, v in b.info.splits.items())} "
           f"in {b.data_dir}")
+    missing = [s for s in b.builder_config.splits if s not in b.info.splits]
+    if missing:   # the source had no shards of them (a run evaluating on data:test_unique then stops at its start)
+        print(f"pickapic_v2/{b.builder_config.name}: no shards of {missing} in {a.source}; the build has none of them")
 
 
 if __name__ == "__main__":

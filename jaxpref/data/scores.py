@@ -43,8 +43,8 @@ def pickscore_fn(clip_folder: str | os.PathLike, logit_scale: bool = False, batc
     scale = float(np.exp(np.asarray(backbone.params["logit_scale"], np.float64))) if logit_scale else 1.0
 
     def score(images: np.ndarray, captions: Sequence[str]) -> np.ndarray:
-        out = [cosine(np.asarray(images[s:s + batch_size], np.uint8),
-                      [common.as_str(c) for c in captions[s:s + batch_size]]) for s in range(0, len(images), batch_size)]
+        out = [cosine(np.asarray(images[s:s + batch_size], np.uint8), [common.as_str(c) for c in captions[s:s + batch_size]])
+               for s in range(0, len(images), batch_size)]
         return (scale * np.concatenate(out)).astype(np.float32) if out else np.zeros((0,), np.float32)
 
     return score

@@ -4,7 +4,8 @@ reference, captions with prompt dropout, latents drawn from the VAE posterior, D
 A method subclasses ``Method`` and fills in the small interface the generic train step
 (``jaxpref.step``) calls:
 
-  check_data(config, source) -> None, or ConfigError when its settings do not suit the opened data
+  check_data(config, source) -> None, or ConfigError when its settings do not suit the data (the feed
+                                  calls it as the data opens)
   init_state(params, text_shape, latent_shape) -> its own state (a pytree) or None
   begin_micro_step(method_state, params, micro_count, log_step) -> method_state  (e.g. refresh a sampler)
   loss(params, frozen, micro, rng, method_state) -> (loss, (metrics, method_state))
