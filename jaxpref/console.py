@@ -219,7 +219,7 @@ def _split_verbosity(args) -> tuple[list, list]:
         name = args[i].split("=", 1)[0]
         if name in ("--verbosity", "-v"):
             take = 1 if "=" in args[i] or i + 1 >= len(args) else 2
-            ours.append("=".join(args[i:i + take]) if take == 2 else args[i])
+            ours.append("=".join(args[i:i + take]))
             i += take
         else:
             rest.append(args[i])

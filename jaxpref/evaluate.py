@@ -636,15 +636,10 @@ def _resolve_flags(f) -> dict:
     names = _SETTINGS + ("model_path", "num_prompts", "prompts", "reward")
     s = {name: getattr(f, name) if f[name].present or name not in from_config else from_config[name]
          for name in names}
-    s["data"] = from_config.get("data")   # (name, data_dir) of the run: its data:SPLIT and dir-less tfds specs
-    if s["prompts"] and s["data"]:
-        s["prompts"] = for_run(s["prompts"], s["data"])
+    data = from_config.get("data")   # (name, data_dir) of the run: its data:SPLIT and dir-less tfds specs
+    if s["prompts"] and data:   # each spec of a comma-separated list (a protocol's sets)
+        s["prompts"] = ",".join(prompts_lib.for_run(spec.strip(), *data) for spec in s["prompts"].split(","))
     return s
-
-
-def for_run(specs: str, data) -> str:
-    """Each spec of a comma-separated prompt-set list as the run with dataset ``data`` (name, data_dir) reads it."""
-    return ",".join(prompts_lib.for_run(spec.strip(), *data) for spec in specs.split(",")) if data else specs
 
 
 def main(argv) -> None:

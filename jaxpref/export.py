@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from jaxpref import checkpoint as checkpoint_lib, fileio, hub, lora, run_config
+from jaxpref import checkpoint as checkpoint_lib, hub, lora, run_config
 from jaxpref.models import pipeline as pipeline_lib, unet as unet_lib, weights
 
 KINDS = ("pipeline", "unet", "workdir", "lora")
@@ -178,9 +178,8 @@ def load_trained(checkpoint: Optional[str], base: Optional[str], *, dtype=jnp.fl
 
 def run_base(checkpoint: Optional[str]) -> Optional[str]:
     """The model a training workdir trained from (its config.json's model_path), else None."""
-    if checkpoint and fileio.isfile(os.path.join(checkpoint, run_config.CONFIG_FILE)):
-        return (run_config.stored(checkpoint) or {}).get("model_path")
-    return None
+    settings = run_config.stored(checkpoint) if checkpoint else None
+    return settings.get("model_path") if settings else None
 
 
 def export(checkpoint: Optional[str], out: str, base: Optional[str] = None, *, use_ema: bool = True,

@@ -141,8 +141,8 @@ def run_protocol(f, fallback: Mapping[str, Any]) -> dict:
         raise ValueError(f"--protocol={protocol.name}: --model_path (the base model) is required")
     # Everything that can fail on a path or a flag fails before any generation.
     first, _ = protocols.resolve(protocol, explicit, fallback, is_sdxl=False)
-    given = explicit.get("prompts")     # a run's data:SPLIT or dir-less tfds: spec read from its data_dir
-    specs = protocols.prompt_specs(protocol, given and ev.for_run(given, fallback.get("data")))
+    # --prompts as _resolve_flags read it (a run's data:SPLIT and dir-less tfds: specs from its data_dir).
+    specs = protocols.prompt_specs(protocol, explicit.get("prompts") and fallback["prompts"])
     prompt_sets = [prompts_lib.load_prompts(spec, first["num_prompts"] or None) for spec in specs]
     reward_spec = protocols.reward_spec(protocol, explicit.get("reward"))
     scorers = rewards.load_scorers(reward_spec, batch_size=f.score_batch_size)

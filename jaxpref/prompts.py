@@ -155,12 +155,18 @@ def read_pickapic_parquet(path: str) -> PromptSet:
     return PromptSet("pickapic_v2", prompts, categories)
 
 
-def read_tfds(arg: str) -> PromptSet:
-    """``NAME:SPLIT[:DATA_DIR]`` -> unique captions of a built TFDS dataset (jaxpref.data.sources)."""
+def tfds_parts(arg: str) -> tuple[str, str, str]:
+    """A ``tfds:`` spec's ``NAME[:SPLIT[:DATA_DIR]]`` -> (name, split (default test_unique), data_dir or "")."""
     name, _, rest = arg.partition(":")
     split, _, data_dir = rest.partition(":")
-    prompts = tuple(load_source_prompts(name, split or "test_unique", data_dir or None))
-    return PromptSet(f"{name}/{split or 'test_unique'}", prompts, ("",) * len(prompts))
+    return name, split or "test_unique", data_dir
+
+
+def read_tfds(arg: str) -> PromptSet:
+    """``NAME:SPLIT[:DATA_DIR]`` -> unique captions of a built TFDS dataset (jaxpref.data.sources)."""
+    name, split, data_dir = tfds_parts(arg)
+    prompts = tuple(load_source_prompts(name, split, data_dir or None))
+    return PromptSet(f"{name}/{split}", prompts, ("",) * len(prompts))
 
 
 def read_shapes(split: str = "test") -> PromptSet:
@@ -203,12 +209,12 @@ def for_run(spec: str, data_name: str, data_dir: Optional[str]) -> str:
     data dir takes ``data_dir``; any other spec is returned as is."""
     kind, sep, arg = spec.partition(":")
     if kind == "data" and sep:
-        spec, kind, arg = f"tfds:{data_name}:{arg or 'test_unique'}", "tfds", f"{data_name}:{arg or 'test_unique'}"
-    if kind != "tfds" or not sep or not data_dir:
+        arg = f"{data_name}:{arg}"
+    elif kind != "tfds" or not sep:
         return spec
-    name, _, rest = arg.partition(":")
-    split, _, given = rest.partition(":")
-    return spec if given else f"tfds:{name}:{split or 'test_unique'}:{data_dir}"
+    name, split, given = tfds_parts(arg)
+    folder = given or data_dir
+    return f"tfds:{name}:{split}:{folder}" if folder else f"tfds:{name}:{split}"
 
 
 def load_prompts(spec: str, limit: Optional[int] = None) -> PromptSet:

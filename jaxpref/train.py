@@ -319,7 +319,7 @@ def _check_eval_prompts(config, given: str, data_open: bool):
     ``given``: config.eval.prompts as the run was given it (the error names it)."""
     spec = config.eval.prompts
     kind, _, arg = spec.partition(":")
-    own_data = kind == "tfds" and arg.partition(":")[0] == config.data.name
+    own_data = kind == "tfds" and prompts_lib.tfds_parts(arg)[0] == config.data.name
     if own_data != data_open or not config_lib.evaluates(config, samples=True) or jax.process_count() > 1:
         return
     try:

@@ -36,18 +36,12 @@ def pickscore_fn(clip_folder: str | os.PathLike, logit_scale: bool = False, batc
     logit_scale=False gives the cosine of the normalised embeddings (SmPO's soft labels, docs/methods.md §3);
     True multiplies by exp(logit_scale) as PickScore's reported numbers do.
     """
-    from jaxpref.rewards import clip_rewards
+    from jaxpref.rewards import clip_rewards, scorer
 
     backbone = clip_rewards.load_hf_clip(os.fspath(clip_folder), "PickScore")
-    cosine = clip_rewards.cosine_fn(backbone)
-    scale = float(np.exp(np.asarray(backbone.params["logit_scale"], np.float64))) if logit_scale else 1.0
-
-    def score(images: np.ndarray, captions: Sequence[str]) -> np.ndarray:
-        out = [cosine(np.asarray(images[s:s + batch_size], np.uint8), [common.as_str(c) for c in captions[s:s + batch_size]])
-               for s in range(0, len(images), batch_size)]
-        return (scale * np.concatenate(out)).astype(np.float32) if out else np.zeros((0,), np.float32)
-
-    return score
+    score = (clip_rewards.pickscore_scorer(backbone, batch_size) if logit_scale else
+             scorer.Scorer("pickscore_cosine", clip_rewards.cosine_fn(backbone), batch_size=batch_size))
+    return lambda images, captions: score(np.asarray(images, np.uint8), [common.as_str(c) for c in captions])
 
 
 def get_scorer(spec: str) -> ScoreFn:
